@@ -1,0 +1,96 @@
+//! Map layouts shared by Ergon's kernel programs and user space.
+//!
+//! Everything here is `#[repr(C)]` plain data: the kernel writes it into BPF
+//! maps and user space reads the same bytes back. Keep the two halves in one
+//! crate so a field added on one side cannot be missed on the other.
+#![no_std]
+
+/// Name of the per-CPU hash map keyed by cgroup v2 id.
+pub const MAP_CGROUPS: &str = "CGROUPS";
+/// Name of the per-CPU hash map keyed by process (tgid), filled only when
+/// per-process accounting is switched on.
+pub const MAP_PROCESSES: &str = "PROCESSES";
+/// Per-CPU array of one [`CgroupCounters`]: what did not fit in `CGROUPS`.
+pub const MAP_CGROUP_OVERFLOW: &str = "CGROUP_OVERFLOW";
+/// Per-CPU array of one [`CgroupCounters`]: what did not fit in `PROCESSES`.
+pub const MAP_PROCESS_OVERFLOW: &str = "PROCESS_OVERFLOW";
+/// Per-CPU array of one [`CpuState`].
+pub const MAP_CPU_STATE: &str = "CPU_STATE";
+/// `PERF_EVENT_ARRAY`s, indexed by CPU, holding one hardware (or, in tests,
+/// software clock) counter each.
+pub const MAP_PMU: [&str; 3] = ["PMU_CYCLES", "PMU_INSTRUCTIONS", "PMU_CACHE_MISSES"];
+
+/// Global set at load time: non-zero turns per-process accounting on.
+pub const GLOBAL_PER_PROCESS: &str = "PER_PROCESS";
+/// Global set at load time: bit `i` set means `MAP_PMU[i]` holds counters.
+pub const GLOBAL_PMU_MASK: &str = "PMU_MASK";
+
+/// Program names, as the loader finds them in the object.
+pub const PROG_TP_BTF: &str = "sched_switch_btf";
+pub const PROG_TRACEPOINT: &str = "sched_switch_tp";
+/// Programs that do nothing, on the same hooks: the benchmark's baseline.
+pub const PROG_EMPTY_TP_BTF: &str = "empty_sched_switch_btf";
+pub const PROG_EMPTY_TRACEPOINT: &str = "empty_sched_switch_tp";
+
+/// What one cgroup (or process, or the overflow bucket) ran on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupCounters {
+    /// Nanoseconds on the CPU.
+    pub cpu_ns: u64,
+    /// Times it was switched out.
+    pub switches: u64,
+    /// Hardware counter deltas while it ran (zero where there is no PMU).
+    pub cycles: u64,
+    pub instructions: u64,
+    pub cache_misses: u64,
+}
+
+impl CgroupCounters {
+    pub fn add(&mut self, other: &CgroupCounters) {
+        self.cpu_ns = self.cpu_ns.wrapping_add(other.cpu_ns);
+        self.switches = self.switches.wrapping_add(other.switches);
+        self.cycles = self.cycles.wrapping_add(other.cycles);
+        self.instructions = self.instructions.wrapping_add(other.instructions);
+        self.cache_misses = self.cache_misses.wrapping_add(other.cache_misses);
+    }
+}
+
+/// Length of the kernel's `TASK_COMM_LEN`.
+pub const COMM_LEN: usize = 16;
+
+/// What one process ran on one CPU, and where.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProcessCounters {
+    pub counters: CgroupCounters,
+    /// The cgroup the process was in when first seen on this CPU.
+    pub cgroup_id: u64,
+    /// Its command name, NUL-padded (never the command line).
+    pub comm: [u8; COMM_LEN],
+}
+
+/// Per-CPU bookkeeping of the accounting program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CpuState {
+    /// `bpf_ktime_get_ns` at the last switch on this CPU; 0 before the first.
+    pub last_switch_ns: u64,
+    /// PMU counter values at the last switch, one per `MAP_PMU` entry.
+    pub last_pmu: [u64; 3],
+    /// Nanoseconds the idle task (pid 0) ran on this CPU.
+    pub idle_ns: u64,
+    /// Nanoseconds any other task ran on this CPU.
+    pub busy_ns: u64,
+    /// Keys that found their map full and went to an overflow bucket.
+    pub overflowed_cgroup_keys: u64,
+    pub overflowed_process_keys: u64,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all are repr(C) integer aggregates without padding.
+    unsafe impl aya::Pod for super::CgroupCounters {}
+    unsafe impl aya::Pod for super::ProcessCounters {}
+    unsafe impl aya::Pod for super::CpuState {}
+}

@@ -1,0 +1,212 @@
+//! Ergon's kernel programs: CPU accounting at every `sched_switch`.
+//!
+//! At a switch the outgoing task is still `current` (both for `tp_btf` and the
+//! classic tracepoint), so the helpers `bpf_get_current_cgroup_id`,
+//! `bpf_get_current_pid_tgid` and `bpf_get_current_comm` describe the task
+//! whose slice just ended, and no `task_struct` field has to be read (aya-ebpf
+//! has no CO-RE reads). The slice is `now - last switch on this CPU`.
+//!
+//! Everything is per-CPU: no two CPUs write one value, so plain `+=` is exact
+//! without atomics (bpfel has no 64-bit atomic add in aya-ebpf). User space
+//! sums the CPUs. When a bounded map is full the slice goes to that map's
+//! overflow bucket, so the totals stay whole.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{
+        bindings::{BPF_ANY, BPF_F_CURRENT_CPU, bpf_perf_event_value},
+        cty::c_void,
+        helpers::{
+            bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+            bpf_ktime_get_ns, generated::bpf_perf_event_read_value,
+        },
+        macros::{btf_tracepoint, map, tracepoint},
+        maps::{PerCpuArray, PerCpuHashMap, PerfEventArray},
+        programs::{BtfTracePointContext, TracePointContext},
+    };
+    use aya_log_ebpf::warn;
+    use ergon_ebpf::{CgroupCounters, CpuState, ProcessCounters};
+
+    /// Sized by user space at load time (`--max-cgroups`).
+    #[map]
+    static CGROUPS: PerCpuHashMap<u64, CgroupCounters> = PerCpuHashMap::with_max_entries(4096, 0);
+    /// Sized by user space at load time (`--max-processes`).
+    #[map]
+    static PROCESSES: PerCpuHashMap<u32, ProcessCounters> =
+        PerCpuHashMap::with_max_entries(4096, 0);
+    #[map]
+    static CGROUP_OVERFLOW: PerCpuArray<CgroupCounters> = PerCpuArray::with_max_entries(1, 0);
+    #[map]
+    static PROCESS_OVERFLOW: PerCpuArray<CgroupCounters> = PerCpuArray::with_max_entries(1, 0);
+    #[map]
+    static CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
+    #[map]
+    static PMU_CYCLES: PerfEventArray<u32> = PerfEventArray::new(0);
+    #[map]
+    static PMU_INSTRUCTIONS: PerfEventArray<u32> = PerfEventArray::new(0);
+    #[map]
+    static PMU_CACHE_MISSES: PerfEventArray<u32> = PerfEventArray::new(0);
+
+    #[unsafe(no_mangle)]
+    static PER_PROCESS: u32 = 0;
+    #[unsafe(no_mangle)]
+    static PMU_MASK: u32 = 0;
+
+    #[btf_tracepoint(function = "sched_switch")]
+    pub fn sched_switch_btf(ctx: BtfTracePointContext) -> i32 {
+        account(&ctx);
+        0
+    }
+
+    #[tracepoint(category = "sched", name = "sched_switch")]
+    pub fn sched_switch_tp(ctx: TracePointContext) -> u32 {
+        account(&ctx);
+        0
+    }
+
+    /// Baselines for the probe-cost benchmark: same hook, no work.
+    #[btf_tracepoint(function = "sched_switch")]
+    pub fn empty_sched_switch_btf(_ctx: BtfTracePointContext) -> i32 {
+        0
+    }
+
+    #[tracepoint(category = "sched", name = "sched_switch")]
+    pub fn empty_sched_switch_tp(_ctx: TracePointContext) -> u32 {
+        0
+    }
+
+    #[inline(always)]
+    fn global(value: &u32) -> u32 {
+        // Globals are patched by the loader; a volatile read stops the
+        // compiler from folding the compile-time zero.
+        unsafe { core::ptr::read_volatile(value) }
+    }
+
+    /// Reads counter `index` on this CPU; `None` where no event is installed.
+    #[inline(always)]
+    fn read_pmu(map: &PerfEventArray<u32>) -> Option<u64> {
+        let mut value = bpf_perf_event_value {
+            counter: 0,
+            enabled: 0,
+            running: 0,
+        };
+        // PerfEventArray is a transparent wrapper of the map definition, so
+        // its address is the map pointer the helper wants.
+        let map_ptr = map as *const PerfEventArray<u32> as *mut c_void;
+        let rc = unsafe {
+            bpf_perf_event_read_value(
+                map_ptr,
+                BPF_F_CURRENT_CPU,
+                &mut value,
+                core::mem::size_of::<bpf_perf_event_value>() as u32,
+            )
+        };
+        if rc == 0 { Some(value.counter) } else { None }
+    }
+
+    #[inline(always)]
+    fn account<C: aya_ebpf::EbpfContext>(ctx: &C) {
+        let now = unsafe { bpf_ktime_get_ns() };
+        let Some(state) = CPU_STATE.get_ptr_mut(0) else {
+            return;
+        };
+        // SAFETY: per-CPU slot, and sched_switch runs with preemption off, so
+        // this program is its only writer.
+        let state = unsafe { &mut *state };
+        let last = state.last_switch_ns;
+        state.last_switch_ns = now;
+
+        let mut pmu_delta = [0u64; 3];
+        let mask = global(&PMU_MASK);
+        if mask != 0 {
+            let maps = [&PMU_CYCLES, &PMU_INSTRUCTIONS, &PMU_CACHE_MISSES];
+            let mut i = 0;
+            while i < 3 {
+                if mask & (1 << i) != 0 {
+                    if let Some(value) = read_pmu(maps[i]) {
+                        if last != 0 {
+                            pmu_delta[i] = value.wrapping_sub(state.last_pmu[i]);
+                        }
+                        state.last_pmu[i] = value;
+                    }
+                }
+                i += 1;
+            }
+        }
+
+        // The first switch after attaching has no start stamp: nothing to
+        // attribute yet.
+        if last == 0 || now < last {
+            return;
+        }
+        let slice_ns = now - last;
+        let pid_tgid = bpf_get_current_pid_tgid();
+        if pid_tgid as u32 == 0 {
+            state.idle_ns += slice_ns;
+            return;
+        }
+        state.busy_ns += slice_ns;
+
+        let slice = CgroupCounters {
+            cpu_ns: slice_ns,
+            switches: 1,
+            cycles: pmu_delta[0],
+            instructions: pmu_delta[1],
+            cache_misses: pmu_delta[2],
+        };
+        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        if let Some(counters) = CGROUPS.get_ptr_mut(&cgroup_id) {
+            unsafe { (*counters).add(&slice) };
+        } else if CGROUPS.insert(&cgroup_id, &slice, BPF_ANY as u64).is_err() {
+            // Map full. Only this CPU writes its slot of a per-CPU element,
+            // so BPF_ANY cannot overwrite another CPU's counts.
+            if state.overflowed_cgroup_keys == 0 {
+                warn!(
+                    ctx,
+                    "cgroup map full: cgroup {} and later new cgroups go to the overflow bucket; raise --max-cgroups",
+                    cgroup_id
+                );
+            }
+            state.overflowed_cgroup_keys += 1;
+            if let Some(bucket) = CGROUP_OVERFLOW.get_ptr_mut(0) {
+                unsafe { (*bucket).add(&slice) };
+            }
+        }
+
+        if global(&PER_PROCESS) != 0 {
+            let tgid = (pid_tgid >> 32) as u32;
+            if let Some(process) = PROCESSES.get_ptr_mut(&tgid) {
+                unsafe { (*process).counters.add(&slice) };
+            } else {
+                let process = ProcessCounters {
+                    counters: slice,
+                    cgroup_id,
+                    comm: bpf_get_current_comm().unwrap_or([0; 16]),
+                };
+                if PROCESSES.insert(&tgid, &process, BPF_ANY as u64).is_err() {
+                    state.overflowed_process_keys += 1;
+                    if let Some(bucket) = PROCESS_OVERFLOW.get_ptr_mut(0) {
+                        unsafe { (*bucket).add(&slice) };
+                    }
+                }
+            }
+        }
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {
+    // The programs exist only for bpfel-unknown-none; the exporter's build
+    // script builds them. A host build of this binary does nothing.
+}

@@ -1,0 +1,9 @@
+//! Ergon: per-pod, per-container and per-node energy for Kubernetes.
+//!
+//! Modules follow the data's path: `probe` (what ran where, from eBPF or
+//! `/proc`) → `meter` (joules from RAPL, NVML or a model) → `workload` (cgroup
+//! → container → pod) → `attribute` (pure arithmetic: joules per workload) →
+//! `export` (Prometheus). `config` is read once at start.
+
+pub mod probe;
+pub mod units;

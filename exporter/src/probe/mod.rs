@@ -1,0 +1,1 @@
+//! What ran where: per-cgroup CPU usage from eBPF or, where eBPF is refused, /proc.
