@@ -178,7 +178,16 @@ mod programs {
         if global(&PER_PROCESS) != 0 {
             let tgid = (pid_tgid >> 32) as u32;
             if let Some(process) = PROCESSES.get_ptr_mut(&tgid) {
-                unsafe { (*process).counters.add(&slice) };
+                // A process is forked in its parent's cgroup and under its
+                // parent's name, then moves and execs: keep what it ran as
+                // last. (Opt-in mode; the comm read costs a few ns.)
+                unsafe {
+                    (*process).counters.add(&slice);
+                    (*process).cgroup_id = cgroup_id;
+                    if let Ok(comm) = bpf_get_current_comm() {
+                        (*process).comm = comm;
+                    }
+                }
             } else {
                 let process = ProcessCounters {
                     counters: slice,
