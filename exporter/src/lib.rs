@@ -3,7 +3,12 @@
 //! Modules follow the data's path: `probe` (what ran where, from eBPF or
 //! `/proc`) → `meter` (joules from RAPL, NVML or a model) → `workload` (cgroup
 //! → container → pod) → `attribute` (pure arithmetic: joules per workload) →
-//! `export` (Prometheus). `config` is read once at start.
+//! `export` (Prometheus). `config` is read once at start; `interval` is the
+//! loop that moves data along that path.
 
+pub mod config;
+pub mod doctor;
+pub mod export;
+pub mod interval;
 pub mod probe;
 pub mod units;

@@ -182,7 +182,7 @@ pub enum ProbeError {
 /// A running probe of either kind.
 pub enum Probe {
     Ebpf(Box<ebpf::EbpfProbe>),
-    Procfs(procfs::ProcfsProbe),
+    Procfs(Box<procfs::ProcfsProbe>),
 }
 
 impl Probe {
@@ -191,7 +191,9 @@ impl Probe {
     pub fn start(config: &ProbeConfig) -> Result<Probe, ProbeError> {
         match config.mode {
             ProbeMode::Ebpf => Ok(Probe::Ebpf(Box::new(ebpf::EbpfProbe::start(config)?))),
-            ProbeMode::Procfs => Ok(Probe::Procfs(procfs::ProcfsProbe::start(config, None)?)),
+            ProbeMode::Procfs => Ok(Probe::Procfs(Box::new(procfs::ProcfsProbe::start(
+                config, None,
+            )?))),
             ProbeMode::Auto => match ebpf::EbpfProbe::start(config) {
                 Ok(probe) => Ok(Probe::Ebpf(Box::new(probe))),
                 Err(err) => {
@@ -199,10 +201,10 @@ impl Probe {
                     tracing::warn!(
                         "eBPF probe unavailable, falling back to procfs accounting: {reason}"
                     );
-                    Ok(Probe::Procfs(procfs::ProcfsProbe::start(
+                    Ok(Probe::Procfs(Box::new(procfs::ProcfsProbe::start(
                         config,
                         Some(reason),
-                    )?))
+                    )?)))
                 }
             },
         }

@@ -1,0 +1,391 @@
+//! Configuration: command-line flags, `ERGON_*` environment variables and an
+//! optional YAML file, merged once at start.
+//!
+//! Precedence is flag > environment > file > default. The file is applied by
+//! turning its keys into flags placed *before* the real ones (clap keeps the
+//! last occurrence), skipping keys whose environment variable is set; so one
+//! parser validates all three sources and every error names the flag.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::probe::{HookChoice, PmuChoice, ProbeConfig, ProbeMode};
+
+/// The exporter's default port; the DaemonSet, Service and ServiceMonitor use
+/// the same.
+pub const DEFAULT_PORT: u16 = 9102;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum IdlePolicy {
+    /// Idle energy stays on the node (`mode="idle"`).
+    None,
+    /// Idle energy split among pods by their CPU requests.
+    CpuRequests,
+    /// Idle energy split evenly among pods.
+    Equal,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Compat {
+    /// Also emit Kepler's metric names so Kepler dashboards keep working.
+    Kepler,
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ergon",
+    version,
+    about = "Energy exporter for Kubernetes: joules per pod, container and node",
+    long_about = "Ergon counts what every cgroup runs on the CPU (eBPF at sched_switch, or /proc \
+                  where eBPF is refused), reads the node's energy meters (RAPL, NVIDIA GPUs, or a \
+                  calibrated model on machines without one) and divides each interval's joules \
+                  among containers and pods. Prometheus scrapes /metrics.",
+    after_help = "Examples:\n  \
+        ergon                                   serve on 127.0.0.1:9102 with everything detected\n  \
+        ergon --listen 0.0.0.0:9102 --host-sys /host/sys --host-proc /host/proc\n  \
+        ergon --probe procfs --meter model      no eBPF, estimated energy\n  \
+        ergon --config /etc/ergon/config.yaml   flags override the file, env overrides the file\n  \
+        ergon doctor                            print what was detected and how to fix what is off\n\n\
+        Every flag can also be set as ERGON_<FLAG> (e.g. ERGON_LISTEN=0.0.0.0:9102).",
+    args_override_self = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// YAML file of settings (keys are flag names, e.g. `listen: 0.0.0.0:9102`).
+    #[arg(long, env = "ERGON_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+
+    /// Address to serve /metrics, /healthz and /readyz on.
+    #[arg(long, env = "ERGON_LISTEN", default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))]
+    pub listen: SocketAddr,
+
+    /// Length of one measurement interval (e.g. 5s, 500ms).
+    #[arg(long, env = "ERGON_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub interval: Duration,
+
+    /// The host's /sys (in a container: a mount of it, e.g. /host/sys).
+    #[arg(long, env = "ERGON_HOST_SYS", default_value = "/sys")]
+    pub host_sys: PathBuf,
+
+    /// The host's /proc (e.g. /host/proc, with hostPID).
+    #[arg(long, env = "ERGON_HOST_PROC", default_value = "/proc")]
+    pub host_proc: PathBuf,
+
+    /// The cgroup v2 mount. Default: <host-sys>/fs/cgroup, or its `unified`
+    /// subdirectory on hybrid hosts.
+    #[arg(long, env = "ERGON_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
+
+    /// How CPU usage is collected.
+    #[arg(long, env = "ERGON_PROBE", value_enum, default_value_t = ProbeMode::Auto)]
+    pub probe: ProbeMode,
+
+    /// Which sched_switch hook the eBPF probe uses.
+    #[arg(long, env = "ERGON_HOOK", value_enum, default_value_t = HookChoice::Auto)]
+    pub hook: HookChoice,
+
+    /// Hardware counters for the probe (cycles split energy more exactly than time).
+    #[arg(long, env = "ERGON_PMU", value_enum, default_value_t = PmuChoice::Auto)]
+    pub pmu: PmuChoice,
+
+    /// Also account and export energy per process (opt-in: more series).
+    #[arg(long, env = "ERGON_PER_PROCESS")]
+    pub per_process: bool,
+
+    /// Bound of the kernel's cgroup map; more cgroups go to an overflow bucket.
+    #[arg(long, env = "ERGON_MAX_CGROUPS", default_value_t = 16384)]
+    pub max_cgroups: u32,
+
+    /// Bound of the kernel's process map (with --per-process).
+    #[arg(long, env = "ERGON_MAX_PROCESSES", default_value_t = 32768)]
+    pub max_processes: u32,
+
+    /// Energy meters to use, comma-separated: auto, rapl, rapl-perf, nvml,
+    /// model, hwmon. `auto` detects what the node has and uses the model
+    /// only where no CPU meter exists.
+    #[arg(
+        long,
+        env = "ERGON_METER",
+        value_delimiter = ',',
+        default_value = "auto"
+    )]
+    pub meter: Vec<String>,
+
+    /// Path of libnvidia-ml.so, where it is not on the loader's path.
+    #[arg(long, env = "ERGON_NVML_LIBRARY")]
+    pub nvml_library: Option<PathBuf>,
+
+    /// Where the idle part of the node's energy goes.
+    #[arg(long, env = "ERGON_IDLE_POLICY", value_enum, default_value_t = IdlePolicy::None)]
+    pub idle_policy: IdlePolicy,
+
+    /// Fixed idle power per domain, e.g. `package=20,dram=3` (watts). Without
+    /// it, idle is the model's idle term or the lowest power observed.
+    #[arg(long, env = "ERGON_IDLE_WATTS", value_delimiter = ',')]
+    pub idle_watts: Vec<String>,
+
+    /// This node's name (for the pod watch); the DaemonSet sets it from the
+    /// downward API.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Kubeconfig to use outside a cluster.
+    #[arg(long, env = "ERGON_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Kubernetes API URL (plain HTTP on loopback, for tests and proxies).
+    #[arg(long, env = "ERGON_KUBE_API")]
+    pub kube_api: Option<String>,
+
+    /// Pod label keys exported as labels (opt-in allow-list, comma-separated).
+    #[arg(long, env = "ERGON_POD_LABELS", value_delimiter = ',')]
+    pub pod_labels: Vec<String>,
+
+    /// Counter checkpoint, so counters survive restarts of the exporter.
+    #[arg(long, env = "ERGON_CHECKPOINT")]
+    pub checkpoint: Option<PathBuf>,
+
+    /// How long a workload whose cgroup disappeared keeps its final counters.
+    #[arg(long, env = "ERGON_RETENTION", default_value = "15m", value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// Also emit another exporter's metric names.
+    #[arg(long, env = "ERGON_COMPAT", value_enum)]
+    pub compat: Option<Compat>,
+
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ergon=debug`.
+    #[arg(long, env = "ERGON_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print what was detected (kernel, BTF, hook, PMU, meters, cgroups,
+    /// Kubernetes) and, for each thing that is off, why and the fix.
+    Doctor,
+}
+
+/// Parses `5s`, `500ms`, `15m`, `1h`, or bare seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration: use e.g. 5s, 500ms, 15m"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "ms" => value / 1e3,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => {
+            return Err(format!(
+                "`{text}`: unknown unit `{unit}` (use ms, s, m or h)"
+            ));
+        }
+    };
+    if !(seconds > 0.0 && seconds.is_finite()) {
+        return Err(format!("`{text}` must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+/// Errors reading the configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading the configuration file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "the configuration file {path} is not a YAML mapping of flag names to values: {detail}"
+    )]
+    Format { path: PathBuf, detail: String },
+}
+
+/// Turns the YAML file's keys into `--key=value` arguments, skipping keys
+/// whose `ERGON_*` variable is set (environment beats the file).
+fn file_args(path: &Path, env_set: impl Fn(&str) -> bool) -> Result<Vec<String>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let format_error = |detail: String| ConfigError::Format {
+        path: path.to_owned(),
+        detail,
+    };
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(&text).map_err(|e| format_error(e.to_string()))?;
+    let serde_yaml::Value::Mapping(map) = value else {
+        return Err(format_error("the top level is not a mapping".into()));
+    };
+    let mut args = Vec::new();
+    for (key, value) in map {
+        let key = key
+            .as_str()
+            .ok_or_else(|| format_error(format!("key {key:?} is not a string")))?
+            .replace('_', "-");
+        if key == "config" {
+            return Err(format_error(
+                "`config` cannot be set from the file itself".into(),
+            ));
+        }
+        let env_name = format!("ERGON_{}", key.to_uppercase().replace('-', "_"));
+        if env_set(&env_name) {
+            continue;
+        }
+        let scalar = |v: &serde_yaml::Value| -> Result<String, ConfigError> {
+            match v {
+                serde_yaml::Value::String(s) => Ok(s.clone()),
+                serde_yaml::Value::Number(n) => Ok(n.to_string()),
+                serde_yaml::Value::Bool(b) => Ok(b.to_string()),
+                other => Err(format_error(format!(
+                    "`{key}`: unsupported value {other:?}"
+                ))),
+            }
+        };
+        match value {
+            serde_yaml::Value::Bool(true) => args.push(format!("--{key}")),
+            serde_yaml::Value::Bool(false) => {}
+            serde_yaml::Value::Sequence(items) => {
+                let items = items.iter().map(scalar).collect::<Result<Vec<_>, _>>()?;
+                args.push(format!("--{key}={}", items.join(",")));
+            }
+            other => args.push(format!("--{key}={}", scalar(&other)?)),
+        }
+    }
+    Ok(args)
+}
+
+impl Cli {
+    /// Parses the process's arguments, environment and configuration file.
+    /// Errors and `--help` exit the process, as clap does.
+    pub fn load() -> Cli {
+        let args: Vec<String> = std::env::args().collect();
+        match Cli::load_from(&args, |name| std::env::var_os(name).is_some()) {
+            Ok(cli) => cli,
+            Err(e) => {
+                eprintln!("error: {e}");
+                std::process::exit(2);
+            }
+        }
+    }
+
+    /// [`Cli::load`] over explicit arguments, for tests.
+    pub fn load_from(args: &[String], env_set: impl Fn(&str) -> bool) -> Result<Cli, ConfigError> {
+        let first = Cli::try_parse_from(args).unwrap_or_else(|e| e.exit());
+        let Some(path) = first.config.clone() else {
+            return Ok(first);
+        };
+        let mut merged = vec![args[0].clone()];
+        merged.extend(file_args(&path, env_set)?);
+        merged.extend(args[1..].iter().cloned());
+        Ok(Cli::try_parse_from(&merged).unwrap_or_else(|e| e.exit()))
+    }
+
+    pub fn probe_config(&self) -> ProbeConfig {
+        ProbeConfig {
+            mode: self.probe,
+            hook: self.hook,
+            pmu: self.pmu,
+            per_process: self.per_process,
+            max_cgroups: self.max_cgroups,
+            max_processes: self.max_processes,
+            host_proc: self.host_proc.clone(),
+            host_sys: self.host_sys.clone(),
+            cgroup_root: self.cgroup_root(),
+        }
+    }
+
+    pub fn cgroup_root(&self) -> PathBuf {
+        self.cgroup_root.clone().unwrap_or_else(|| {
+            crate::probe::find_cgroup2_root(&self.host_sys)
+                .unwrap_or_else(|| self.host_sys.join("fs/cgroup"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(
+            parse_duration("5 parsecs")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("ergon.yaml");
+        std::fs::write(
+            &file,
+            "listen: 127.0.0.1:9200\ninterval: 2s\nper_process: true\nmeter: [model, hwmon]\nhost-sys: /from/file\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        // File alone.
+        let cli = Cli::load_from(&args(&["ergon", "--config", path]), |_| false).unwrap();
+        assert_eq!(cli.listen.port(), 9200);
+        assert_eq!(cli.interval, Duration::from_secs(2));
+        assert!(cli.per_process);
+        assert_eq!(cli.meter, vec!["model", "hwmon"]);
+        // The flag wins over the file.
+        let cli = Cli::load_from(
+            &args(&["ergon", "--config", path, "--listen", "127.0.0.1:9300"]),
+            |_| false,
+        )
+        .unwrap();
+        assert_eq!(cli.listen.port(), 9300);
+        // A key whose environment variable is set is not taken from the file.
+        let cli = Cli::load_from(&args(&["ergon", "--config", path]), |name| {
+            name == "ERGON_HOST_SYS"
+        })
+        .unwrap();
+        assert_eq!(cli.host_sys, PathBuf::from("/sys"));
+    }
+
+    #[test]
+    fn broken_files_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.yaml");
+        std::fs::write(&file, "- just\n- a list\n").unwrap();
+        let err = Cli::load_from(
+            &args(&["ergon", "--config", file.to_str().unwrap()]),
+            |_| false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("bad.yaml") && err.contains("mapping"), "{err}");
+        let missing = dir.path().join("missing.yaml");
+        let err = Cli::load_from(
+            &args(&["ergon", "--config", missing.to_str().unwrap()]),
+            |_| false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("missing.yaml"), "{err}");
+    }
+}

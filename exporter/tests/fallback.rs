@@ -1,0 +1,109 @@
+//! A real `ergon` process without the capabilities eBPF needs takes the
+//! procfs fallback, says why in its log, and still serves usage.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Kills the exporter on drop, also when an assertion fails.
+struct Exporter(Child);
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn get(port: u16, path: &str) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
+
+#[test]
+fn without_bpf_capabilities_the_exporter_falls_back_and_says_why() {
+    let port = free_port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ergon"));
+    command
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--interval",
+            "200ms",
+        ])
+        .env("ERGON_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // CAP_SYS_ADMIN (21), CAP_PERFMON (38), CAP_BPF (39): dropped from the
+    // bounding set, so even root cannot hold them after exec.
+    // SAFETY: prctl is async-signal-safe and allocates nothing.
+    unsafe {
+        command.pre_exec(|| {
+            for cap in [21, 38, 39] {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut exporter = Exporter(command.spawn().expect("starting ergon"));
+    let stderr = exporter.0.stderr.take().unwrap();
+    let (lines_tx, lines_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut log = Vec::new();
+    let fallback_line = loop {
+        match lines_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.contains("falling back to procfs") => break line,
+            Ok(line) => log.push(line),
+            Err(_) => panic!("no fallback line; log so far:\n{}", log.join("\n")),
+        }
+    };
+    assert!(
+        fallback_line.contains("CAP_BPF") && fallback_line.contains("privileged"),
+        "the fallback line must say why and what to do: {fallback_line}"
+    );
+    // Served, and labelled as procfs.
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = get(port, "/metrics");
+        if metrics.contains("ergon_node_cpu_seconds_total") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        metrics.contains(r#"ergon_probe_info{mode="procfs",hook="none",pmu="none"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("ergon_cgroup_cpu_seconds_total"));
+}
