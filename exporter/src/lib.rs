@@ -6,6 +6,7 @@
 //! `export` (Prometheus). `config` is read once at start; `interval` is the
 //! loop that moves data along that path.
 
+pub mod checkpoint;
 pub mod config;
 pub mod doctor;
 pub mod export;

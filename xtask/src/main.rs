@@ -162,6 +162,43 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test`, echoing its output, and ends with one summary line over
+/// every test binary (cargo prints one `test result:` line per binary).
+fn test(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("+ {cmd:?}");
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            for part in result.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(what), Some(count)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let count: u64 = count.parse().unwrap_or(0);
+                match what {
+                    "passed" => passed += count,
+                    "failed" => failed += count,
+                    "ignored" => ignored += count,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("tests failed ({status})");
+    }
+    Ok(())
+}
+
 fn lint() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
@@ -187,10 +224,12 @@ fn main() -> Result<()> {
             // One profile (dev) for every test binary; the end-to-end tests
             // that need the exporter binary find it through ERGON_BIN.
             run(cargo().args(["build", "-p", "ergon", "--bin", "ergon"]))?;
-            run(cargo()
-                .args(["test", "--workspace", "--exclude", "ergon-ebpf"])
-                .args(&rest)
-                .env("ERGON_BIN", root().join("target/debug/ergon")))
+            test(
+                cargo()
+                    .args(["test", "--workspace", "--exclude", "ergon-ebpf"])
+                    .args(&rest)
+                    .env("ERGON_BIN", root().join("target/debug/ergon")),
+            )
         }
         "bench" => {
             setup()?;

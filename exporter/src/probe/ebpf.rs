@@ -299,3 +299,65 @@ impl log::Log for LogToTracing {
     }
     fn flush(&self) {}
 }
+
+/// The benchmark's baseline: a program that does nothing, loaded on the same
+/// hook as the accounting program, so that `bpf_stats` of both can be
+/// compared under the same context-switch storm.
+pub struct EmptyProgram {
+    bpf: Ebpf,
+    name: &'static str,
+}
+
+impl EmptyProgram {
+    pub fn attach(
+        hook: &'static str,
+        host_sys: &std::path::Path,
+    ) -> Result<EmptyProgram, ProbeError> {
+        let mut bpf = EbpfLoader::new()
+            .load(EBPF_OBJECT)
+            .map_err(|e| ProbeError::Load(error_chain(&e)))?;
+        let name = if hook == "tp_btf" {
+            let btf = Btf::parse_file(
+                host_sys.join("kernel/btf/vmlinux"),
+                aya::Endianness::default(),
+            )
+            .map_err(|e| ProbeError::Load(error_chain(&e)))?;
+            let program: &mut BtfTracePoint = bpf
+                .program_mut(ergon_ebpf::PROG_EMPTY_TP_BTF)
+                .ok_or_else(|| ProbeError::Load("empty tp_btf program missing".into()))?
+                .try_into()
+                .map_err(|e| ProbeError::Load(error_chain(&e)))?;
+            program
+                .load("sched_switch", &btf)
+                .map_err(|e| ProbeError::Load(error_chain(&e)))?;
+            program
+                .attach()
+                .map_err(|e| ProbeError::Attach(error_chain(&e)))?;
+            ergon_ebpf::PROG_EMPTY_TP_BTF
+        } else {
+            let program: &mut TracePoint = bpf
+                .program_mut(ergon_ebpf::PROG_EMPTY_TRACEPOINT)
+                .ok_or_else(|| ProbeError::Load("empty tracepoint program missing".into()))?
+                .try_into()
+                .map_err(|e| ProbeError::Load(error_chain(&e)))?;
+            program
+                .load()
+                .map_err(|e| ProbeError::Load(error_chain(&e)))?;
+            program
+                .attach("sched", "sched_switch")
+                .map_err(|e| ProbeError::Attach(error_chain(&e)))?;
+            ergon_ebpf::PROG_EMPTY_TRACEPOINT
+        };
+        Ok(EmptyProgram { bpf, name })
+    }
+
+    /// `(run time, runs)` from the kernel's `bpf_stats`.
+    pub fn stats(&self) -> Option<(std::time::Duration, u64)> {
+        let info = match self.bpf.program(self.name)? {
+            aya::programs::Program::BtfTracePoint(p) => p.info().ok()?,
+            aya::programs::Program::TracePoint(p) => p.info().ok()?,
+            _ => return None,
+        };
+        Some((info.run_time(), info.run_count()))
+    }
+}
