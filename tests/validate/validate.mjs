@@ -19,7 +19,8 @@
 //   validators through the `k8sSchema` keyword below.
 // - An object whose apiVersion/kind has no validator is an error, never
 //   skipped: a new kind must come with its validator.
-import { readFileSync } from "node:fs";
+// - Unknown fields are errors too (see unknownFieldErrors below).
+import { readFileSync, rmSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 
@@ -61,8 +62,11 @@ async function modelClass(apiVersion, kind) {
     label = `kubernetes-models ${apiVersion}`;
     module = await importFrom(`kubernetes-models/${apiVersion}/index.js`).catch(() => null);
   }
+  const typeModule = group in crdModules
+    ? `${crdModules[group]}/${apiVersion.slice(slash + 1)}/${kind}`
+    : `kubernetes-models/${apiVersion}/${kind}`;
   const found = module && module[kind] && module[kind].kind === kind && module[kind].apiVersion === apiVersion
-    ? { validate: (object) => new module[kind](object).validate(), label: `${label} ${kind}` }
+    ? { validate: (object) => new module[kind](object).validate(), label: `${label} ${kind}`, typeModule, typeName: `I${kind}` }
     : null;
   modelCache.set(key, found);
   return found;
@@ -141,12 +145,63 @@ async function validatorFor(apiVersion, kind) {
   return schemaCache.get(key);
 }
 
+// Unknown fields. The OpenAPI schemas behind the validators above allow
+// properties they do not define (a misspelt `hostPid` passes them), as the
+// API server's lenient decoding does. kubernetes-models also ships a
+// TypeScript interface per kind; assigning each object, as a literal, to its
+// interface makes the TypeScript compiler reject every property the
+// interface does not have, at any depth. One program for all objects, one
+// object per line, so a diagnostic's line names its object.
+async function unknownFieldErrors(checked) {
+  if (checked.length === 0) return new Map();
+  const { default: ts } = await importFrom("typescript/lib/typescript.js");
+  const lines = [];
+  checked.forEach(({ object, typeModule, typeName }, index) => {
+    lines.push(`import type { ${typeName} as T${index} } from "${typeModule}";`);
+  });
+  const firstObjectLine = lines.length;
+  checked.forEach(({ object }, index) => {
+    lines.push(`export const o${index}: T${index} = ${JSON.stringify(object)};`);
+  });
+  // Inside the validators' install directory so that module resolution
+  // finds their packages; removed afterwards.
+  const file = join(nodeModules, "..", `unknown-fields-${process.pid}.ts`);
+  writeFileSync(file, lines.join("\n") + "\n");
+  try {
+    const program = ts.createProgram([file], {
+      noEmit: true,
+      strict: true,
+      skipLibCheck: true,
+      target: ts.ScriptTarget.ES2022,
+      module: ts.ModuleKind.NodeNext,
+      moduleResolution: ts.ModuleResolutionKind.NodeNext,
+    });
+    const errors = new Map();
+    for (const diagnostic of ts.getPreEmitDiagnostics(program)) {
+      const message = ts.flattenDiagnosticMessageText(diagnostic.messageText, " ");
+      const line = diagnostic.file && diagnostic.start !== undefined
+        ? diagnostic.file.getLineAndCharacterOfPosition(diagnostic.start).line
+        : -1;
+      const index = line - firstObjectLine;
+      if (index < 0 || index >= checked.length) {
+        throw new Error(`type check of unknown fields failed outside any object: ${message}`);
+      }
+      const key = checked[index].reportIndex;
+      errors.set(key, [...(errors.get(key) ?? []), `unknown or mistyped field: ${message}`]);
+    }
+    return errors;
+  } finally {
+    rmSync(file, { force: true });
+  }
+}
+
 const input = JSON.parse(readFileSync(0, "utf8"));
 if (!Array.isArray(input)) {
   console.error("stdin must be a JSON array of {source, object}");
   process.exit(2);
 }
-let failures = 0;
+const reports = [];
+const typeChecked = [];
 for (const { source, object } of input) {
   const apiVersion = object?.apiVersion;
   const kind = object?.kind;
@@ -165,9 +220,18 @@ for (const { source, object } of input) {
       } catch (error) {
         report.errors.push(String(error.message ?? error));
       }
+      if (validator.typeModule) {
+        typeChecked.push({ object, typeModule: validator.typeModule, typeName: validator.typeName, reportIndex: reports.length });
+      }
     }
   }
+  reports.push(report);
+}
+const unknownFields = await unknownFieldErrors(typeChecked);
+let failures = 0;
+reports.forEach((report, index) => {
+  report.errors.push(...(unknownFields.get(index) ?? []));
   if (report.errors.length > 0) failures++;
   process.stdout.write(JSON.stringify(report) + "\n");
-}
+});
 process.exit(failures > 0 ? 1 : 0);
