@@ -1,156 +1,512 @@
-//! The measurement loop: every interval, sample the probe, turn cumulative
-//! counters into the report that `/metrics` serves.
+//! The measurement loop: every interval, sample the probe and the meters,
+//! attribute the energy, and publish the report `/metrics` serves.
 //!
 //! It runs on its own thread, never on the HTTP runtime, so a scrape never
 //! waits for a measurement and a measurement never waits for a scrape.
+//!
+//! Per interval and per energy domain: usage deltas are grouped by workload
+//! (container, pod-level cgroup, or system bucket: nothing lands in
+//! "unknown"), the domain's idle part is estimated, and
+//! [`attribute`](crate::attribute::attribute) splits the rest. Cumulative
+//! counters live in [`State`], which is checkpointed so a restart of the
+//! exporter never makes a counter go down. Domains overlap (package ⊇ core,
+//! psys ⊇ package + dram): each is attributed on its own, and dashboards add
+//! only disjoint ones.
 
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::export::{Family, Kind, Published, Report, ServerHandle};
-use crate::probe::{Probe, UsageSnapshot};
+use serde::{Deserialize, Serialize};
 
-pub const BUILD_INFO: &str = "ergon_build_info";
-pub const PROBE_INFO: &str = "ergon_probe_info";
-pub const NODE_CPU_SECONDS: &str = "ergon_node_cpu_seconds_total";
-pub const CGROUP_CPU_SECONDS: &str = "ergon_cgroup_cpu_seconds_total";
-pub const PROBE_OVERFLOW_SECONDS: &str = "ergon_probe_overflow_cpu_seconds_total";
-pub const PROBE_RUN_TIME: &str = "ergon_probe_run_time_seconds_total";
-pub const PROBE_RUNS: &str = "ergon_probe_runs_total";
+use crate::attribute::{
+    self, Attribution, DomainEnergy, IdleEstimator, Ledger, LearnedIdleConfig, Usage,
+};
+use crate::config::IdlePolicy;
+use crate::export::{Published, ServerHandle};
+use crate::meter::{Meter, MeterContext};
+use crate::probe::{CgroupCounters, Probe, UsageSnapshot};
+use crate::units::{Domain, Joules, Nanos, Watts};
+use crate::workload::{CgroupResolver, PodDirectory, Workload};
 
-/// Every family a report can hold, for the registry's descriptions.
-pub fn catalogue() -> Vec<Family> {
-    vec![
-        Family::new(
-            BUILD_INFO,
-            "Ergon's version and the kernel it runs on; always 1.",
-            Kind::Gauge,
-            &["version", "kernel"],
-        ),
-        Family::new(
-            PROBE_INFO,
-            "How CPU usage is collected: mode=ebpf|procfs, the sched_switch hook, and which counters; always 1.",
-            Kind::Gauge,
-            &["mode", "hook", "pmu"],
-        ),
-        Family::new(
-            NODE_CPU_SECONDS,
-            "CPU time of all the node's CPUs since the exporter started, by mode=busy|idle.",
-            Kind::Counter,
-            &["mode"],
-        ),
-        Family::new(
-            CGROUP_CPU_SECONDS,
-            "CPU time of tasks directly in each cgroup (v2 id and path).",
-            Kind::Counter,
-            &["cgroup_id"],
-        ),
-        Family::new(
-            PROBE_OVERFLOW_SECONDS,
-            "CPU time counted in a map's overflow bucket because the map was full (raise --max-cgroups / --max-processes).",
-            Kind::Counter,
-            &["map"],
-        ),
-        Family::new(
-            PROBE_RUN_TIME,
-            "Time the kernel spent in the accounting program (needs kernel.bpf_stats_enabled=1).",
-            Kind::Counter,
-            &[],
-        ),
-        Family::new(
-            PROBE_RUNS,
-            "Runs of the accounting program, one per context switch (needs kernel.bpf_stats_enabled=1).",
-            Kind::Counter,
-            &[],
-        ),
-    ]
+mod report;
+
+pub use report::catalogue;
+
+/// The bucket for CPU time the kernel could not key by cgroup (map full).
+pub const OVERFLOW_BUCKET: &str = "overflow";
+/// The bucket for GPU work whose process could not be tied to a cgroup.
+pub const GPU_UNKNOWN_PROCESS_BUCKET: &str = "gpu-unmapped-processes";
+
+/// What the loop needs besides the probe and meters.
+pub struct Settings {
+    pub interval: Duration,
+    pub idle_policy: IdlePolicy,
+    pub idle_watts: Vec<(Domain, Watts)>,
+    pub per_process: bool,
+    pub retention: Duration,
+    pub kepler_compat: bool,
+    pub checkpoint: Option<PathBuf>,
+    pub host_proc: PathBuf,
+    pub cgroup_root: PathBuf,
 }
 
-fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".into())
+/// Everything cumulative: what the checkpoint saves.
+#[derive(Serialize, Deserialize)]
+pub struct State {
+    pub workloads: Ledger<Workload>,
+    /// Per pod uid, so a pod's counter does not drop when one of its
+    /// containers' cgroups is pruned.
+    pub pods: Ledger<String>,
+    pub processes: Ledger<u32>,
+    /// Labels of processes, kept with their counters (the process may exit).
+    pub process_labels: HashMap<u32, (String, String)>,
+    pub residual: BTreeMap<Domain, f64>,
+    pub busy_ns: u64,
+    pub idle_ns: u64,
+    pub overflow_cgroup_ns: u64,
+    pub overflow_process_ns: u64,
 }
 
-/// Builds the report of one interval.
-fn report(probe: &Probe, usage: &UsageSnapshot, kernel: &str) -> Report {
-    let mut families = catalogue();
-    let info = probe.info();
-    for family in &mut families {
-        match family.name {
-            BUILD_INFO => family.push(
-                vec![env!("CARGO_PKG_VERSION").into(), kernel.to_owned()],
-                1.0,
-            ),
-            PROBE_INFO => family.push(
-                vec![info.mode.into(), info.hook.into(), info.pmu.into()],
-                1.0,
-            ),
-            NODE_CPU_SECONDS => {
-                family.push(vec!["busy".into()], usage.busy_ns as f64 / 1e9);
-                family.push(vec!["idle".into()], usage.idle_ns as f64 / 1e9);
-            }
-            CGROUP_CPU_SECONDS => {
-                for (id, counters) in &usage.cgroups {
-                    family.push(vec![id.to_string()], counters.cpu_ns as f64 / 1e9);
-                }
-            }
-            PROBE_OVERFLOW_SECONDS => {
-                family.push(
-                    vec!["cgroups".into()],
-                    usage.cgroup_overflow.cpu_ns as f64 / 1e9,
-                );
-                family.push(
-                    vec!["processes".into()],
-                    usage.process_overflow.cpu_ns as f64 / 1e9,
-                );
-            }
-            PROBE_RUN_TIME | PROBE_RUNS => {
-                if let Probe::Ebpf(ebpf) = probe
-                    && let Some((run_time, runs)) = ebpf.program_stats()
-                {
-                    let value = if family.name == PROBE_RUNS {
-                        runs as f64
-                    } else {
-                        run_time.as_secs_f64()
-                    };
-                    family.push(vec![], value);
-                }
-            }
-            _ => {}
+impl State {
+    fn new(retention: Duration) -> State {
+        State {
+            workloads: Ledger::new(retention),
+            pods: Ledger::new(retention),
+            processes: Ledger::new(retention),
+            process_labels: HashMap::new(),
+            residual: BTreeMap::new(),
+            busy_ns: 0,
+            idle_ns: 0,
+            overflow_cgroup_ns: 0,
+            overflow_process_ns: 0,
         }
     }
-    Report { families }
 }
 
-/// Runs intervals until `stop` is set.
-pub fn run(
-    mut probe: Probe,
-    interval: Duration,
-    published: Published,
-    handle: ServerHandle,
-    stop: Arc<AtomicBool>,
-) {
-    let kernel = kernel_release();
+/// What the last interval measured, for gauges.
+#[derive(Default)]
+pub struct LastInterval {
+    pub power: BTreeMap<(Domain, &'static str), Watts>,
+    pub meter_up: BTreeMap<&'static str, bool>,
+    pub estimate_sources: Vec<&'static str>,
+}
+
+pub struct Loop {
+    probe: Probe,
+    meters: Vec<Box<dyn Meter>>,
+    resolver: CgroupResolver,
+    pods: PodDirectory,
+    settings: Settings,
+    idle: IdleEstimator,
+    state: State,
+    last: LastInterval,
+    previous: Option<(Instant, UsageSnapshot)>,
+    boot_id: String,
+    cpus: u32,
+    intervals: u64,
+    kernel: String,
+}
+
+fn delta(now: &CgroupCounters, before: Option<&CgroupCounters>) -> Usage {
+    let before = before.copied().unwrap_or_default();
+    Usage {
+        cpu_ns: now.cpu_ns.saturating_sub(before.cpu_ns),
+        cycles: now.cycles.saturating_sub(before.cycles),
+    }
+}
+
+impl Loop {
+    pub fn new(
+        probe: Probe,
+        meters: Vec<Box<dyn Meter>>,
+        pods: PodDirectory,
+        settings: Settings,
+    ) -> Loop {
+        let boot_id = crate::checkpoint::boot_id(&settings.host_proc);
+        let mut state = State::new(settings.retention);
+        if let Some(path) = &settings.checkpoint {
+            match crate::checkpoint::load::<State>(path, &boot_id) {
+                Ok(Some(restored)) => {
+                    tracing::info!("counters restored from checkpoint {}", path.display());
+                    state = restored;
+                    state.workloads.set_retention(settings.retention);
+                    state.pods.set_retention(settings.retention);
+                    state.processes.set_retention(settings.retention);
+                }
+                Ok(None) => tracing::info!("no checkpoint at {} yet", path.display()),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+        let mut idle = IdleEstimator::new(LearnedIdleConfig::default());
+        for (domain, watts) in &settings.idle_watts {
+            idle.set_configured(*domain, *watts);
+        }
+        let cpus = aya::util::online_cpus().map(|c| c.len() as u32).unwrap_or(1);
+        Loop {
+            probe,
+            meters,
+            resolver: CgroupResolver::new(settings.cgroup_root.clone())
+                .with_retention(settings.retention),
+            pods,
+            settings,
+            idle,
+            state,
+            last: LastInterval::default(),
+            previous: None,
+            boot_id,
+            cpus,
+            intervals: 0,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_else(|_| "unknown".into()),
+        }
+    }
+
+    /// One interval. The first call only takes the baselines.
+    pub fn step(&mut self, published: &Published) {
+        let usage = match self.probe.sample() {
+            Ok(usage) => usage,
+            Err(e) => {
+                tracing::warn!("sampling the probe failed, keeping the last report: {e}");
+                return;
+            }
+        };
+        let now = Instant::now();
+        let Some((then, before)) = self.previous.take() else {
+            let ctx = MeterContext {
+                elapsed: Nanos(0),
+                cpu_utilisation: None,
+                cpus: self.cpus,
+            };
+            for meter in &mut self.meters {
+                // Baselines: counters are read once so the first interval
+                // has a start.
+                let _ = meter.sample(&ctx);
+            }
+            self.previous = Some((now, usage));
+            return;
+        };
+        let elapsed = Nanos((now - then).as_nanos() as u64);
+        let mono = Nanos(crate::units::monotonic_ns());
+        self.account(&before, &usage, elapsed, mono);
+        self.previous = Some((now, usage));
+        self.intervals += 1;
+        published.publish(report::build(self));
+        if let Some(path) = &self.settings.checkpoint
+            && self.intervals % 3 == 0
+        {
+            self.save_checkpoint(path.clone());
+        }
+    }
+
+    fn save_checkpoint(&self, path: PathBuf) {
+        if let Err(e) = crate::checkpoint::save(&path, &self.boot_id, &self.state) {
+            tracing::warn!("{e}");
+        }
+    }
+
+    /// Saves the checkpoint now (on SIGTERM).
+    pub fn shutdown(&self) {
+        if let Some(path) = &self.settings.checkpoint {
+            self.save_checkpoint(path.clone());
+        }
+    }
+
+    fn workload_of(&mut self, cgroup_id: u64) -> Workload {
+        match self.resolver.resolve(cgroup_id) {
+            Some(resolved) => resolved.workload.clone(),
+            // Not found even after a rescan: gone before it could be walked.
+            None => Workload::System {
+                bucket: "vanished-before-resolved".into(),
+            },
+        }
+    }
+
+    fn account(&mut self, before: &UsageSnapshot, now: &UsageSnapshot, elapsed: Nanos, mono: Nanos) {
+        // Usage per workload.
+        let mut usage: HashMap<Workload, Usage> = HashMap::new();
+        let ids: Vec<(u64, Usage)> = now
+            .cgroups
+            .iter()
+            .map(|(id, counters)| (*id, delta(counters, before.cgroups.get(id))))
+            .collect();
+        let mut alive = Vec::with_capacity(ids.len());
+        let mut gone = Vec::new();
+        for (id, used) in ids {
+            let workload = self.workload_of(id);
+            let vanished = self.resolver.resolve(id).map(|r| r.vanished()).unwrap_or(true);
+            if vanished {
+                gone.push((id, workload.clone()));
+            } else {
+                alive.push(workload.clone());
+            }
+            if used.cpu_ns > 0 {
+                let entry = usage.entry(workload).or_default();
+                entry.cpu_ns += used.cpu_ns;
+                entry.cycles += used.cycles;
+            }
+        }
+        let overflow = delta(&now.cgroup_overflow, Some(&before.cgroup_overflow));
+        if overflow.cpu_ns > 0 {
+            usage.insert(
+                Workload::System {
+                    bucket: OVERFLOW_BUCKET.into(),
+                },
+                overflow,
+            );
+        }
+        let busy = now.busy_ns.saturating_sub(before.busy_ns);
+        let idle_ns = now.idle_ns.saturating_sub(before.idle_ns);
+        self.state.busy_ns += busy;
+        self.state.idle_ns += idle_ns;
+        self.state.overflow_cgroup_ns += overflow.cpu_ns;
+        self.state.overflow_process_ns += now
+            .process_overflow
+            .cpu_ns
+            .saturating_sub(before.process_overflow.cpu_ns);
+        let utilisation = if busy + idle_ns > 0 {
+            Some(busy as f64 / (busy + idle_ns) as f64)
+        } else {
+            None
+        };
+
+        let idle_weights = self.idle_weights(&usage);
+        let process_usage = self.process_usage(before, now);
+
+        // Energy per meter and domain.
+        let ctx = MeterContext {
+            elapsed,
+            cpu_utilisation: utilisation,
+            cpus: self.cpus,
+        };
+        self.last = LastInterval::default();
+        let mut energies = Vec::new();
+        let mut gpu_weights = None;
+        for meter in &mut self.meters {
+            let source = meter.source();
+            if meter.is_estimate() {
+                self.last.estimate_sources.push(source);
+            }
+            match meter.sample(&ctx) {
+                Ok(samples) => {
+                    self.last.meter_up.insert(source, true);
+                    let mut per_domain: BTreeMap<Domain, Joules> = BTreeMap::new();
+                    for sample in samples {
+                        *per_domain.entry(sample.domain).or_default() += sample.joules;
+                    }
+                    if let Some(watts) = meter.idle_power() {
+                        for domain in per_domain.keys() {
+                            self.idle.set_model_idle(*domain, source, watts);
+                        }
+                    }
+                    if per_domain.contains_key(&Domain::Gpu) {
+                        let samples: Vec<_> = meter
+                            .gpu_processes()
+                            .into_iter()
+                            .map(|s| attribute::GpuProcessSample {
+                                pid: s.pid,
+                                sm_util_percent: s.utilisation_percent.round().clamp(0.0, 100.0) as u32,
+                            })
+                            .collect();
+                        gpu_weights = Some(self.gpu_weights(&samples));
+                    }
+                    for (domain, energy) in per_domain {
+                        let idle = self.idle.estimate(domain, source, energy, elapsed).idle;
+                        if elapsed.0 > 0 {
+                            self.last
+                                .power
+                                .insert((domain, source), Watts(energy.0 / elapsed.as_secs_f64()));
+                        }
+                        energies.push(DomainEnergy {
+                            domain,
+                            source: source.to_owned(),
+                            energy,
+                            idle,
+                        });
+                    }
+                }
+                Err(e) => {
+                    self.last.meter_up.insert(source, false);
+                    tracing::warn!("meter {source} failed this interval: {e}");
+                }
+            }
+        }
+
+        for energy in &energies {
+            let attribution = match (&gpu_weights, energy.domain) {
+                (Some(weights), Domain::Gpu) => {
+                    attribute::attribute_by_weights(energy, weights, &HashMap::new())
+                }
+                _ => attribute::attribute(energy, &usage, &idle_weights),
+            };
+            *self.state.residual.entry(energy.domain).or_default() += attribution.residual.0;
+            self.state.workloads.apply(&attribution, mono);
+            self.state.pods.apply(&by_pod(&attribution), mono);
+            if self.settings.per_process && energy.domain != Domain::Gpu {
+                let by_process = attribute::attribute(energy, &process_usage, &HashMap::new());
+                self.state.processes.apply(&by_process, mono);
+            }
+        }
+        self.state.workloads.add_usage(&usage, mono);
+        let pod_usage: HashMap<String, Usage> =
+            usage.iter().fold(HashMap::new(), |mut pods, (workload, used)| {
+                if let Some(uid) = workload.pod_uid() {
+                    let entry: &mut Usage = pods.entry(uid.to_owned()).or_default();
+                    entry.cpu_ns += used.cpu_ns;
+                    entry.cycles += used.cycles;
+                }
+                pods
+            });
+        self.state.pods.add_usage(&pod_usage, mono);
+        self.state.processes.add_usage(&process_usage, mono);
+
+        // Liveness: what still exists keeps its counters.
+        for workload in &alive {
+            self.state.workloads.mark_seen(workload, mono);
+            if let Some(uid) = workload.pod_uid() {
+                self.state.pods.mark_seen(&uid.to_owned(), mono);
+            }
+        }
+        for pid in now.processes.keys() {
+            if self.settings.host_proc.join(pid.to_string()).exists() {
+                self.state.processes.mark_seen(pid, mono);
+            }
+        }
+        self.state.workloads.prune(mono);
+        self.state.pods.prune(mono);
+        let dropped_pids = self.state.processes.prune(mono);
+        for pid in &dropped_pids {
+            self.state.process_labels.remove(pid);
+        }
+        // The kernel's keys of cgroups that are gone and no longer retained.
+        let forget: Vec<u64> = gone
+            .iter()
+            .filter(|(_, workload)| self.state.workloads.workload(workload).is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        if !forget.is_empty() || !dropped_pids.is_empty() {
+            self.probe.forget(&forget, &dropped_pids);
+        }
+    }
+
+    fn idle_weights(&self, usage: &HashMap<Workload, Usage>) -> HashMap<Workload, f64> {
+        let pod_key = |uid: &str| Workload::Pod {
+            pod_uid: uid.to_owned(),
+            qos: crate::workload::QosClass::BestEffort,
+        };
+        match self.settings.idle_policy {
+            IdlePolicy::None => HashMap::new(),
+            IdlePolicy::CpuRequests => self
+                .pods
+                .live_pods()
+                .iter()
+                .filter(|pod| pod.cpu_request_millicores > 0)
+                .map(|pod| (pod_key(&pod.uid), pod.cpu_request_millicores as f64))
+                .collect(),
+            IdlePolicy::Equal => {
+                let mut uids: Vec<String> =
+                    self.pods.live_pods().iter().map(|p| p.uid.clone()).collect();
+                if uids.is_empty() {
+                    // No API: the pods the cgroups show.
+                    uids = usage.keys().filter_map(|w| w.pod_uid().map(str::to_owned)).collect();
+                }
+                uids.into_iter().map(|uid| (pod_key(&uid), 1.0)).collect()
+            }
+        }
+    }
+
+    fn gpu_weights(&mut self, samples: &[attribute::GpuProcessSample]) -> HashMap<Workload, f64> {
+        let mut of_pid = HashMap::new();
+        for sample in samples {
+            if let Some(id) = cgroup_id_of_pid(&self.settings.host_proc, &self.settings.cgroup_root, sample.pid) {
+                of_pid.insert(sample.pid, self.workload_of(id));
+            }
+        }
+        attribute::gpu_usage_by_workload(
+            samples,
+            &of_pid,
+            &Workload::System {
+                bucket: GPU_UNKNOWN_PROCESS_BUCKET.into(),
+            },
+        )
+    }
+
+    fn process_usage(&mut self, before: &UsageSnapshot, now: &UsageSnapshot) -> HashMap<u32, Usage> {
+        if !self.settings.per_process {
+            return HashMap::new();
+        }
+        let mut usage = HashMap::new();
+        for (pid, process) in &now.processes {
+            let used = delta(&process.counters, before.processes.get(pid).map(|p| &p.counters));
+            let container = match self.workload_of(process.cgroup_id) {
+                Workload::Container { container_id, .. } => container_id,
+                _ => String::new(),
+            };
+            self.state
+                .process_labels
+                .insert(*pid, (crate::export::bounded_label(&process.comm), container));
+            if used.cpu_ns > 0 {
+                usage.insert(*pid, used);
+            }
+        }
+        usage
+    }
+}
+
+/// The cgroup v2 id of a live process, from `/proc/<pid>/cgroup`.
+fn cgroup_id_of_pid(host_proc: &std::path::Path, cgroup_root: &std::path::Path, pid: u32) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let text = std::fs::read_to_string(host_proc.join(pid.to_string()).join("cgroup")).ok()?;
+    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
+    std::fs::metadata(cgroup_root.join(path.trim_start_matches('/')))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// The same attribution, summed per pod.
+fn by_pod(attribution: &Attribution<Workload>) -> Attribution<String> {
+    let mut per_pod: HashMap<String, attribute::WorkloadJoules> = HashMap::new();
+    for (workload, joules) in &attribution.per_workload {
+        if let Some(uid) = workload.pod_uid() {
+            let entry = per_pod.entry(uid.to_owned()).or_default();
+            entry.active += joules.active;
+            entry.idle += joules.idle;
+        }
+    }
+    Attribution {
+        domain: attribution.domain,
+        source: attribution.source.clone(),
+        basis: attribution.basis,
+        per_workload: per_pod,
+        node_idle: attribution.node_idle,
+        node_active_unattributed: attribution.node_active_unattributed,
+        measured: attribution.measured,
+        idle: attribution.idle,
+        residual: attribution.residual,
+    }
+}
+
+/// Runs intervals until `stop` is set, then saves the checkpoint.
+pub fn run(mut measure: Loop, published: Published, handle: ServerHandle, stop: Arc<AtomicBool>) {
+    let interval = measure.settings.interval;
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        match probe.sample() {
-            Ok(usage) => {
-                published.publish(report(&probe, &usage, &kernel));
-                handle.interval_done();
-            }
-            // Keep serving the last report; say what failed.
-            Err(e) => tracing::warn!("sampling the probe failed, keeping the last report: {e}"),
+        measure.step(&published);
+        if published.latest().is_some() {
+            handle.interval_done();
         }
         next += interval;
         let now = Instant::now();
         if next <= now {
             next = now;
         }
-        // Sleep in short steps so SIGTERM is honoured promptly.
+        // Short sleeps so SIGTERM is honoured promptly.
         while !stop.load(Ordering::Relaxed) && Instant::now() < next {
-            std::thread::sleep((next - Instant::now()).min(Duration::from_millis(100)));
+            std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
         }
     }
+    measure.shutdown();
 }

@@ -123,3 +123,14 @@ impl fmt::Display for Domain {
         f.write_str(self.as_str())
     }
 }
+
+/// `CLOCK_MONOTONIC` now: the clock of `bpf_ktime_get_ns` and of retention.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
