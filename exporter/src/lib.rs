@@ -5,5 +5,7 @@
 //! → container → pod) → `attribute` (pure arithmetic: joules per workload) →
 //! `export` (Prometheus). `config` is read once at start.
 
+pub mod attribute;
 pub mod probe;
 pub mod units;
+pub mod workload;
