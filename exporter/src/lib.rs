@@ -6,6 +6,7 @@
 //! `export` (Prometheus). `config` is read once at start; `interval` is the
 //! loop that moves data along that path.
 
+pub mod attribute;
 pub mod checkpoint;
 pub mod config;
 pub mod doctor;
@@ -13,3 +14,4 @@ pub mod export;
 pub mod interval;
 pub mod probe;
 pub mod units;
+pub mod workload;

@@ -1,0 +1,319 @@
+//! Cumulative counters per workload and for the node: what `/metrics`
+//! exports as `_total` counters and what the checkpoint saves.
+//!
+//! Counters only grow: each interval adds non-negative, finite amounts (f64
+//! addition of a non-negative number never makes a sum smaller), and CPU
+//! counters saturate instead of wrapping. A workload's counters outlive its
+//! cgroup for `retention` (default 15 min, like Kepler's) after it was last
+//! seen, so Prometheus scrapes its final value; then it is dropped, which
+//! Prometheus sees as the series ending, not as a reset.
+//!
+//! Time is the caller's monotonic clock in nanoseconds (`CLOCK_BOOTTIME`
+//! suits: it survives an exporter restart within the same boot, which is
+//! when a checkpoint is restored). Workloads are serialised as a list of
+//! `(key, counters)` pairs, because formats such as JSON only take string
+//! map keys and `K` is usually a structured workload identity.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Attribution, Usage, WorkloadJoules};
+use crate::units::{Domain, Joules, Nanos};
+
+/// Default time a workload's counters are kept after it was last seen.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(15 * 60);
+
+/// One workload's counters since it was first seen.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadCounters {
+    /// Per domain, summed over the domain's meter sources.
+    pub energy: BTreeMap<Domain, WorkloadJoules>,
+    pub cpu_ns: u64,
+    pub cycles: u64,
+    /// When it last used the CPU, received energy or was marked seen.
+    pub last_seen: Nanos,
+}
+
+/// One meter source's node-level counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeCounters {
+    /// All active energy measured (attributed or not).
+    pub active: Joules,
+    /// All idle energy measured (shared out or not).
+    pub idle: Joules,
+    /// Idle energy that stayed on the node (idle policy `none`, or no pods).
+    pub idle_kept: Joules,
+    /// Active energy of intervals in which nothing ran.
+    pub active_unattributed: Joules,
+}
+
+/// Cumulative counters per workload `K` and per node meter source.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(bound(
+    serialize = "K: Serialize",
+    deserialize = "K: Deserialize<'de> + Eq + Hash"
+))]
+pub struct Ledger<K> {
+    #[serde(with = "as_entries")]
+    workloads: HashMap<K, WorkloadCounters>,
+    #[serde(with = "as_entries")]
+    node: HashMap<(Domain, String), NodeCounters>,
+    /// Configuration, not state: set again after restoring a checkpoint.
+    #[serde(skip, default = "default_retention")]
+    retention: Duration,
+}
+
+fn default_retention() -> Duration {
+    DEFAULT_RETENTION
+}
+
+impl<K: Eq + Hash + Clone> Default for Ledger<K> {
+    fn default() -> Self {
+        Ledger::new(DEFAULT_RETENTION)
+    }
+}
+
+impl<K: Eq + Hash + Clone> Ledger<K> {
+    pub fn new(retention: Duration) -> Self {
+        Ledger {
+            workloads: HashMap::new(),
+            node: HashMap::new(),
+            retention,
+        }
+    }
+
+    pub fn retention(&self) -> Duration {
+        self.retention
+    }
+
+    pub fn set_retention(&mut self, retention: Duration) {
+        self.retention = retention;
+    }
+
+    /// Adds one interval's split to the counters; workloads that received
+    /// energy count as seen at `now`.
+    pub fn apply(&mut self, attribution: &Attribution<K>, now: Nanos) {
+        for (key, joules) in &attribution.per_workload {
+            let counters = self.entry(key, now);
+            let domain = counters.energy.entry(attribution.domain).or_default();
+            add(&mut domain.active, joules.active);
+            add(&mut domain.idle, joules.idle);
+        }
+        let node = self
+            .node
+            .entry((attribution.domain, attribution.source.clone()))
+            .or_default();
+        add(&mut node.active, attribution.active());
+        add(&mut node.idle, attribution.idle);
+        add(&mut node.idle_kept, attribution.node_idle);
+        add(
+            &mut node.active_unattributed,
+            attribution.node_active_unattributed,
+        );
+    }
+
+    /// Adds one interval's CPU usage; workloads in `usage` count as seen.
+    pub fn add_usage(&mut self, usage: &HashMap<K, Usage>, now: Nanos) {
+        for (key, used) in usage {
+            let counters = self.entry(key, now);
+            counters.cpu_ns = counters.cpu_ns.saturating_add(used.cpu_ns);
+            counters.cycles = counters.cycles.saturating_add(used.cycles);
+        }
+    }
+
+    /// Keeps a workload that still exists (its cgroup is there) from expiring
+    /// while it uses nothing. Unknown keys are ignored: a workload gets
+    /// counters when it first uses something.
+    pub fn mark_seen(&mut self, key: &K, now: Nanos) {
+        if let Some(counters) = self.workloads.get_mut(key) {
+            counters.last_seen = counters.last_seen.max(now);
+        }
+    }
+
+    /// Drops workloads not seen for the retention window; returns them so
+    /// their series can be removed.
+    pub fn prune(&mut self, now: Nanos) -> Vec<K> {
+        let retention = u64::try_from(self.retention.as_nanos()).unwrap_or(u64::MAX);
+        let mut dropped = Vec::new();
+        self.workloads.retain(|key, counters| {
+            let keep = now.0.saturating_sub(counters.last_seen.0) < retention;
+            if !keep {
+                dropped.push(key.clone());
+            }
+            keep
+        });
+        dropped
+    }
+
+    pub fn workload(&self, key: &K) -> Option<&WorkloadCounters> {
+        self.workloads.get(key)
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = (&K, &WorkloadCounters)> {
+        self.workloads.iter()
+    }
+
+    /// Node counters per (domain, meter source).
+    pub fn node(&self) -> impl Iterator<Item = (Domain, &str, &NodeCounters)> {
+        self.node
+            .iter()
+            .map(|((domain, source), counters)| (*domain, source.as_str(), counters))
+    }
+
+    fn entry(&mut self, key: &K, now: Nanos) -> &mut WorkloadCounters {
+        let counters = self.workloads.entry(key.clone()).or_default();
+        counters.last_seen = counters.last_seen.max(now);
+        counters
+    }
+}
+
+/// Counters take only non-negative, finite amounts.
+fn add(counter: &mut Joules, delta: Joules) {
+    if delta.0 > 0.0 && delta.0.is_finite() {
+        counter.0 += delta.0;
+    }
+}
+
+/// A map as a sequence of `(key, value)` pairs, for keys that are not strings.
+mod as_entries {
+    use std::collections::HashMap;
+    use std::hash::Hash;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
+        map: &HashMap<K, V>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(map)
+    }
+
+    pub fn deserialize<'de, K, V, D>(deserializer: D) -> Result<HashMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Eq + Hash,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        Ok(Vec::<(K, V)>::deserialize(deserializer)?
+            .into_iter()
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attribute::{DomainEnergy, attribute};
+
+    const MINUTE: u64 = 60_000_000_000;
+
+    fn interval(joules: f64, usage: &HashMap<&'static str, Usage>) -> Attribution<&'static str> {
+        let energy = DomainEnergy {
+            domain: Domain::Package,
+            source: "rapl:package-0".into(),
+            energy: Joules(joules),
+            idle: Joules(joules / 4.0),
+        };
+        attribute(&energy, usage, &HashMap::new())
+    }
+
+    #[test]
+    fn accumulates_energy_usage_and_node_counters() {
+        let usage = HashMap::from([
+            (
+                "a",
+                Usage {
+                    cpu_ns: 10,
+                    cycles: 0,
+                },
+            ),
+            (
+                "b",
+                Usage {
+                    cpu_ns: 30,
+                    cycles: 0,
+                },
+            ),
+        ]);
+        let mut ledger = Ledger::new(DEFAULT_RETENTION);
+        for minute in 0..2 {
+            ledger.apply(&interval(8.0, &usage), Nanos(minute * MINUTE));
+            ledger.add_usage(&usage, Nanos(minute * MINUTE));
+        }
+        let b = ledger.workload(&"b").unwrap();
+        assert_eq!(b.cpu_ns, 60);
+        assert!((b.energy[&Domain::Package].active.0 - 9.0).abs() < 1e-12);
+        let (domain, source, node) = ledger.node().next().unwrap();
+        assert_eq!((domain, source), (Domain::Package, "rapl:package-0"));
+        assert_eq!(
+            (node.active, node.idle, node.idle_kept),
+            (Joules(12.0), Joules(4.0), Joules(4.0))
+        );
+    }
+
+    #[test]
+    fn retention_drops_workloads_not_seen() {
+        let usage = HashMap::from([
+            (
+                "gone",
+                Usage {
+                    cpu_ns: 1,
+                    cycles: 0,
+                },
+            ),
+            (
+                "alive",
+                Usage {
+                    cpu_ns: 1,
+                    cycles: 0,
+                },
+            ),
+        ]);
+        let mut ledger = Ledger::new(Duration::from_secs(15 * 60));
+        ledger.add_usage(&usage, Nanos(0));
+        ledger.mark_seen(&"alive", Nanos(10 * MINUTE));
+        ledger.mark_seen(&"never-used", Nanos(10 * MINUTE));
+        assert!(ledger.prune(Nanos(15 * MINUTE - 1)).is_empty());
+        assert_eq!(ledger.prune(Nanos(15 * MINUTE)), vec!["gone"]);
+        assert!(ledger.workload(&"alive").is_some());
+        assert!(ledger.workload(&"never-used").is_none());
+        assert_eq!(ledger.prune(Nanos(25 * MINUTE)), vec!["alive"]);
+    }
+
+    #[test]
+    fn round_trips_through_json_with_structured_keys() {
+        use crate::workload::cgroup::{QosClass, Workload};
+        let pod = Workload::Pod {
+            pod_uid: "1e4b8a3c-5d2f-4a6b-9c8d-7e6f5a4b3c2d".into(),
+            qos: QosClass::Burstable,
+        };
+        let usage = HashMap::from([(
+            pod.clone(),
+            Usage {
+                cpu_ns: 5,
+                cycles: 7,
+            },
+        )]);
+        let energy = DomainEnergy {
+            domain: Domain::Dram,
+            source: "rapl:dram-0".into(),
+            energy: Joules(2.5),
+            idle: Joules(0.5),
+        };
+        let mut ledger = Ledger::new(Duration::from_secs(60));
+        ledger.apply(&attribute(&energy, &usage, &HashMap::new()), Nanos(3));
+        ledger.add_usage(&usage, Nanos(3));
+        let json = serde_json::to_string(&ledger).unwrap();
+        let restored: Ledger<Workload> = serde_json::from_str(&json).unwrap();
+        assert_eq!(restored.workload(&pod), ledger.workload(&pod));
+        assert_eq!(
+            restored.node().collect::<Vec<_>>(),
+            ledger.node().collect::<Vec<_>>()
+        );
+        // Retention is configuration: the default until set again.
+        assert_eq!(restored.retention(), DEFAULT_RETENTION);
+    }
+}

@@ -1,0 +1,17 @@
+//! Who used the CPU: cgroup id → cgroup path → container, pod or system
+//! bucket ([`cgroup`], [`resolver`]), and the names Kubernetes gives them
+//! ([`kube`]).
+//!
+//! Identity comes from the cgroup path alone, so energy is attributed to
+//! pod uids and container ids even when the Kubernetes API is away; the API
+//! only adds namespaces, names, CPU requests and labels.
+
+pub mod cgroup;
+pub mod kube;
+pub mod resolver;
+
+pub use self::cgroup::{QosClass, Runtime, Workload, classify};
+pub use self::kube::{
+    ApiSource, ConnectionState, PodDirectory, PodMeta, PodWatcher, PodWatcherConfig,
+};
+pub use self::resolver::{CgroupResolver, ResolvedCgroup};
