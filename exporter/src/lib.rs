@@ -5,5 +5,6 @@
 //! → container → pod) → `attribute` (pure arithmetic: joules per workload) →
 //! `export` (Prometheus). `config` is read once at start.
 
+pub mod meter;
 pub mod probe;
 pub mod units;
