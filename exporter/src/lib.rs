@@ -12,6 +12,7 @@ pub mod config;
 pub mod doctor;
 pub mod export;
 pub mod interval;
+pub mod meter;
 pub mod probe;
 pub mod units;
 pub mod workload;

@@ -1,0 +1,397 @@
+//! RAPL through the perf `power` PMU (`/sys/bus/event_source/devices/power/`).
+//!
+//! Kernel facts this reader is built on:
+//! - The PMU's `type` file gives `perf_event_attr.type`; `events/energy-pkg`
+//!   holds the event's terms ("event=0x02"), which `format/<term>` maps onto
+//!   `config` bits ("config:0-7"); `events/energy-pkg.scale` is joules per
+//!   count (2^-32 J on most parts) and `.unit` says "Joules".
+//! - RAPL counters are per package: `cpumask` names one CPU per package, and
+//!   each event is opened system-wide (pid -1) on that CPU. The package number
+//!   comes from that CPU's `topology/physical_package_id`.
+//! - The kernel widens the 32-bit RAPL MSR into a 64-bit count, so reads only
+//!   grow: no wrap handling beyond resets.
+//! - Why prefer it where it opens: one `read(2)` of 8 bytes per event, no text
+//!   to parse, and no root-only sysfs file (CAP_PERFMON suffices).
+//! - psys is platform-wide, not per package: it is opened once, on the first
+//!   CPU of the mask, so a multi-socket machine does not count it twice.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::FromRawFd;
+use std::path::{Path, PathBuf};
+
+use perf_event_open_sys::bindings::{PERF_FLAG_FD_CLOEXEC, perf_event_attr};
+
+use super::counter::{CounterStep, EnergyCounter, Wrap};
+use super::{
+    EnergySample, Meter, MeterContext, MeterError, distinct_domains, read_trimmed,
+    readings_or_error,
+};
+use crate::units::{Domain, Joules};
+
+/// One event of the power PMU.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PowerEvent {
+    /// "energy-pkg".
+    pub name: String,
+    pub domain: Domain,
+    /// `perf_event_attr.config`.
+    pub config: u64,
+    /// Joules per count.
+    pub scale: f64,
+}
+
+/// The power PMU as sysfs describes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PowerPmu {
+    pub dir: PathBuf,
+    pub pmu_type: u32,
+    /// One CPU per package.
+    pub cpus: Vec<u32>,
+    pub events: Vec<PowerEvent>,
+}
+
+fn event_domain(name: &str) -> Option<Domain> {
+    match name {
+        "energy-pkg" => Some(Domain::Package),
+        "energy-cores" => Some(Domain::Core),
+        // PP1, the graphics/uncore plane; powercap calls the same domain "uncore".
+        "energy-gpu" => Some(Domain::Uncore),
+        "energy-ram" => Some(Domain::Dram),
+        "energy-psys" => Some(Domain::Psys),
+        _ => None,
+    }
+}
+
+/// Parse a CPU list as sysfs writes it: "0", "0,36", "0-3,8".
+pub fn parse_cpu_list(path: &Path, text: &str) -> Result<Vec<u32>, MeterError> {
+    let bad = || MeterError::Parse {
+        path: path.to_path_buf(),
+        expected: "a CPU list such as \"0,36\" or \"0-3\"",
+        found: text.to_string(),
+    };
+    let mut cpus = Vec::new();
+    for part in text.trim().split(',').filter(|part| !part.is_empty()) {
+        match part.split_once('-') {
+            Some((first, last)) => {
+                let (first, last): (u32, u32) = (
+                    first.parse().map_err(|_| bad())?,
+                    last.parse().map_err(|_| bad())?,
+                );
+                if first > last {
+                    return Err(bad());
+                }
+                cpus.extend(first..=last);
+            }
+            None => cpus.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if cpus.is_empty() {
+        return Err(bad());
+    }
+    Ok(cpus)
+}
+
+/// Bits of `config` a format term occupies: "config:0-7" → (0, 8 bits).
+fn parse_format(path: &Path, text: &str) -> Result<(u32, u32), MeterError> {
+    let bad = || MeterError::Parse {
+        path: path.to_path_buf(),
+        expected: "a perf format such as \"config:0-7\"",
+        found: text.to_string(),
+    };
+    let bits = text.trim().strip_prefix("config:").ok_or_else(bad)?;
+    let (low, high) = match bits.split_once('-') {
+        Some((low, high)) => (
+            low.parse::<u32>().map_err(|_| bad())?,
+            high.parse::<u32>().map_err(|_| bad())?,
+        ),
+        None => {
+            let bit = bits.parse::<u32>().map_err(|_| bad())?;
+            (bit, bit)
+        }
+    };
+    if low > high || high > 63 {
+        return Err(bad());
+    }
+    Ok((low, high - low + 1))
+}
+
+fn parse_number(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
+/// Turn an event's terms ("event=0x02,umask=0x1") into `config`.
+fn parse_event_config(pmu_dir: &Path, event_path: &Path, terms: &str) -> Result<u64, MeterError> {
+    let bad = |expected: &'static str| MeterError::Parse {
+        path: event_path.to_path_buf(),
+        expected,
+        found: terms.to_string(),
+    };
+    let mut config = 0u64;
+    for term in terms.trim().split(',').filter(|term| !term.is_empty()) {
+        let (key, value) = term
+            .split_once('=')
+            .ok_or_else(|| bad("terms such as \"event=0x02\""))?;
+        let value = parse_number(value.trim()).ok_or_else(|| bad("numeric term values"))?;
+        let format_path = pmu_dir.join("format").join(key.trim());
+        let (shift, width) = match std::fs::read_to_string(&format_path) {
+            Ok(text) => parse_format(&format_path, &text)?,
+            // The power PMU has always put `event` in config bits 0-7.
+            Err(_) if key.trim() == "event" => (0, 8),
+            Err(err) => return Err(MeterError::io(&format_path, err)),
+        };
+        let mask = if width == 64 {
+            u64::MAX
+        } else {
+            (1u64 << width) - 1
+        };
+        if value & !mask != 0 {
+            return Err(bad("term values that fit their format's bits"));
+        }
+        config |= value << shift;
+    }
+    Ok(config)
+}
+
+/// Read the power PMU's description under `host_sys`.
+pub fn parse_power_pmu(host_sys: &Path) -> Result<PowerPmu, MeterError> {
+    let dir = host_sys.join("bus/event_source/devices/power");
+    if !dir.exists() {
+        return Err(MeterError::Absent(format!(
+            "no perf power PMU at {}: the CPU has no RAPL or the kernel lacks its perf driver",
+            dir.display()
+        )));
+    }
+    let type_path = dir.join("type");
+    let pmu_type = read_trimmed(&type_path)?
+        .parse::<u32>()
+        .map_err(|_| MeterError::Parse {
+            path: type_path.clone(),
+            expected: "a PMU type number",
+            found: read_trimmed(&type_path).unwrap_or_default(),
+        })?;
+    let cpumask_path = dir.join("cpumask");
+    let cpus = parse_cpu_list(&cpumask_path, &read_trimmed(&cpumask_path)?)?;
+
+    let events_dir = dir.join("events");
+    let mut names: Vec<String> = std::fs::read_dir(&events_dir)
+        .map_err(|err| MeterError::io(&events_dir, err))?
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| !name.contains('.'))
+        .collect();
+    names.sort();
+    let mut events = Vec::new();
+    for name in names {
+        let Some(domain) = event_domain(&name) else {
+            tracing::debug!(event = %name, "power PMU event of unknown kind, not read");
+            continue;
+        };
+        let event_path = events_dir.join(&name);
+        let config = parse_event_config(&dir, &event_path, &read_trimmed(&event_path)?)?;
+        let scale_path = events_dir.join(format!("{name}.scale"));
+        let scale_text = read_trimmed(&scale_path)?;
+        let scale = scale_text
+            .parse::<f64>()
+            .ok()
+            .filter(|scale| scale.is_finite() && *scale > 0.0)
+            .ok_or_else(|| MeterError::Parse {
+                path: scale_path.clone(),
+                expected: "a positive number of joules per count",
+                found: scale_text,
+            })?;
+        let unit_path = events_dir.join(format!("{name}.unit"));
+        let unit = read_trimmed(&unit_path)?;
+        if unit != "Joules" {
+            return Err(MeterError::Parse {
+                path: unit_path,
+                expected: "the unit \"Joules\"",
+                found: unit,
+            });
+        }
+        events.push(PowerEvent {
+            name,
+            domain,
+            config,
+            scale,
+        });
+    }
+    if events.is_empty() {
+        return Err(MeterError::Absent(format!(
+            "the perf power PMU at {} lists no energy events",
+            dir.display()
+        )));
+    }
+    Ok(PowerPmu {
+        dir,
+        pmu_type,
+        cpus,
+        events,
+    })
+}
+
+/// The package a CPU belongs to, from sysfs topology; `fallback` where absent.
+fn package_of(host_sys: &Path, cpu: u32, fallback: u32) -> u32 {
+    let path = host_sys.join(format!(
+        "devices/system/cpu/cpu{cpu}/topology/physical_package_id"
+    ));
+    read_trimmed(&path)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(fallback)
+}
+
+/// Open one counting event system-wide on `cpu`.
+pub fn open_event(pmu_type: u32, event: &PowerEvent, cpu: u32) -> Result<File, MeterError> {
+    // SAFETY: perf_event_attr is plain data; all-zero is its documented default.
+    let mut attr: perf_event_attr = unsafe { std::mem::zeroed() };
+    attr.type_ = pmu_type;
+    attr.size = std::mem::size_of::<perf_event_attr>() as u32;
+    attr.config = event.config;
+    // SAFETY: attr is initialised and outlives the call; pid -1 with a CPU
+    // counts every task on that CPU, as the power PMU requires.
+    let fd = unsafe {
+        perf_event_open_sys::perf_event_open(
+            &mut attr,
+            -1,
+            cpu as i32,
+            -1,
+            PERF_FLAG_FD_CLOEXEC as libc::c_ulong,
+        )
+    };
+    if fd < 0 {
+        return Err(MeterError::PerfOpen {
+            event: event.name.clone(),
+            pmu_type,
+            config: event.config,
+            cpu,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: the kernel just returned this descriptor to us; we own it.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+struct OpenEvent {
+    domain: Domain,
+    zone: String,
+    scale: f64,
+    file: File,
+    counter: EnergyCounter,
+    failed: bool,
+}
+
+/// Reads RAPL counters through perf events, one per package and domain.
+pub struct PerfPowerMeter {
+    events: Vec<OpenEvent>,
+}
+
+impl PerfPowerMeter {
+    /// Parse the PMU under `host_sys` and open its events on the CPUs of its
+    /// cpumask. Any event that does not open makes the backend absent.
+    pub fn open(host_sys: &Path) -> Result<PerfPowerMeter, MeterError> {
+        let pmu = parse_power_pmu(host_sys)?;
+        let mut events = Vec::new();
+        for (position, &cpu) in pmu.cpus.iter().enumerate() {
+            let package = package_of(host_sys, cpu, position as u32);
+            for event in &pmu.events {
+                let zone = match event.domain {
+                    Domain::Psys if position > 0 => continue,
+                    Domain::Psys => "psys".to_string(),
+                    domain => format!("{}-{package}", domain.as_str()),
+                };
+                let file = open_event(pmu.pmu_type, event, cpu)?;
+                events.push(OpenEvent {
+                    domain: event.domain,
+                    zone,
+                    scale: event.scale,
+                    file,
+                    counter: EnergyCounter::new(Wrap::Never),
+                    failed: false,
+                });
+            }
+        }
+        events.sort_by(|a, b| (a.domain, &a.zone).cmp(&(b.domain, &b.zone)));
+        Ok(PerfPowerMeter { events })
+    }
+
+    pub fn zones(&self) -> Vec<String> {
+        self.events.iter().map(|event| event.zone.clone()).collect()
+    }
+}
+
+impl Meter for PerfPowerMeter {
+    fn source(&self) -> &'static str {
+        "rapl-perf"
+    }
+
+    fn is_estimate(&self) -> bool {
+        false
+    }
+
+    fn domains(&self) -> Vec<Domain> {
+        distinct_domains(self.events.iter().map(|event| event.domain))
+    }
+
+    fn sample(&mut self, _ctx: &MeterContext) -> Result<Vec<EnergySample>, MeterError> {
+        let mut samples = Vec::with_capacity(self.events.len());
+        let mut first_error = None;
+        for event in &mut self.events {
+            let mut count = [0u8; 8];
+            if let Err(err) = event.file.read_exact(&mut count) {
+                if !event.failed {
+                    tracing::warn!(source = "rapl-perf", zone = %event.zone, "reading perf power event failed: {err}");
+                    event.failed = true;
+                }
+                first_error.get_or_insert(MeterError::Read {
+                    what: format!("perf power event for {}", event.zone),
+                    source: err,
+                });
+                continue;
+            }
+            event.failed = false;
+            let step = event.counter.advance(u64::from_ne_bytes(count));
+            if let CounterStep::Reset { previous, current } = step {
+                tracing::warn!(source = "rapl-perf", zone = %event.zone, previous, current, "perf energy count moved backwards: counted as a reset (0 J this interval)");
+            }
+            samples.push(EnergySample {
+                domain: event.domain,
+                zone: event.zone.clone(),
+                joules: Joules(step.units() as f64 * event.scale),
+            });
+        }
+        readings_or_error(samples, first_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse_ranges_and_commas() {
+        let path = Path::new("cpumask");
+        assert_eq!(parse_cpu_list(path, "0").unwrap(), vec![0]);
+        assert_eq!(parse_cpu_list(path, "0,36\n").unwrap(), vec![0, 36]);
+        assert_eq!(parse_cpu_list(path, "0-2,8").unwrap(), vec![0, 1, 2, 8]);
+        assert!(parse_cpu_list(path, "").is_err());
+        assert!(parse_cpu_list(path, "3-1").is_err());
+        assert!(
+            parse_cpu_list(path, "x")
+                .unwrap_err()
+                .to_string()
+                .contains("cpumask")
+        );
+    }
+
+    #[test]
+    fn formats_give_bit_positions() {
+        let path = Path::new("format/event");
+        assert_eq!(parse_format(path, "config:0-7\n").unwrap(), (0, 8));
+        assert_eq!(parse_format(path, "config:8").unwrap(), (8, 1));
+        assert!(parse_format(path, "config1:0-7").is_err());
+        assert!(parse_format(path, "config:7-0").is_err());
+    }
+}

@@ -1,0 +1,310 @@
+//! The NVML meter through nvml-wrapper's real FFI path, against a fake
+//! `libnvidia-ml.so` built from tests/fixtures/fake_nvml/fake_nvml.c.
+
+mod meter_support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ergon::meter::nvml::NvmlMeter;
+use ergon::meter::{
+    GpuProcessSample, Meter, MeterConfig, MeterContext, MeterError, RaplInterface, detect,
+};
+use ergon::units::{Domain, Nanos};
+use meter_support::capture_logs;
+use tempfile::TempDir;
+
+const TWO_SECONDS: MeterContext = MeterContext {
+    elapsed: Nanos(2_000_000_000),
+    cpu_utilisation: None,
+    cpus: 4,
+};
+
+/// A fake NVML library in its own directory, with its control file beside it.
+struct FakeNvml {
+    dir: TempDir,
+}
+
+impl FakeNvml {
+    fn build(control: &str) -> FakeNvml {
+        let dir = tempfile::tempdir().unwrap();
+        let source =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fake_nvml/fake_nvml.c");
+        let output = std::process::Command::new("cc")
+            .args(["-shared", "-fPIC", "-O1", "-Wall", "-o"])
+            .arg(dir.path().join("libnvidia-ml.so.1"))
+            .arg(&source)
+            .output()
+            .expect("a C compiler (cc) to build the fake NVML library");
+        assert!(
+            output.status.success(),
+            "building the fake NVML failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let fake = FakeNvml { dir };
+        fake.control(control);
+        fake
+    }
+
+    fn library(&self) -> PathBuf {
+        self.dir.path().join("libnvidia-ml.so.1")
+    }
+
+    /// Replace the fake's state; it re-reads it on every call.
+    fn control(&self, text: &str) {
+        std::fs::write(self.dir.path().join("fake_nvml.control"), text).unwrap();
+    }
+
+    fn open(&self) -> NvmlMeter {
+        NvmlMeter::open(Some(&self.library())).unwrap()
+    }
+}
+
+fn joules(meter: &mut NvmlMeter) -> BTreeMap<String, f64> {
+    meter
+        .sample(&TWO_SECONDS)
+        .unwrap()
+        .into_iter()
+        .map(|sample| {
+            assert_eq!(sample.domain, Domain::Gpu);
+            (sample.zone, sample.joules.0)
+        })
+        .collect()
+}
+
+fn assert_close(actual: f64, expected: f64) {
+    assert!(
+        (actual - expected).abs() < 1e-9,
+        "measured {actual} J, expected {expected} J"
+    );
+}
+
+#[test]
+fn energy_counter_gives_joules_per_gpu() {
+    let fake = FakeNvml::build("devices=2\ngpu0.energy_mj=1000\ngpu1.energy_mj=5000\n");
+    let mut meter = fake.open();
+    assert_eq!(meter.device_count(), 2);
+    assert_eq!(
+        (meter.source(), meter.is_estimate(), meter.domains()),
+        ("nvml", false, vec![Domain::Gpu])
+    );
+    let baseline = joules(&mut meter);
+    assert_eq!(
+        baseline,
+        BTreeMap::from([("gpu-0".to_string(), 0.0), ("gpu-1".to_string(), 0.0)])
+    );
+
+    fake.control("devices=2\ngpu0.energy_mj=3500\ngpu1.energy_mj=7000\n");
+    let measured = joules(&mut meter);
+    assert_close(measured["gpu-0"], 2.5);
+    assert_close(measured["gpu-1"], 2.0);
+}
+
+#[test]
+fn without_an_energy_counter_power_is_integrated_over_the_interval() {
+    let fake = FakeNvml::build("devices=1\ngpu0.energy_mj=not_supported\ngpu0.power_mw=150000\n");
+    let mut meter = fake.open();
+    assert_eq!(
+        joules(&mut meter)["gpu-0"],
+        0.0,
+        "first sample is a baseline"
+    );
+    assert_close(joules(&mut meter)["gpu-0"], 300.0);
+}
+
+#[test]
+fn a_call_not_supported_silences_that_gpu_for_the_interval_logged_once() {
+    let fake = FakeNvml::build("devices=2\ngpu0.energy_mj=1000\ngpu1.energy_mj=1000\n");
+    let mut meter = fake.open();
+    joules(&mut meter);
+    fake.control("devices=2\ngpu0.energy_mj=2000\ngpu1.energy_mj=not_supported\n");
+    let (intervals, logs) = capture_logs(|| (0..3).map(|_| joules(&mut meter)).collect::<Vec<_>>());
+    assert_close(intervals[0]["gpu-0"], 1.0);
+    for interval in &intervals {
+        assert!(!interval.contains_key("gpu-1"), "{interval:?}");
+        assert!(
+            interval.contains_key("gpu-0"),
+            "the other GPU carries on: {interval:?}"
+        );
+    }
+    let lines = logs.lines_with(&["gpu-1", "nvmlDeviceGetTotalEnergyConsumption"]);
+    assert_eq!(lines.len(), 1, "{}", logs.text());
+    assert!(
+        lines[0].contains("WARN") && lines[0].contains("kind=NotSupported"),
+        "{}",
+        lines[0]
+    );
+
+    // Supported again: the counter covers the missed intervals, nothing lost.
+    fake.control("devices=2\ngpu0.energy_mj=2000\ngpu1.energy_mj=4000\n");
+    assert_close(joules(&mut meter)["gpu-1"], 3.0);
+}
+
+#[test]
+fn a_lost_gpu_reports_nothing_logged_once_and_the_rest_carry_on() {
+    let fake = FakeNvml::build("devices=2\ngpu0.energy_mj=1000\ngpu1.energy_mj=1000\n");
+    let mut meter = fake.open();
+    joules(&mut meter);
+    let (intervals, logs) = capture_logs(|| {
+        (0..3u64)
+            .map(|step| {
+                fake.control(&format!(
+                    "devices=2\ngpu0.energy_mj={}\ngpu1.lost=1\n",
+                    2000 + step * 1000
+                ));
+                let energy = joules(&mut meter);
+                let processes = meter.gpu_processes();
+                (energy, processes)
+            })
+            .collect::<Vec<_>>()
+    });
+    for (energy, processes) in &intervals {
+        assert_close(energy["gpu-0"], 1.0);
+        assert!(!energy.contains_key("gpu-1"), "{energy:?}");
+        assert!(processes.iter().all(|process| process.zone != "gpu-1"));
+    }
+    let lost = logs.lines_with(&["gpu-1", "kind=GpuLost"]);
+    assert!(!lost.is_empty(), "{}", logs.text());
+    // One line per failing call, not one per interval.
+    let mut calls: Vec<&str> = lost
+        .iter()
+        .filter_map(|line| line.split("call=\"").nth(1)?.split('"').next())
+        .collect();
+    let total = calls.len();
+    calls.sort();
+    calls.dedup();
+    assert_eq!(
+        total,
+        calls.len(),
+        "each failing call logged once: {}",
+        logs.text()
+    );
+}
+
+#[test]
+fn process_utilisation_is_averaged_per_interval_and_pids_listed() {
+    let fake = FakeNvml::build(
+        "devices=1\ngpu0.energy_mj=0\ngpu0.procs=4242:-,777:-\n\
+         gpu0.util=4242:100:40,4242:200:60,999:150:10\n",
+    );
+    let mut meter = fake.open();
+    let mut processes = meter.gpu_processes();
+    processes.sort_by_key(|process| process.pid);
+    let sample = |pid, utilisation_percent: f64| GpuProcessSample {
+        pid,
+        zone: "gpu-0".into(),
+        utilisation_percent,
+    };
+    // 777 runs but has no sample; 999 has samples but no compute context.
+    assert_eq!(
+        processes,
+        vec![sample(777, 0.0), sample(999, 10.0), sample(4242, 50.0)]
+    );
+
+    // Next call: only samples newer than the last seen (200).
+    fake.control("devices=1\ngpu0.energy_mj=0\ngpu0.procs=4242:-\ngpu0.util=4242:100:40,4242:200:60,4242:300:90\n");
+    assert_eq!(meter.gpu_processes(), vec![sample(4242, 90.0)]);
+    // No newer sample: NVML says NOT_FOUND, the process still shows, at zero.
+    let (processes, logs) = capture_logs(|| meter.gpu_processes());
+    assert_eq!(processes, vec![sample(4242, 0.0)]);
+    assert!(
+        logs.lines_with(&["WARN"]).is_empty(),
+        "NOT_FOUND is no error: {}",
+        logs.text()
+    );
+
+    fake.control(
+        "devices=1\ngpu0.energy_mj=0\ngpu0.procs=4242:-\ngpu0.util_status=not_supported\n",
+    );
+    let (processes, logs) = capture_logs(|| (meter.gpu_processes(), meter.gpu_processes()).0);
+    assert_eq!(processes, vec![sample(4242, 0.0)]);
+    assert_eq!(
+        logs.lines_with(&["nvmlDeviceGetProcessUtilization", "kind=NotSupported"])
+            .len(),
+        1,
+        "{}",
+        logs.text()
+    );
+}
+
+#[test]
+fn mig_instances_are_listed_and_processes_carry_their_instance() {
+    let fake = FakeNvml::build(
+        "devices=2\ngpu0.energy_mj=10\ngpu0.mig=1,2\ngpu0.procs=31:2,32:-\ngpu1.energy_mj=20\n",
+    );
+    let mut meter = fake.open();
+    assert!(meter.has_mig_bindings());
+    assert_eq!(meter.mig_instances(), vec!["gpu-0-mig-1", "gpu-0-mig-2"]);
+    let zones: BTreeMap<u32, String> = meter
+        .gpu_processes()
+        .into_iter()
+        .map(|process| (process.pid, process.zone))
+        .collect();
+    assert_eq!(
+        zones,
+        BTreeMap::from([(31, "gpu-0-mig-2".to_string()), (32, "gpu-0".to_string())])
+    );
+    // Energy stays per physical GPU.
+    assert_eq!(
+        joules(&mut meter).keys().collect::<Vec<_>>(),
+        vec!["gpu-0", "gpu-1"]
+    );
+}
+
+#[test]
+fn no_library_no_driver_or_no_gpu_is_absent_with_one_info_line() {
+    let missing = Path::new("/nonexistent/ergon-test/libnvidia-ml.so.1");
+    let err = NvmlMeter::open(Some(missing)).err().unwrap();
+    assert!(matches!(err, MeterError::Absent(_)), "{err}");
+    assert!(err.to_string().contains("no NVIDIA driver"), "{err}");
+
+    let no_driver = FakeNvml::build("init=driver_not_loaded\n");
+    let err = NvmlMeter::open(Some(&no_driver.library())).err().unwrap();
+    assert!(err.to_string().contains("driver is not loaded"), "{err}");
+
+    let no_gpu = FakeNvml::build("devices=0\n");
+    let err = NvmlMeter::open(Some(&no_gpu.library())).err().unwrap();
+    assert!(err.to_string().contains("no GPU"), "{err}");
+
+    let host = tempfile::tempdir().unwrap();
+    let config = MeterConfig {
+        host_sys: host.path().to_path_buf(),
+        host_proc: host.path().to_path_buf(),
+        rapl: RaplInterface::Off,
+        nvml_library: Some(missing.to_path_buf()),
+        ..MeterConfig::default()
+    };
+    let (meters, logs) = capture_logs(|| detect(&config));
+    assert!(meters.iter().all(|meter| meter.source() != "nvml"));
+    let lines = logs.lines_with(&["source=\"nvml\""]);
+    assert_eq!(lines.len(), 1, "{}", logs.text());
+    assert!(
+        lines[0].contains("INFO") && lines[0].contains("meter absent"),
+        "{}",
+        lines[0]
+    );
+}
+
+#[test]
+fn detect_finds_the_gpus_through_the_configured_library() {
+    let fake =
+        FakeNvml::build("devices=3\ngpu0.energy_mj=1\ngpu1.energy_mj=1\ngpu2.power_mw=1000\n");
+    let host = tempfile::tempdir().unwrap();
+    let config = MeterConfig {
+        host_sys: host.path().to_path_buf(),
+        host_proc: host.path().to_path_buf(),
+        rapl: RaplInterface::Off,
+        nvml_library: Some(fake.library()),
+        ..MeterConfig::default()
+    };
+    let (meters, logs) = capture_logs(|| detect(&config));
+    let sources: Vec<&str> = meters.iter().map(|meter| meter.source()).collect();
+    assert_eq!(sources, vec!["nvml", "model"]);
+    assert_eq!(logs.lines_with(&["GPU found"]).len(), 3, "{}", logs.text());
+    assert_eq!(
+        logs.lines_with(&["meter found", "gpus=3"]).len(),
+        1,
+        "{}",
+        logs.text()
+    );
+}
