@@ -313,6 +313,80 @@ impl Cli {
     }
 }
 
+impl Cli {
+    /// `--idle-watts package=20,dram=3` as (domain, watts) pairs.
+    pub fn idle_watts(&self) -> Result<Vec<(crate::units::Domain, crate::units::Watts)>, String> {
+        self.idle_watts
+            .iter()
+            .filter(|item| !item.trim().is_empty())
+            .map(|item| {
+                let (domain, watts) = item.split_once('=').ok_or_else(|| {
+                    format!("--idle-watts `{item}`: write DOMAIN=WATTS, e.g. package=20")
+                })?;
+                let domain = crate::units::Domain::ALL
+                    .into_iter()
+                    .find(|d| d.as_str() == domain.trim())
+                    .ok_or_else(|| {
+                        format!(
+                            "--idle-watts `{item}`: unknown domain `{domain}` (package, core, \
+                             uncore, dram, psys, gpu, platform)"
+                        )
+                    })?;
+                let watts: f64 = watts
+                    .trim()
+                    .parse()
+                    .ok()
+                    .filter(|w: &f64| w.is_finite() && *w >= 0.0)
+                    .ok_or_else(|| {
+                        format!("--idle-watts `{item}`: `{watts}` is not a non-negative number")
+                    })?;
+                Ok((domain, crate::units::Watts(watts)))
+            })
+            .collect()
+    }
+
+    /// The meters `--meter` asks for: `auto` detects; a list enables exactly
+    /// those.
+    pub fn meter_config(&self) -> Result<crate::meter::MeterConfig, String> {
+        use crate::meter::{MeterConfig, ModelChoice, RaplInterface};
+        let mut config = MeterConfig {
+            host_sys: self.host_sys.clone(),
+            host_proc: self.host_proc.clone(),
+            nvml_library: self.nvml_library.clone(),
+            ..MeterConfig::default()
+        };
+        let names: Vec<&str> = self
+            .meter
+            .iter()
+            .map(|m| m.trim())
+            .filter(|m| !m.is_empty())
+            .collect();
+        if names.is_empty() || names == ["auto"] {
+            return Ok(config);
+        }
+        config.rapl = RaplInterface::Off;
+        config.nvml = false;
+        config.hwmon = false;
+        config.model = ModelChoice::Off;
+        for name in names {
+            match name {
+                "rapl" => config.rapl = RaplInterface::Powercap,
+                "rapl-perf" => config.rapl = RaplInterface::Perf,
+                "nvml" => config.nvml = true,
+                "hwmon" => config.hwmon = true,
+                "model" => config.model = ModelChoice::Always,
+                other => {
+                    return Err(format!(
+                        "--meter: unknown meter `{other}`; use auto or a list of rapl, rapl-perf, \
+                         nvml, hwmon, model"
+                    ));
+                }
+            }
+        }
+        Ok(config)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,5 +461,29 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("missing.yaml"), "{err}");
+    }
+    #[test]
+    fn idle_watts_and_meters_are_checked() {
+        let cli = Cli::load_from(
+            &args(&["ergon", "--idle-watts", "package=20,dram=3.5"]),
+            |_| false,
+        )
+        .unwrap();
+        assert_eq!(cli.idle_watts().unwrap().len(), 2);
+        let cli = Cli::load_from(&args(&["ergon", "--idle-watts", "cpu=20"]), |_| false).unwrap();
+        assert!(
+            cli.idle_watts()
+                .unwrap_err()
+                .contains("unknown domain `cpu`")
+        );
+        let cli =
+            Cli::load_from(&args(&["ergon", "--idle-watts", "package=-1"]), |_| false).unwrap();
+        assert!(cli.idle_watts().unwrap_err().contains("non-negative"));
+        let cli = Cli::load_from(&args(&["ergon", "--meter", "rapl,model"]), |_| false).unwrap();
+        let meters = cli.meter_config().unwrap();
+        assert!(!meters.nvml && !meters.hwmon);
+        let cli =
+            Cli::load_from(&args(&["ergon", "--meter", "rapl,watt-o-meter"]), |_| false).unwrap();
+        assert!(cli.meter_config().unwrap_err().contains("watt-o-meter"));
     }
 }

@@ -16,22 +16,14 @@ use prometheus::proto;
 
 pub use server::{ServerHandle, serve};
 
-/// Label values are cut to this many bytes, with a marker, so that no path or
-/// name can blow up Prometheus' index.
+/// Label values are cut to this many bytes (head + `~` + hash, so two long
+/// values stay distinct), so that no path or name can blow up Prometheus'
+/// index.
 pub const MAX_LABEL_BYTES: usize = 128;
-const TRUNCATION_MARKER: &str = "…";
 
-/// Bounds a label value: at most [`MAX_LABEL_BYTES`], cut on a character
-/// boundary and marked.
+/// Bounds a label value to [`MAX_LABEL_BYTES`].
 pub fn bounded_label(value: &str) -> String {
-    if value.len() <= MAX_LABEL_BYTES {
-        return value.to_owned();
-    }
-    let mut end = MAX_LABEL_BYTES - TRUNCATION_MARKER.len();
-    while !value.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{TRUNCATION_MARKER}", &value[..end])
+    crate::workload::cgroup::bounded_label(value, MAX_LABEL_BYTES).into_owned()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -230,11 +222,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn long_labels_are_cut_on_a_char_boundary_and_marked() {
+    fn long_labels_are_bounded() {
         let long = "é".repeat(200);
         let cut = bounded_label(&long);
-        assert!(cut.len() <= MAX_LABEL_BYTES);
-        assert!(cut.ends_with(TRUNCATION_MARKER));
+        assert!(cut.len() <= MAX_LABEL_BYTES && cut.contains('~'), "{cut}");
         assert_eq!(bounded_label("short"), "short");
     }
 

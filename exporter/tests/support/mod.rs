@@ -4,6 +4,8 @@
 //! assertion still leaves the machine clean.
 #![allow(dead_code)]
 
+pub mod kube_api;
+
 use std::ffi::CString;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
@@ -194,4 +196,204 @@ pub fn flush_cpus() {
 /// Relative difference `|a - b| / b`.
 pub fn relative_error(measured: f64, expected: f64) -> f64 {
     (measured - expected).abs() / expected
+}
+
+impl CgroupGuard {
+    /// A pod-shaped cgroup (systemd driver, containerd) for a given pod uid
+    /// and container id, as the kubelet would create it.
+    pub fn pod(uid: &str, container_id: &str) -> CgroupGuard {
+        CgroupGuard::create(&format!(
+            "ergontest.slice/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice/cri-containerd-{container_id}.scope",
+            uid.replace('-', "_")
+        ))
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A plain HTTP/1.1 GET on loopback; `None` when nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// A running `ergon`, killed on drop.
+pub struct ExporterProcess {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl ExporterProcess {
+    /// Starts the exporter on a free port and waits until `/readyz` answers.
+    pub fn start(args: &[String]) -> ExporterProcess {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_ergon"))
+            .arg(format!("--listen=127.0.0.1:{port}"))
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("starting ergon");
+        let exporter = ExporterProcess { child, port };
+        for _ in 0..300 {
+            if let Some(reply) = http_get(port, "/readyz")
+                && reply.starts_with("HTTP/1.1 200")
+            {
+                return exporter;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("ergon did not become ready on port {port}");
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        let text = http_get(self.port, "/metrics").expect("scraping /metrics");
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        Metrics::parse(body)
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ExporterProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Parsed Prometheus text exposition (names, labels, values).
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub samples: Vec<(String, std::collections::BTreeMap<String, String>, f64)>,
+}
+
+impl Metrics {
+    pub fn parse(text: &str) -> Metrics {
+        let mut samples = Vec::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let value: f64 = value.parse().unwrap();
+            let (name, labels) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let mut map = std::collections::BTreeMap::new();
+            let mut rest = labels;
+            while let Some((key, after)) = rest.split_once("=\"") {
+                let mut end = 0;
+                let bytes = after.as_bytes();
+                while end < bytes.len()
+                    && !(bytes[end] == b'"' && (end == 0 || bytes[end - 1] != b'\\'))
+                {
+                    end += 1;
+                }
+                map.insert(
+                    key.trim_start_matches(',').to_owned(),
+                    after[..end].to_owned(),
+                );
+                rest = &after[(end + 1).min(after.len())..];
+            }
+            samples.push((name.to_owned(), map, value));
+        }
+        Metrics { samples }
+    }
+
+    /// Sum of `name` over the samples whose labels include all of `matching`.
+    pub fn sum(&self, name: &str, matching: &[(&str, &str)]) -> f64 {
+        self.select(name, matching).map(|(_, v)| v).sum()
+    }
+
+    pub fn select<'a>(
+        &'a self,
+        name: &'a str,
+        matching: &'a [(&'a str, &'a str)],
+    ) -> impl Iterator<Item = (&'a std::collections::BTreeMap<String, String>, f64)> + 'a {
+        self.samples
+            .iter()
+            .filter(move |(n, labels, _)| {
+                n == name
+                    && matching
+                        .iter()
+                        .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, labels, value)| (labels, *value))
+    }
+}
+
+/// A powercap tree with one package zone whose `energy_uj` a thread advances
+/// at a fixed power, written atomically (rename) like a counter would tick.
+pub struct FakeRapl {
+    pub host_sys: tempfile::TempDir,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ticker: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FakeRapl {
+    pub fn start(watts: f64) -> FakeRapl {
+        use std::sync::atomic::Ordering;
+        let host_sys = tempfile::tempdir().unwrap();
+        let zone = host_sys.path().join("class/powercap/intel-rapl:0");
+        std::fs::create_dir_all(&zone).unwrap();
+        std::fs::write(zone.join("name"), "package-0\n").unwrap();
+        std::fs::write(zone.join("max_energy_range_uj"), "262143328850\n").unwrap();
+        std::fs::write(zone.join("energy_uj"), "1000000\n").unwrap();
+        // The probe still needs the kernel's BTF and tracefs under host-sys.
+        std::os::unix::fs::symlink("/sys/kernel", host_sys.path().join("kernel")).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ticker = {
+            let stop = stop.clone();
+            let zone = zone.clone();
+            std::thread::spawn(move || {
+                let start = std::time::Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let uj = 1_000_000 + (watts * 1e6 * start.elapsed().as_secs_f64()) as u64;
+                    let tmp = zone.join("energy_uj.tmp");
+                    std::fs::write(&tmp, format!("{uj}\n")).unwrap();
+                    std::fs::rename(&tmp, zone.join("energy_uj")).unwrap();
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
+        FakeRapl {
+            host_sys,
+            stop,
+            ticker: Some(ticker),
+        }
+    }
+
+    pub fn host_sys_arg(&self) -> String {
+        format!("--host-sys={}", self.host_sys.path().display())
+    }
+}
+
+impl Drop for FakeRapl {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(ticker) = self.ticker.take() {
+            let _ = ticker.join();
+        }
+    }
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::attribute::{
-    self, Attribution, DomainEnergy, IdleEstimator, Ledger, LearnedIdleConfig, Usage,
+    self, Attribution, DomainEnergy, IdleEstimator, LearnedIdleConfig, Ledger, Usage,
 };
 use crate::config::IdlePolicy;
 use crate::export::{Published, ServerHandle};
@@ -108,6 +108,7 @@ pub struct Loop {
     cpus: u32,
     intervals: u64,
     kernel: String,
+    last_refresh: Instant,
 }
 
 fn delta(now: &CgroupCounters, before: Option<&CgroupCounters>) -> Usage {
@@ -144,7 +145,9 @@ impl Loop {
         for (domain, watts) in &settings.idle_watts {
             idle.set_configured(*domain, *watts);
         }
-        let cpus = aya::util::online_cpus().map(|c| c.len() as u32).unwrap_or(1);
+        let cpus = aya::util::online_cpus()
+            .map(|c| c.len() as u32)
+            .unwrap_or(1);
         Loop {
             probe,
             meters,
@@ -159,6 +162,7 @@ impl Loop {
             boot_id,
             cpus,
             intervals: 0,
+            last_refresh: Instant::now(),
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_else(|_| "unknown".into()),
@@ -190,16 +194,25 @@ impl Loop {
             return;
         };
         let elapsed = Nanos((now - then).as_nanos() as u64);
+        // Unknown ids trigger walks by themselves; this periodic one also
+        // notices cgroups that vanished, so their retention starts.
+        if now - self.last_refresh >= Duration::from_secs(60) {
+            self.last_refresh = now;
+            if let Err(e) = self.resolver.refresh() {
+                tracing::warn!("walking the cgroup tree failed: {e}");
+            }
+        }
         let mono = Nanos(crate::units::monotonic_ns());
         self.account(&before, &usage, elapsed, mono);
         self.previous = Some((now, usage));
         self.intervals += 1;
-        published.publish(report::build(self));
-        if let Some(path) = &self.settings.checkpoint
-            && self.intervals % 3 == 0
-        {
+        // Saved before publishing: whatever a scrape saw is in the
+        // checkpoint, so even a crash right after cannot make a counter go
+        // down on restart.
+        if let Some(path) = &self.settings.checkpoint {
             self.save_checkpoint(path.clone());
         }
+        published.publish(report::build(self));
     }
 
     fn save_checkpoint(&self, path: PathBuf) {
@@ -219,13 +232,20 @@ impl Loop {
         match self.resolver.resolve(cgroup_id) {
             Some(resolved) => resolved.workload.clone(),
             // Not found even after a rescan: gone before it could be walked.
+            // Its energy stays visible in the `other` bucket.
             None => Workload::System {
-                bucket: "vanished-before-resolved".into(),
+                bucket: "other".into(),
             },
         }
     }
 
-    fn account(&mut self, before: &UsageSnapshot, now: &UsageSnapshot, elapsed: Nanos, mono: Nanos) {
+    fn account(
+        &mut self,
+        before: &UsageSnapshot,
+        now: &UsageSnapshot,
+        elapsed: Nanos,
+        mono: Nanos,
+    ) {
         // Usage per workload.
         let mut usage: HashMap<Workload, Usage> = HashMap::new();
         let ids: Vec<(u64, Usage)> = now
@@ -237,7 +257,11 @@ impl Loop {
         let mut gone = Vec::new();
         for (id, used) in ids {
             let workload = self.workload_of(id);
-            let vanished = self.resolver.resolve(id).map(|r| r.vanished()).unwrap_or(true);
+            let vanished = self
+                .resolver
+                .resolve(id)
+                .map(|r| r.vanished())
+                .unwrap_or(true);
             if vanished {
                 gone.push((id, workload.clone()));
             } else {
@@ -284,7 +308,7 @@ impl Loop {
         };
         self.last = LastInterval::default();
         let mut energies = Vec::new();
-        let mut gpu_weights = None;
+        let mut gpu_samples = None;
         for meter in &mut self.meters {
             let source = meter.source();
             if meter.is_estimate() {
@@ -308,10 +332,11 @@ impl Loop {
                             .into_iter()
                             .map(|s| attribute::GpuProcessSample {
                                 pid: s.pid,
-                                sm_util_percent: s.utilisation_percent.round().clamp(0.0, 100.0) as u32,
+                                sm_util_percent: s.utilisation_percent.round().clamp(0.0, 100.0)
+                                    as u32,
                             })
                             .collect();
-                        gpu_weights = Some(self.gpu_weights(&samples));
+                        gpu_samples = Some(samples);
                     }
                     for (domain, energy) in per_domain {
                         let idle = self.idle.estimate(domain, source, energy, elapsed).idle;
@@ -335,6 +360,7 @@ impl Loop {
             }
         }
 
+        let gpu_weights = gpu_samples.map(|samples| self.gpu_weights(&samples));
         for energy in &energies {
             let attribution = match (&gpu_weights, energy.domain) {
                 (Some(weights), Domain::Gpu) => {
@@ -352,14 +378,16 @@ impl Loop {
         }
         self.state.workloads.add_usage(&usage, mono);
         let pod_usage: HashMap<String, Usage> =
-            usage.iter().fold(HashMap::new(), |mut pods, (workload, used)| {
-                if let Some(uid) = workload.pod_uid() {
-                    let entry: &mut Usage = pods.entry(uid.to_owned()).or_default();
-                    entry.cpu_ns += used.cpu_ns;
-                    entry.cycles += used.cycles;
-                }
-                pods
-            });
+            usage
+                .iter()
+                .fold(HashMap::new(), |mut pods, (workload, used)| {
+                    if let Some(uid) = workload.pod_uid() {
+                        let entry: &mut Usage = pods.entry(uid.to_owned()).or_default();
+                        entry.cpu_ns += used.cpu_ns;
+                        entry.cycles += used.cycles;
+                    }
+                    pods
+                });
         self.state.pods.add_usage(&pod_usage, mono);
         self.state.processes.add_usage(&process_usage, mono);
 
@@ -407,11 +435,18 @@ impl Loop {
                 .map(|pod| (pod_key(&pod.uid), pod.cpu_request_millicores as f64))
                 .collect(),
             IdlePolicy::Equal => {
-                let mut uids: Vec<String> =
-                    self.pods.live_pods().iter().map(|p| p.uid.clone()).collect();
+                let mut uids: Vec<String> = self
+                    .pods
+                    .live_pods()
+                    .iter()
+                    .map(|p| p.uid.clone())
+                    .collect();
                 if uids.is_empty() {
                     // No API: the pods the cgroups show.
-                    uids = usage.keys().filter_map(|w| w.pod_uid().map(str::to_owned)).collect();
+                    uids = usage
+                        .keys()
+                        .filter_map(|w| w.pod_uid().map(str::to_owned))
+                        .collect();
                 }
                 uids.into_iter().map(|uid| (pod_key(&uid), 1.0)).collect()
             }
@@ -421,7 +456,11 @@ impl Loop {
     fn gpu_weights(&mut self, samples: &[attribute::GpuProcessSample]) -> HashMap<Workload, f64> {
         let mut of_pid = HashMap::new();
         for sample in samples {
-            if let Some(id) = cgroup_id_of_pid(&self.settings.host_proc, &self.settings.cgroup_root, sample.pid) {
+            if let Some(id) = cgroup_id_of_pid(
+                &self.settings.host_proc,
+                &self.settings.cgroup_root,
+                sample.pid,
+            ) {
                 of_pid.insert(sample.pid, self.workload_of(id));
             }
         }
@@ -434,20 +473,28 @@ impl Loop {
         )
     }
 
-    fn process_usage(&mut self, before: &UsageSnapshot, now: &UsageSnapshot) -> HashMap<u32, Usage> {
+    fn process_usage(
+        &mut self,
+        before: &UsageSnapshot,
+        now: &UsageSnapshot,
+    ) -> HashMap<u32, Usage> {
         if !self.settings.per_process {
             return HashMap::new();
         }
         let mut usage = HashMap::new();
         for (pid, process) in &now.processes {
-            let used = delta(&process.counters, before.processes.get(pid).map(|p| &p.counters));
+            let used = delta(
+                &process.counters,
+                before.processes.get(pid).map(|p| &p.counters),
+            );
             let container = match self.workload_of(process.cgroup_id) {
                 Workload::Container { container_id, .. } => container_id,
                 _ => String::new(),
             };
-            self.state
-                .process_labels
-                .insert(*pid, (crate::export::bounded_label(&process.comm), container));
+            self.state.process_labels.insert(
+                *pid,
+                (crate::export::bounded_label(&process.comm), container),
+            );
             if used.cpu_ns > 0 {
                 usage.insert(*pid, used);
             }
@@ -457,7 +504,11 @@ impl Loop {
 }
 
 /// The cgroup v2 id of a live process, from `/proc/<pid>/cgroup`.
-fn cgroup_id_of_pid(host_proc: &std::path::Path, cgroup_root: &std::path::Path, pid: u32) -> Option<u64> {
+fn cgroup_id_of_pid(
+    host_proc: &std::path::Path,
+    cgroup_root: &std::path::Path,
+    pid: u32,
+) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     let text = std::fs::read_to_string(host_proc.join(pid.to_string()).join("cgroup")).ok()?;
     let path = text.lines().find_map(|l| l.strip_prefix("0::"))?.trim();

@@ -1,0 +1,371 @@
+//! Turns the loop's cumulative state into the metric families of
+//! `/metrics`: names, HELP texts and label sets are the contract of
+//! DESIGN.md, and the dashboards and alerts depend on them.
+
+use std::collections::BTreeMap;
+
+use crate::export::{Family, Kind, Report, bounded_label};
+use crate::probe::Probe;
+use crate::units::Domain;
+use crate::workload::Workload;
+
+use super::Loop;
+
+pub const BUILD_INFO: &str = "ergon_build_info";
+pub const PROBE_INFO: &str = "ergon_probe_info";
+pub const METER_UP: &str = "ergon_meter_up";
+pub const NODE_ENERGY: &str = "ergon_node_energy_joules_total";
+pub const NODE_POWER: &str = "ergon_node_power_watts";
+pub const NODE_UNATTRIBUTED: &str = "ergon_node_unattributed_joules_total";
+pub const NODE_CPU_SECONDS: &str = "ergon_node_cpu_seconds_total";
+pub const POD_ENERGY: &str = "ergon_pod_energy_joules_total";
+pub const CONTAINER_ENERGY: &str = "ergon_container_energy_joules_total";
+pub const CONTAINER_CPU_SECONDS: &str = "ergon_container_cpu_seconds_total";
+pub const CONTAINER_CPU_CYCLES: &str = "ergon_container_cpu_cycles_total";
+pub const SYSTEM_ENERGY: &str = "ergon_system_energy_joules_total";
+pub const SYSTEM_CPU_SECONDS: &str = "ergon_system_cpu_seconds_total";
+pub const PROCESS_ENERGY: &str = "ergon_process_energy_joules_total";
+pub const RESIDUAL: &str = "ergon_attribution_residual_joules_total";
+pub const PROBE_OVERFLOW_SECONDS: &str = "ergon_probe_overflow_cpu_seconds_total";
+pub const PROBE_RUN_TIME: &str = "ergon_probe_run_time_seconds_total";
+pub const PROBE_RUNS: &str = "ergon_probe_runs_total";
+pub const KEPLER_CONTAINER: &str = "kepler_container_joules_total";
+pub const KEPLER_NODE: &str = "kepler_node_platform_joules_total";
+
+const CONTAINER_LABELS: &[&str] = &["namespace", "pod", "container", "container_id"];
+const CONTAINER_DOMAIN_LABELS: &[&str] =
+    &["namespace", "pod", "container", "container_id", "domain"];
+
+/// Every family a report can hold, for the registry's descriptions.
+pub fn catalogue() -> Vec<Family> {
+    use Kind::{Counter, Gauge};
+    vec![
+        Family::new(
+            BUILD_INFO,
+            "Ergon's version and the kernel it runs on; always 1.",
+            Gauge,
+            &["version", "kernel"],
+        ),
+        Family::new(
+            PROBE_INFO,
+            "How CPU usage is collected (mode=ebpf|procfs), the sched_switch hook and the counters used; always 1.",
+            Gauge,
+            &["mode", "hook", "pmu"],
+        ),
+        Family::new(
+            METER_UP,
+            "1 if the energy meter was read this interval, 0 if it failed. source=model is an estimate, not a measurement.",
+            Gauge,
+            &["source"],
+        ),
+        Family::new(
+            NODE_ENERGY,
+            "Energy the node's meters measured (or the model estimated, source=model), split into mode=active|idle. Domains overlap (package includes core; psys includes package and dram): do not add them all up.",
+            Counter,
+            &["domain", "mode", "source"],
+        ),
+        Family::new(
+            NODE_UNATTRIBUTED,
+            "Energy that stays on the node, attributed to no workload: mode=idle (under --idle-policy none, all idle energy) or mode=active (an interval in which nothing ran). Pods + system buckets + this = the node's energy.",
+            Counter,
+            &["domain", "mode", "source"],
+        ),
+        Family::new(
+            NODE_POWER,
+            "Average power of the last interval per domain and meter.",
+            Gauge,
+            &["domain", "source"],
+        ),
+        Family::new(
+            NODE_CPU_SECONDS,
+            "CPU time of all the node's CPUs, mode=busy|idle.",
+            Counter,
+            &["mode"],
+        ),
+        Family::new(
+            POD_ENERGY,
+            "Energy attributed to a pod: its cgroups' active share plus, under --idle-policy, its share of idle.",
+            Counter,
+            &["namespace", "pod", "pod_uid", "domain"],
+        ),
+        Family::new(
+            CONTAINER_ENERGY,
+            "Energy attributed to a container in proportion to its CPU usage (cycles where counted, else CPU time).",
+            Counter,
+            CONTAINER_DOMAIN_LABELS,
+        ),
+        Family::new(
+            CONTAINER_CPU_SECONDS,
+            "CPU time of a container, counted at every context switch.",
+            Counter,
+            CONTAINER_LABELS,
+        ),
+        Family::new(
+            CONTAINER_CPU_CYCLES,
+            "CPU cycles of a container (where the CPU exposes a PMU).",
+            Counter,
+            CONTAINER_LABELS,
+        ),
+        Family::new(
+            SYSTEM_ENERGY,
+            "Energy of work that is no pod: system.slice/<unit>, user.slice, kernel, overflow (cgroup map full) and other.",
+            Counter,
+            &["bucket", "domain"],
+        ),
+        Family::new(
+            SYSTEM_CPU_SECONDS,
+            "CPU time of work that is no pod, by bucket.",
+            Counter,
+            &["bucket"],
+        ),
+        Family::new(
+            PROCESS_ENERGY,
+            "Energy attributed to a process (opt-in with --per-process).",
+            Counter,
+            &["pid", "comm", "container_id", "domain"],
+        ),
+        Family::new(
+            RESIDUAL,
+            "Measured energy minus what was attributed or kept on the node; stays at 0 unless a meter reported an unusable value.",
+            Counter,
+            &["domain"],
+        ),
+        Family::new(
+            PROBE_OVERFLOW_SECONDS,
+            "CPU time counted in a map's overflow bucket because the map was full (raise --max-cgroups / --max-processes).",
+            Counter,
+            &["map"],
+        ),
+        Family::new(
+            PROBE_RUN_TIME,
+            "Time the kernel spent in the accounting program (needs kernel.bpf_stats_enabled=1).",
+            Counter,
+            &[],
+        ),
+        Family::new(
+            PROBE_RUNS,
+            "Runs of the accounting program, one per context switch (needs kernel.bpf_stats_enabled=1).",
+            Counter,
+            &[],
+        ),
+        Family::new(
+            KEPLER_CONTAINER,
+            "Kepler-compatible container energy (--compat kepler): mode=dynamic|idle, summed over package, dram and gpu.",
+            Counter,
+            &[
+                "container_id",
+                "container_name",
+                "container_namespace",
+                "pod_name",
+                "mode",
+                "source",
+            ],
+        ),
+        Family::new(
+            KEPLER_NODE,
+            "Kepler-compatible node energy (--compat kepler), summed over package, dram and gpu.",
+            Counter,
+            &["source", "mode"],
+        ),
+    ]
+}
+
+/// Domains that do not overlap, for totals (Kepler's sum).
+fn disjoint(domain: Domain) -> bool {
+    matches!(domain, Domain::Package | Domain::Dram | Domain::Gpu)
+}
+
+fn family<'a>(families: &'a mut [Family], name: &str) -> &'a mut Family {
+    families
+        .iter_mut()
+        .find(|f| f.name == name)
+        .expect("every name is in the catalogue")
+}
+
+pub(super) fn build(measure: &Loop) -> Report {
+    let mut families = catalogue();
+    let state = &measure.state;
+    let info = measure.probe.info();
+    family(&mut families, BUILD_INFO).push(
+        vec![env!("CARGO_PKG_VERSION").into(), measure.kernel.clone()],
+        1.0,
+    );
+    family(&mut families, PROBE_INFO).push(
+        vec![info.mode.into(), info.hook.into(), info.pmu.into()],
+        1.0,
+    );
+    for (source, up) in &measure.last.meter_up {
+        family(&mut families, METER_UP).push(vec![(*source).into()], f64::from(u8::from(*up)));
+    }
+    let mut kepler_node: BTreeMap<(String, &str), f64> = BTreeMap::new();
+    for (domain, source, counters) in state.workloads.node() {
+        let node = family(&mut families, NODE_ENERGY);
+        node.push(
+            vec![domain.as_str().into(), "active".into(), source.into()],
+            counters.active.0,
+        );
+        node.push(
+            vec![domain.as_str().into(), "idle".into(), source.into()],
+            counters.idle.0,
+        );
+        let kept = family(&mut families, NODE_UNATTRIBUTED);
+        kept.push(
+            vec![domain.as_str().into(), "idle".into(), source.into()],
+            counters.idle_kept.0,
+        );
+        kept.push(
+            vec![domain.as_str().into(), "active".into(), source.into()],
+            counters.active_unattributed.0,
+        );
+        if disjoint(domain) {
+            *kepler_node
+                .entry((source.to_owned(), "dynamic"))
+                .or_default() += counters.active.0;
+            *kepler_node.entry((source.to_owned(), "idle")).or_default() += counters.idle.0;
+        }
+    }
+    for ((domain, source), watts) in &measure.last.power {
+        family(&mut families, NODE_POWER)
+            .push(vec![domain.as_str().into(), (*source).into()], watts.0);
+    }
+    let cpu = family(&mut families, NODE_CPU_SECONDS);
+    cpu.push(vec!["busy".into()], state.busy_ns as f64 / 1e9);
+    cpu.push(vec!["idle".into()], state.idle_ns as f64 / 1e9);
+
+    for (uid, counters) in state.pods.workloads() {
+        let (namespace, name) = match measure.pods.pod(uid) {
+            Some(pod) => (pod.namespace.clone(), pod.name.clone()),
+            None => (String::new(), String::new()),
+        };
+        for (domain, joules) in &counters.energy {
+            family(&mut families, POD_ENERGY).push(
+                vec![
+                    bounded_label(&namespace),
+                    bounded_label(&name),
+                    uid.clone(),
+                    domain.as_str().into(),
+                ],
+                joules.total().0,
+            );
+        }
+    }
+
+    let source = measure.meters.first().map(|m| m.source()).unwrap_or("none");
+    for (workload, counters) in state.workloads.workloads() {
+        match workload {
+            Workload::Container {
+                pod_uid,
+                container_id,
+                ..
+            } => {
+                let (namespace, pod_name, container) = match measure.pods.pod(pod_uid) {
+                    Some(pod) => (
+                        pod.namespace.clone(),
+                        pod.name.clone(),
+                        pod.containers
+                            .get(container_id)
+                            .cloned()
+                            .unwrap_or_default(),
+                    ),
+                    None => Default::default(),
+                };
+                let labels = vec![
+                    bounded_label(&namespace),
+                    bounded_label(&pod_name),
+                    bounded_label(&container),
+                    container_id.clone(),
+                ];
+                family(&mut families, CONTAINER_CPU_SECONDS)
+                    .push(labels.clone(), counters.cpu_ns as f64 / 1e9);
+                if counters.cycles > 0 {
+                    family(&mut families, CONTAINER_CPU_CYCLES)
+                        .push(labels.clone(), counters.cycles as f64);
+                }
+                let (mut dynamic, mut idle) = (0.0, 0.0);
+                for (domain, joules) in &counters.energy {
+                    let mut with_domain = labels.clone();
+                    with_domain.push(domain.as_str().into());
+                    family(&mut families, CONTAINER_ENERGY).push(with_domain, joules.total().0);
+                    if disjoint(*domain) {
+                        dynamic += joules.active.0;
+                        idle += joules.idle.0;
+                    }
+                }
+                if measure.settings.kepler_compat {
+                    for (mode, value) in [("dynamic", dynamic), ("idle", idle)] {
+                        family(&mut families, KEPLER_CONTAINER).push(
+                            vec![
+                                container_id.clone(),
+                                labels[2].clone(),
+                                labels[0].clone(),
+                                labels[1].clone(),
+                                mode.into(),
+                                source.into(),
+                            ],
+                            value,
+                        );
+                    }
+                }
+            }
+            Workload::System { bucket } => {
+                family(&mut families, SYSTEM_CPU_SECONDS)
+                    .push(vec![bucket.clone()], counters.cpu_ns as f64 / 1e9);
+                for (domain, joules) in &counters.energy {
+                    family(&mut families, SYSTEM_ENERGY).push(
+                        vec![bucket.clone(), domain.as_str().into()],
+                        joules.total().0,
+                    );
+                }
+            }
+            // Pod-level cgroups (sandbox, conmon) and idle shares count in
+            // the pod's total only.
+            Workload::Pod { .. } => {}
+        }
+    }
+    if measure.settings.kepler_compat {
+        for ((source, mode), value) in kepler_node {
+            family(&mut families, KEPLER_NODE).push(vec![source, mode.into()], value);
+        }
+    }
+
+    if measure.settings.per_process {
+        for (pid, counters) in state.processes.workloads() {
+            let (comm, container) = state.process_labels.get(pid).cloned().unwrap_or_default();
+            for (domain, joules) in &counters.energy {
+                family(&mut families, PROCESS_ENERGY).push(
+                    vec![
+                        pid.to_string(),
+                        comm.clone(),
+                        container.clone(),
+                        domain.as_str().into(),
+                    ],
+                    joules.total().0,
+                );
+            }
+        }
+    }
+    for domain in Domain::ALL {
+        let residual = state.residual.get(&domain).copied();
+        let measured = state.workloads.node().any(|(d, _, _)| d == domain);
+        if measured || residual.is_some() {
+            family(&mut families, RESIDUAL)
+                .push(vec![domain.as_str().into()], residual.unwrap_or(0.0));
+        }
+    }
+    let overflow = family(&mut families, PROBE_OVERFLOW_SECONDS);
+    overflow.push(
+        vec!["cgroups".into()],
+        state.overflow_cgroup_ns as f64 / 1e9,
+    );
+    overflow.push(
+        vec!["processes".into()],
+        state.overflow_process_ns as f64 / 1e9,
+    );
+    if let Probe::Ebpf(ebpf) = &measure.probe
+        && let Some((run_time, runs)) = ebpf.program_stats()
+    {
+        family(&mut families, PROBE_RUN_TIME).push(vec![], run_time.as_secs_f64());
+        family(&mut families, PROBE_RUNS).push(vec![], runs as f64);
+    }
+    Report { families }
+}
