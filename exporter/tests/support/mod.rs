@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod kube_api;
+pub mod prometheus;
 
 use std::ffi::CString;
 use std::os::unix::fs::MetadataExt;
@@ -118,6 +119,22 @@ pub struct BusyChild {
 
 impl BusyChild {
     pub fn spawn_in(cgroup: &Path) -> BusyChild {
+        BusyChild::spawn(cgroup, None)
+    }
+
+    /// Like [`BusyChild::spawn_in`], pinned to one CPU: busy children that
+    /// share one run queue get equal shares, whatever else the machine runs.
+    pub fn spawn_pinned(cgroup: &Path, cpu: usize) -> BusyChild {
+        BusyChild::spawn(cgroup, Some(cpu))
+    }
+
+    fn spawn(cgroup: &Path, cpu: Option<usize>) -> BusyChild {
+        // SAFETY: cpu_set_t is plain data.
+        let affinity = cpu.map(|cpu| unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            set
+        });
         let procs = CString::new(cgroup.join("cgroup.procs").to_str().unwrap()).unwrap();
         let mut cmd = Command::new("/bin/sh");
         cmd.args(["-c", "while :; do :; done"]);
@@ -132,6 +149,11 @@ impl BusyChild {
                 let written = libc::write(fd, b"0".as_ptr().cast(), 1);
                 libc::close(fd);
                 if written != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(set) = &affinity
+                    && libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
@@ -248,6 +270,8 @@ impl ExporterProcess {
             .arg(format!("--listen=127.0.0.1:{port}"))
             .args(args)
             .env("NO_COLOR", "1")
+            // Warnings and errors only: they are what explains a failure.
+            .env("ERGON_LOG", "warn")
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("starting ergon");
@@ -359,7 +383,7 @@ impl FakeRapl {
         std::fs::create_dir_all(&zone).unwrap();
         std::fs::write(zone.join("name"), "package-0\n").unwrap();
         std::fs::write(zone.join("max_energy_range_uj"), "262143328850\n").unwrap();
-        std::fs::write(zone.join("energy_uj"), "1000000\n").unwrap();
+        std::fs::write(zone.join("energy_uj"), format!("{:020}\n", 1_000_000)).unwrap();
         // The probe still needs the kernel's BTF and tracefs under host-sys.
         std::os::unix::fs::symlink("/sys/kernel", host_sys.path().join("kernel")).unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -367,12 +391,18 @@ impl FakeRapl {
             let stop = stop.clone();
             let zone = zone.clone();
             std::thread::spawn(move || {
+                use std::os::unix::fs::FileExt;
+                // Rewritten in place with one fixed-width pwrite, as a sysfs
+                // attribute changes: readers keep their open file.
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(zone.join("energy_uj"))
+                    .unwrap();
                 let start = std::time::Instant::now();
                 while !stop.load(Ordering::Relaxed) {
                     let uj = 1_000_000 + (watts * 1e6 * start.elapsed().as_secs_f64()) as u64;
-                    let tmp = zone.join("energy_uj.tmp");
-                    std::fs::write(&tmp, format!("{uj}\n")).unwrap();
-                    std::fs::rename(&tmp, zone.join("energy_uj")).unwrap();
+                    file.write_all_at(format!("{uj:020}\n").as_bytes(), 0)
+                        .unwrap();
                     std::thread::sleep(Duration::from_millis(5));
                 }
             })

@@ -1,0 +1,337 @@
+//! End to end, on the real kernel: pod-shaped cgroups with busy processes, a
+//! fake RAPL tree advancing at a known power, a loopback Kubernetes API in
+//! its real JSON format, the real `ergon` binary, and (for the rate check) a
+//! real Prometheus.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::kube_api::{ApiState, FakeApiServer, pod};
+use support::{BusyChild, CgroupGuard, ExporterProcess, FakeRapl, Metrics, cpu_lock, unique_uid};
+
+const NODE: &str = "test-node";
+
+/// A pod of the test: its API object, its cgroup and its busy processes.
+struct TestPod {
+    uid: String,
+    name: String,
+    container_id: String,
+    cgroup: CgroupGuard,
+    children: Vec<BusyChild>,
+}
+
+impl TestPod {
+    fn start(name: &str, busy: usize) -> TestPod {
+        let uid = unique_uid(name);
+        let container_id = format!("{:0>64}", uid.replace('-', ""));
+        let cgroup = CgroupGuard::pod(&uid, &container_id);
+        // All on CPU 0: one run queue shares it evenly among the busy loops,
+        // so pods with 1, 2 and 4 of them really work 1:2:4.
+        let children = (0..busy)
+            .map(|_| BusyChild::spawn_pinned(&cgroup.path, 0))
+            .collect();
+        TestPod {
+            uid,
+            name: name.to_owned(),
+            container_id,
+            cgroup,
+            children,
+        }
+    }
+
+    fn api_object(&self) -> serde_json::Value {
+        pod(
+            &self.uid,
+            "vehicle-pipeline",
+            &self.name,
+            NODE,
+            &[("main", &format!("containerd://{}", self.container_id))],
+        )
+    }
+
+    fn stop(&mut self) {
+        for child in self.children.drain(..) {
+            child.stop();
+        }
+    }
+}
+
+/// The fake API server lives on its own runtime so the test stays synchronous.
+struct Api {
+    runtime: tokio::runtime::Runtime,
+    server: Option<FakeApiServer>,
+    state: Arc<Mutex<ApiState>>,
+    address: std::net::SocketAddr,
+}
+
+impl Api {
+    fn start(pods: &[&TestPod]) -> Api {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let state = Arc::new(Mutex::new(ApiState::default()));
+        for pod in pods {
+            state.lock().unwrap().put(pod.api_object());
+        }
+        let server = runtime.block_on(FakeApiServer::start(state.clone()));
+        let address = server.address;
+        Api {
+            runtime,
+            server: Some(server),
+            state,
+            address,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            self.runtime.block_on(server.stop());
+        }
+    }
+
+    fn restart(&mut self) {
+        let server = self
+            .runtime
+            .block_on(FakeApiServer::start_on(self.address, self.state.clone()));
+        self.server = Some(server);
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn pod_energy(metrics: &Metrics, pod: &TestPod) -> f64 {
+    metrics.sum(
+        "ergon_pod_energy_joules_total",
+        &[("pod_uid", pod.uid.as_str()), ("domain", "package")],
+    )
+}
+
+fn exporter_args(rapl: &FakeRapl, api: &Api, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        rapl.host_sys_arg(),
+        format!("--cgroup-root={}", support::cgroup2_root().display()),
+        "--meter=rapl".into(),
+        // A fixed idle power, so the active part is known from the first
+        // interval (the learned minimum needs a warm-up).
+        "--idle-watts=package=10".into(),
+        "--interval=500ms".into(),
+        format!("--kube-api={}", api.url()),
+        format!("--node-name={NODE}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Waits until `check` holds on a scrape, or fails with the last scrape.
+fn eventually(exporter: &ExporterProcess, what: &str, check: impl Fn(&Metrics) -> bool) -> Metrics {
+    for _ in 0..100 {
+        let metrics = exporter.metrics();
+        if check(&metrics) {
+            return metrics;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "{what}: not reached; last scrape: {:?}",
+        exporter.metrics().samples
+    );
+}
+
+#[test]
+fn pods_get_energy_in_proportion_to_their_work_and_nothing_is_lost() {
+    let _lock = cpu_lock();
+    let rapl = FakeRapl::start(40.0);
+    let pods = [
+        TestPod::start("vehicle-api-7d9f", 1),
+        TestPod::start("inference-predictor-5c8b", 2),
+        TestPod::start("influxdb-0", 4),
+    ];
+    let api = Api::start(&pods.iter().collect::<Vec<_>>());
+    std::thread::sleep(Duration::from_millis(200));
+    let exporter = ExporterProcess::start(&exporter_args(&rapl, &api, &[]));
+    std::thread::sleep(Duration::from_secs(4));
+    let metrics = exporter.metrics();
+    // Names from the API, energy in ratio 1:2:4.
+    for pod in &pods {
+        let named = metrics
+            .select(
+                "ergon_pod_energy_joules_total",
+                &[("pod_uid", pod.uid.as_str())],
+            )
+            .any(|(labels, _)| {
+                labels["pod"] == pod.name && labels["namespace"] == "vehicle-pipeline"
+            });
+        assert!(named, "pod {} not named in {:?}", pod.name, metrics.samples);
+    }
+    let unit = pod_energy(&metrics, &pods[0]);
+    assert!(unit > 0.0, "no energy for the first pod");
+    let cpu = |pod: &TestPod| {
+        metrics.sum(
+            "ergon_container_cpu_seconds_total",
+            &[("container_id", pod.container_id.as_str())],
+        )
+    };
+    for (pod, expected) in pods.iter().zip([1.0, 2.0, 4.0]) {
+        let ratio = pod_energy(&metrics, pod) / unit;
+        let cpu_ratio = cpu(pod) / cpu(&pods[0]);
+        assert!(
+            (ratio - expected).abs() / expected < 0.05,
+            "{}: energy ratio {ratio:.3}, expected {expected} (CPU-time ratio {cpu_ratio:.3})",
+            pod.name
+        );
+    }
+    // Containers carry their names too.
+    let matching = [("container_id", pods[2].container_id.as_str())];
+    let container = metrics
+        .select("ergon_container_energy_joules_total", &matching)
+        .next()
+        .expect("container series");
+    assert_eq!(container.0["container"], "main");
+
+    // Conservation: pods + system buckets + what stays on the node = the meter.
+    let node = metrics.sum("ergon_node_energy_joules_total", &[("domain", "package")]);
+    let pods_total = metrics.sum("ergon_pod_energy_joules_total", &[("domain", "package")]);
+    let system = metrics.sum("ergon_system_energy_joules_total", &[("domain", "package")]);
+    let kept = metrics.sum(
+        "ergon_node_unattributed_joules_total",
+        &[("domain", "package")],
+    );
+    let accounted = pods_total + system + kept;
+    assert!(node > 0.0);
+    assert!(
+        (accounted - node).abs() / node < 0.005,
+        "pods {pods_total} + system {system} + node {kept} = {accounted} vs meter {node}"
+    );
+    // The meter read the fake counter's power (40 W), not something else.
+    let watts = metrics.sum(
+        "ergon_node_power_watts",
+        &[("domain", "package"), ("source", "rapl")],
+    );
+    assert!(
+        (watts - 40.0).abs() < 4.0,
+        "power gauge {watts} W, counter advances at 40 W"
+    );
+
+    // A real Prometheus scrapes it and rate() sees energy.
+    let prometheus = support::prometheus::Prometheus::start(exporter.port);
+    let rate = prometheus.query_until_positive("sum(rate(ergon_pod_energy_joules_total[30s]))");
+    assert!(rate > 0.0);
+}
+
+#[test]
+fn exited_pods_keep_their_energy_and_restarts_never_lower_a_counter() {
+    let _lock = cpu_lock();
+    let rapl = FakeRapl::start(30.0);
+    let mut short = TestPod::start("job-once", 1);
+    let long = TestPod::start("vehicle-api-restart", 1);
+    let api = Api::start(&[&short, &long]);
+    let checkpoint = tempfile::tempdir().unwrap();
+    let checkpoint_arg = format!(
+        "--checkpoint={}",
+        checkpoint.path().join("ergon.json").display()
+    );
+    let args = exporter_args(&rapl, &api, &[&checkpoint_arg, "--retention=6s"]);
+    let mut exporter = ExporterProcess::start(&args);
+    eventually(&exporter, "the short pod has energy", |m| {
+        pod_energy(m, &short) > 0.0
+    });
+
+    // Its processes exit and its cgroup goes: the final value stays.
+    short.stop();
+    short.cgroup.remove();
+    std::thread::sleep(Duration::from_millis(1500));
+    let after_exit = pod_energy(&exporter.metrics(), &short);
+    assert!(after_exit > 0.0, "an exited pod's energy vanished");
+    std::thread::sleep(Duration::from_millis(1000));
+    let later = exporter.metrics();
+    assert_eq!(
+        pod_energy(&later, &short),
+        after_exit,
+        "an exited pod kept counting"
+    );
+
+    // Killed without warning and restarted: no counter goes down.
+    let before: Vec<_> = later
+        .samples
+        .iter()
+        .filter(|(name, _, _)| name.starts_with("ergon_") && name.ends_with("_total"))
+        .cloned()
+        .collect();
+    exporter.kill();
+    let exporter = ExporterProcess::start(&args);
+    let after = exporter.metrics();
+    for (name, labels, value) in &before {
+        let now = after
+            .samples
+            .iter()
+            .find(|(n, l, _)| n == name && l == labels)
+            .map(|(_, _, v)| *v);
+        if let Some(now) = now {
+            assert!(
+                now >= *value,
+                "{name}{labels:?} went down: {value} -> {now}"
+            );
+        } else {
+            panic!("{name}{labels:?} disappeared after a restart");
+        }
+    }
+
+    // After the retention window the exited pod is dropped; the live one stays.
+    eventually(
+        &exporter,
+        "the exited pod is dropped after retention",
+        |m| pod_energy(m, &short) == 0.0 && pod_energy(m, &long) > 0.0,
+    );
+}
+
+#[test]
+fn an_api_outage_keeps_uids_flowing_and_names_come_back() {
+    let _lock = cpu_lock();
+    let rapl = FakeRapl::start(30.0);
+    let known = TestPod::start("grafana-6b7c", 1);
+    let mut api = Api::start(&[&known]);
+    let exporter = ExporterProcess::start(&exporter_args(&rapl, &api, &[]));
+    eventually(&exporter, "the known pod is named", |m| {
+        m.select("ergon_pod_energy_joules_total", &[("pod", "grafana-6b7c")])
+            .next()
+            .is_some()
+    });
+
+    api.stop();
+    // A pod that starts during the outage is counted under its uid.
+    let late = TestPod::start("mlflow-5f4d", 1);
+    let during = eventually(&exporter, "the new pod counted by uid", |m| {
+        pod_energy(m, &late) > 0.0
+    });
+    let unnamed = during
+        .select(
+            "ergon_pod_energy_joules_total",
+            &[("pod_uid", late.uid.as_str())],
+        )
+        .all(|(labels, _)| labels["pod"].is_empty());
+    assert!(unnamed, "a pod the API never described got a name");
+    assert!(
+        pod_energy(&during, &known) > 0.0,
+        "known pods stopped flowing in the outage"
+    );
+
+    api.state.lock().unwrap().put(late.api_object());
+    api.restart();
+    eventually(&exporter, "names come back with the API", |m| {
+        m.select("ergon_pod_energy_joules_total", &[("pod", "mlflow-5f4d")])
+            .next()
+            .is_some()
+    });
+}
