@@ -120,6 +120,17 @@ pub struct Cli {
     #[arg(long, env = "ERGON_NVML_LIBRARY")]
     pub nvml_library: Option<PathBuf>,
 
+    /// Model coefficients to use instead of the bundled table (a file
+    /// written by --model-fit-output on a machine of the same hardware, or
+    /// written by hand: idle_watts_per_cpu, max_watts_per_cpu).
+    #[arg(long, env = "ERGON_MODEL_COEFFICIENTS")]
+    pub model_coefficients: Option<PathBuf>,
+
+    /// Where a real CPU meter exists, fit the model online and write the
+    /// fitted coefficients here (.json or .yaml) for VMs of the same hardware.
+    #[arg(long, env = "ERGON_MODEL_FIT_OUTPUT")]
+    pub model_fit_output: Option<PathBuf>,
+
     /// Where the idle part of the node's energy goes.
     #[arg(long, env = "ERGON_IDLE_POLICY", value_enum, default_value_t = IdlePolicy::None)]
     pub idle_policy: IdlePolicy,
@@ -355,6 +366,10 @@ impl Cli {
             nvml_library: self.nvml_library.clone(),
             ..MeterConfig::default()
         };
+        if let Some(path) = &self.model_coefficients {
+            config.model_overrides =
+                Some(crate::meter::model::load_coefficients(path).map_err(|e| e.to_string())?);
+        }
         let names: Vec<&str> = self
             .meter
             .iter()

@@ -76,6 +76,88 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
             ),
         }),
     }
+    let mode = if cli.host_sys.join("fs/cgroup/cgroup.controllers").exists() {
+        "unified (v2 only)"
+    } else if cli
+        .host_sys
+        .join("fs/cgroup/unified/cgroup.controllers")
+        .exists()
+    {
+        "hybrid (v1 controllers, v2 at fs/cgroup/unified)"
+    } else {
+        "v1 only: no cgroup v2 hierarchy"
+    };
+    checks.push(Check {
+        name: "cgroup mode",
+        ok: !mode.starts_with("v1"),
+        detail: mode.into(),
+        fix: Some("boot with systemd.unified_cgroup_hierarchy=1 (or at least hybrid)".into()),
+    });
+
+    match cli.meter_config() {
+        Ok(config) => {
+            let meters = crate::meter::detect(&config);
+            let measured: Vec<&str> = meters
+                .iter()
+                .filter(|m| !m.is_estimate())
+                .map(|m| m.source())
+                .collect();
+            let estimated = meters.iter().any(|m| m.is_estimate());
+            checks.push(Check {
+                name: "energy meters",
+                ok: !measured.is_empty(),
+                detail: if measured.is_empty() && estimated {
+                    "none measured: energy is estimated by the model (source=\"model\")".into()
+                } else {
+                    format!("measured by {}", measured.join(", "))
+                },
+                fix: Some(
+                    "RAPL needs /sys/class/powercap (intel_rapl_common) or the perf power PMU and \
+                     root to read energy_uj; on VMs, fit the model on the same hardware \
+                     (--model-fit-output) and load it with --model-coefficients"
+                        .into(),
+                ),
+            });
+            checks.push(Check {
+                name: "NVML",
+                ok: meters.iter().any(|m| m.source() == "nvml"),
+                detail: "NVIDIA GPUs through libnvidia-ml.so".into(),
+                fix: Some(
+                    "install the NVIDIA driver on the node and mount libnvidia-ml.so.1 into the \
+                     pod (or pass --nvml-library); nodes without GPUs need nothing"
+                        .into(),
+                ),
+            });
+        }
+        Err(e) => checks.push(Check {
+            name: "energy meters",
+            ok: false,
+            detail: e,
+            fix: Some("fix --meter / --model-coefficients".into()),
+        }),
+    }
+
+    let kube = if cli.kube_api.is_some() || cli.kubeconfig.is_some() {
+        Some("configured by flag")
+    } else if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        Some("in-cluster service account")
+    } else {
+        None
+    };
+    checks.push(Check {
+        name: "Kubernetes",
+        ok: kube.is_some() && cli.node_name.is_some(),
+        detail: match (kube, &cli.node_name) {
+            (Some(how), Some(node)) => format!("{how}, watching pods of node {node}"),
+            (Some(how), None) => format!("{how}, but NODE_NAME is not set"),
+            (None, _) => "no API configured: pods are labelled by uid only".into(),
+        },
+        fix: Some(
+            "in the DaemonSet, set NODE_NAME from spec.nodeName and give the service account \
+             get/list/watch on pods; outside a cluster pass --kubeconfig"
+                .into(),
+        ),
+    });
     print(&checks);
     Ok(())
 }

@@ -58,6 +58,7 @@ fn main() -> anyhow::Result<()> {
         checkpoint: cli.checkpoint.clone(),
         host_proc: cli.host_proc.clone(),
         cgroup_root: cli.cgroup_root(),
+        model_fit_output: cli.model_fit_output.clone(),
     };
     let published = Published::default();
     let handle = ServerHandle::new(published.clone(), cli.interval);

@@ -224,6 +224,32 @@ fn pods_get_energy_in_proportion_to_their_work_and_nothing_is_lost() {
         "power gauge {watts} W, counter advances at 40 W"
     );
 
+    // promtool finds nothing to complain about in a real scrape.
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed by `cargo xtask setup` (Debian package prometheus)");
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exporter.metrics_text().as_bytes())
+        .unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(
+        checked.status.success() && complaints.trim().is_empty(),
+        "promtool: {complaints}"
+    );
+
     // A real Prometheus scrapes it and rate() sees energy.
     let prometheus = support::prometheus::Prometheus::start(exporter.port);
     let rate = prometheus.query_until_positive("sum(rate(ergon_pod_energy_joules_total[30s]))");

@@ -26,7 +26,7 @@ use crate::attribute::{
 };
 use crate::config::IdlePolicy;
 use crate::export::{Published, ServerHandle};
-use crate::meter::{Meter, MeterContext};
+use crate::meter::{Meter, MeterContext, OnlineFit};
 use crate::probe::{CgroupCounters, Probe, UsageSnapshot};
 use crate::units::{Domain, Joules, Nanos, Watts};
 use crate::workload::{CgroupResolver, PodDirectory, Workload};
@@ -51,6 +51,8 @@ pub struct Settings {
     pub checkpoint: Option<PathBuf>,
     pub host_proc: PathBuf,
     pub cgroup_root: PathBuf,
+    /// Where to write the online model fit, if anywhere.
+    pub model_fit_output: Option<PathBuf>,
 }
 
 /// Everything cumulative: what the checkpoint saves.
@@ -109,6 +111,10 @@ pub struct Loop {
     intervals: u64,
     kernel: String,
     last_refresh: Instant,
+    /// Least-squares fit of measured CPU power against utilisation, fed
+    /// only by real (non-estimate) package meters.
+    pub(crate) fit: OnlineFit,
+    cpu_model: String,
 }
 
 fn delta(now: &CgroupCounters, before: Option<&CgroupCounters>) -> Usage {
@@ -148,6 +154,9 @@ impl Loop {
         let cpus = aya::util::online_cpus()
             .map(|c| c.len() as u32)
             .unwrap_or(1);
+        let cpu_model = std::fs::read_to_string(settings.host_proc.join("cpuinfo"))
+            .map(|text| crate::meter::model::parse_cpuinfo(&text).model_name)
+            .unwrap_or_default();
         Loop {
             probe,
             meters,
@@ -163,6 +172,8 @@ impl Loop {
             cpus,
             intervals: 0,
             last_refresh: Instant::now(),
+            fit: OnlineFit::new(),
+            cpu_model,
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_owned())
                 .unwrap_or_else(|_| "unknown".into()),
@@ -212,6 +223,9 @@ impl Loop {
         if let Some(path) = &self.settings.checkpoint {
             self.save_checkpoint(path.clone());
         }
+        if self.intervals % 12 == 0 {
+            self.save_fit();
+        }
         published.publish(report::build(self));
     }
 
@@ -221,11 +235,29 @@ impl Loop {
         }
     }
 
-    /// Saves the checkpoint now (on SIGTERM).
+    /// Saves the checkpoint and the model fit now (on SIGTERM).
     pub fn shutdown(&self) {
         if let Some(path) = &self.settings.checkpoint {
             self.save_checkpoint(path.clone());
         }
+        self.save_fit();
+    }
+
+    fn save_fit(&self) {
+        let (Some(path), Some(fit)) = (
+            &self.settings.model_fit_output,
+            self.fit.fit(self.cpus, &self.cpu_model),
+        ) else {
+            return;
+        };
+        if let Err(e) = fit.save(path) {
+            tracing::warn!("writing the model fit: {e}");
+        }
+    }
+
+    /// The current online fit, if there are enough samples.
+    pub fn model_fit(&self) -> Option<crate::meter::model::ModelFit> {
+        self.fit.fit(self.cpus, &self.cpu_model)
     }
 
     fn workload_of(&mut self, cgroup_id: u64) -> Workload {
@@ -360,6 +392,17 @@ impl Loop {
             }
         }
 
+        if let Some(utilisation) = utilisation {
+            let measured: f64 = energies
+                .iter()
+                .filter(|e| e.domain == Domain::Package && e.source != "model")
+                .map(|e| e.energy.0)
+                .sum();
+            if measured > 0.0 {
+                self.fit
+                    .add_interval(utilisation, Joules(measured), elapsed);
+            }
+        }
         let gpu_weights = gpu_samples.map(|samples| self.gpu_weights(&samples));
         for energy in &energies {
             let attribution = match (&gpu_weights, energy.domain) {

@@ -29,6 +29,9 @@ pub const RESIDUAL: &str = "ergon_attribution_residual_joules_total";
 pub const PROBE_OVERFLOW_SECONDS: &str = "ergon_probe_overflow_cpu_seconds_total";
 pub const PROBE_RUN_TIME: &str = "ergon_probe_run_time_seconds_total";
 pub const PROBE_RUNS: &str = "ergon_probe_runs_total";
+pub const MODEL_FIT_WATTS: &str = "ergon_model_fit_watts_per_cpu";
+pub const MODEL_FIT_RMSE: &str = "ergon_model_fit_rmse_watts";
+pub const MODEL_FIT_SAMPLES: &str = "ergon_model_fit_samples";
 pub const KEPLER_CONTAINER: &str = "kepler_container_joules_total";
 pub const KEPLER_NODE: &str = "kepler_node_platform_joules_total";
 
@@ -146,6 +149,24 @@ pub fn catalogue() -> Vec<Family> {
             PROBE_RUNS,
             "Runs of the accounting program, one per context switch (needs kernel.bpf_stats_enabled=1).",
             Counter,
+            &[],
+        ),
+        Family::new(
+            MODEL_FIT_WATTS,
+            "Power model fitted online against a real CPU meter, per vCPU: term=idle|max (P = idle + (max - idle) x utilisation). Reusable on VMs of the same hardware with --model-coefficients.",
+            Gauge,
+            &["term"],
+        ),
+        Family::new(
+            MODEL_FIT_RMSE,
+            "Root-mean-square error of the online model fit against the measured power.",
+            Gauge,
+            &[],
+        ),
+        Family::new(
+            MODEL_FIT_SAMPLES,
+            "Intervals the online model fit has seen.",
+            Gauge,
             &[],
         ),
         Family::new(
@@ -352,6 +373,13 @@ pub(super) fn build(measure: &Loop) -> Report {
                 .push(vec![domain.as_str().into()], residual.unwrap_or(0.0));
         }
     }
+    if let Some(fit) = measure.model_fit() {
+        let watts = family(&mut families, MODEL_FIT_WATTS);
+        watts.push(vec!["idle".into()], fit.coefficients.idle_watts_per_cpu.0);
+        watts.push(vec!["max".into()], fit.coefficients.max_watts_per_cpu.0);
+        family(&mut families, MODEL_FIT_RMSE).push(vec![], fit.rmse_watts);
+        family(&mut families, MODEL_FIT_SAMPLES).push(vec![], fit.samples as f64);
+    }
     let overflow = family(&mut families, PROBE_OVERFLOW_SECONDS);
     overflow.push(
         vec!["cgroups".into()],
@@ -368,4 +396,55 @@ pub(super) fn build(measure: &Loop) -> Report {
         family(&mut families, PROBE_RUNS).push(vec![], runs as f64);
     }
     Report { families }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_name_is_in_the_catalogue_once() {
+        let names = [
+            BUILD_INFO,
+            PROBE_INFO,
+            METER_UP,
+            NODE_ENERGY,
+            NODE_POWER,
+            NODE_UNATTRIBUTED,
+            NODE_CPU_SECONDS,
+            POD_ENERGY,
+            CONTAINER_ENERGY,
+            CONTAINER_CPU_SECONDS,
+            CONTAINER_CPU_CYCLES,
+            SYSTEM_ENERGY,
+            SYSTEM_CPU_SECONDS,
+            PROCESS_ENERGY,
+            RESIDUAL,
+            PROBE_OVERFLOW_SECONDS,
+            PROBE_RUN_TIME,
+            PROBE_RUNS,
+            MODEL_FIT_WATTS,
+            MODEL_FIT_RMSE,
+            MODEL_FIT_SAMPLES,
+            KEPLER_CONTAINER,
+            KEPLER_NODE,
+        ];
+        let catalogue = catalogue();
+        for name in names {
+            let found = catalogue.iter().filter(|f| f.name == name).count();
+            assert_eq!(found, 1, "{name} is in the catalogue {found} times");
+            let family = catalogue.iter().find(|f| f.name == name).unwrap();
+            // Prometheus conventions: counters end in _total, gauges do not.
+            assert_eq!(
+                family.kind == Kind::Counter,
+                name.ends_with("_total"),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            catalogue.len(),
+            names.len(),
+            "a family without a name constant"
+        );
+    }
 }

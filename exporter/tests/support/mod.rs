@@ -288,9 +288,15 @@ impl ExporterProcess {
     }
 
     pub fn metrics(&self) -> Metrics {
+        Metrics::parse(&self.metrics_text())
+    }
+
+    /// The body of a `/metrics` scrape.
+    pub fn metrics_text(&self) -> String {
         let text = http_get(self.port, "/metrics").expect("scraping /metrics");
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        Metrics::parse(body)
+        text.split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_owned())
+            .unwrap_or_default()
     }
 
     pub fn kill(&mut self) {
