@@ -44,6 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use ergon_testkit::pods::{KubeApi, PodFixture};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -2414,16 +2415,29 @@ fn live_dashboards_and_rules_return_data_from_a_real_exporter() {
     };
     let repo = repo_root();
     let dir = tempfile::tempdir().expect("temp dir");
-    // The exporter, with whatever fixture flags the caller needs (host
-    // trees, meters, the Kubernetes API stand-in) in ERGON_LIVE_ARGS.
+    // A node's worth of fixtures: every pipeline component as a pod-shaped
+    // cgroup with a busy process, the Kubernetes API describing them, and
+    // a powercap tree ticking at 60 W.
+    let rapl = ergon_testkit::FakeRapl::start(60.0);
+    let pods: Vec<PodFixture> = pipeline_pod_names()
+        .iter()
+        .map(|(namespace, name)| PodFixture::start(namespace, name, 1))
+        .collect();
+    let api = KubeApi::start(&pods.iter().collect::<Vec<_>>());
     let exporter_port = free_port();
     let exporter_address: SocketAddr = format!("127.0.0.1:{exporter_port}").parse().unwrap();
     let exporter_log = dir.path().join("ergon.log");
     let mut exporter_command = Command::new(&ergon_bin);
     exporter_command.arg(format!("--listen=127.0.0.1:{exporter_port}"));
-    if let Some(extra) = std::env::var_os("ERGON_LIVE_ARGS") {
-        exporter_command.args(extra.to_string_lossy().split_whitespace());
-    }
+    exporter_command.args([
+        rapl.host_sys_arg(),
+        format!("--cgroup-root={}", ergon_testkit::cgroup2_root().display()),
+        "--meter=rapl".into(),
+        "--idle-watts=package=15".into(),
+        "--interval=1s".into(),
+        format!("--kube-api={}", api.url()),
+        format!("--node-name={}", ergon_testkit::pods::NODE),
+    ]);
     let mut exporter = ChildGuard::spawn("ergon", &mut exporter_command, &exporter_log);
     wait_for("the exporter's /readyz", Duration::from_secs(60), || {
         exporter.assert_running(&exporter_log);
@@ -2513,4 +2527,6 @@ fn live_dashboards_and_rules_return_data_from_a_real_exporter() {
     drop(prometheus);
     drop(stand_in);
     drop(exporter);
+    drop(api);
+    drop(pods);
 }

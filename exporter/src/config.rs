@@ -398,6 +398,13 @@ impl Cli {
                 }
             }
         }
+        if config.model == ModelChoice::Always && config.rapl != RaplInterface::Off {
+            return Err(
+                "--meter: `model` estimates what `rapl`/`rapl-perf` measure, and both \
+                        would be attributed (counted twice); choose one"
+                    .into(),
+            );
+        }
         Ok(config)
     }
 }
@@ -495,8 +502,10 @@ mod tests {
             Cli::load_from(&args(&["ergon", "--idle-watts", "package=-1"]), |_| false).unwrap();
         assert!(cli.idle_watts().unwrap_err().contains("non-negative"));
         let cli = Cli::load_from(&args(&["ergon", "--meter", "rapl,model"]), |_| false).unwrap();
+        assert!(cli.meter_config().unwrap_err().contains("counted twice"));
+        let cli = Cli::load_from(&args(&["ergon", "--meter", "rapl,hwmon"]), |_| false).unwrap();
         let meters = cli.meter_config().unwrap();
-        assert!(!meters.nvml && !meters.hwmon);
+        assert!(!meters.nvml && meters.hwmon);
         let cli =
             Cli::load_from(&args(&["ergon", "--meter", "rapl,watt-o-meter"]), |_| false).unwrap();
         assert!(cli.meter_config().unwrap_err().contains("watt-o-meter"));

@@ -3,113 +3,16 @@
 //! its real JSON format, the real `ergon` binary, and (for the rate check) a
 //! real Prometheus.
 
-mod support;
+use ergon_testkit as support;
 
-use std::sync::{Arc, Mutex};
+const ERGON: &str = env!("CARGO_BIN_EXE_ergon");
+
 use std::time::Duration;
 
-use support::kube_api::{ApiState, FakeApiServer, pod};
-use support::{BusyChild, CgroupGuard, ExporterProcess, FakeRapl, Metrics, cpu_lock, unique_uid};
+use support::pods::{KubeApi as Api, PodFixture as TestPod};
+use support::{ExporterProcess, FakeRapl, Metrics, cpu_lock};
 
-const NODE: &str = "test-node";
-
-/// A pod of the test: its API object, its cgroup and its busy processes.
-struct TestPod {
-    uid: String,
-    name: String,
-    container_id: String,
-    cgroup: CgroupGuard,
-    children: Vec<BusyChild>,
-}
-
-impl TestPod {
-    fn start(name: &str, busy: usize) -> TestPod {
-        let uid = unique_uid(name);
-        let container_id = format!("{:0>64}", uid.replace('-', ""));
-        let cgroup = CgroupGuard::pod(&uid, &container_id);
-        // All on CPU 0: one run queue shares it evenly among the busy loops,
-        // so pods with 1, 2 and 4 of them really work 1:2:4.
-        let children = (0..busy)
-            .map(|_| BusyChild::spawn_pinned(&cgroup.path, 0))
-            .collect();
-        TestPod {
-            uid,
-            name: name.to_owned(),
-            container_id,
-            cgroup,
-            children,
-        }
-    }
-
-    fn api_object(&self) -> serde_json::Value {
-        pod(
-            &self.uid,
-            "vehicle-pipeline",
-            &self.name,
-            NODE,
-            &[("main", &format!("containerd://{}", self.container_id))],
-        )
-    }
-
-    fn stop(&mut self) {
-        for child in self.children.drain(..) {
-            child.stop();
-        }
-    }
-}
-
-/// The fake API server lives on its own runtime so the test stays synchronous.
-struct Api {
-    runtime: tokio::runtime::Runtime,
-    server: Option<FakeApiServer>,
-    state: Arc<Mutex<ApiState>>,
-    address: std::net::SocketAddr,
-}
-
-impl Api {
-    fn start(pods: &[&TestPod]) -> Api {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let state = Arc::new(Mutex::new(ApiState::default()));
-        for pod in pods {
-            state.lock().unwrap().put(pod.api_object());
-        }
-        let server = runtime.block_on(FakeApiServer::start(state.clone()));
-        let address = server.address;
-        Api {
-            runtime,
-            server: Some(server),
-            state,
-            address,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.address)
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut server) = self.server.take() {
-            self.runtime.block_on(server.stop());
-        }
-    }
-
-    fn restart(&mut self) {
-        let server = self
-            .runtime
-            .block_on(FakeApiServer::start_on(self.address, self.state.clone()));
-        self.server = Some(server);
-    }
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+const NODE: &str = support::pods::NODE;
 
 fn pod_energy(metrics: &Metrics, pod: &TestPod) -> f64 {
     metrics.sum(
@@ -154,13 +57,13 @@ fn pods_get_energy_in_proportion_to_their_work_and_nothing_is_lost() {
     let _lock = cpu_lock();
     let rapl = FakeRapl::start(40.0);
     let pods = [
-        TestPod::start("vehicle-api-7d9f", 1),
-        TestPod::start("inference-predictor-5c8b", 2),
-        TestPod::start("influxdb-0", 4),
+        TestPod::start("vehicle-pipeline", "vehicle-api-7d9f", 1),
+        TestPod::start("vehicle-pipeline", "inference-predictor-5c8b", 2),
+        TestPod::start("vehicle-pipeline", "influxdb-0", 4),
     ];
     let api = Api::start(&pods.iter().collect::<Vec<_>>());
     std::thread::sleep(Duration::from_millis(200));
-    let exporter = ExporterProcess::start(&exporter_args(&rapl, &api, &[]));
+    let exporter = ExporterProcess::start(ERGON.as_ref(), &exporter_args(&rapl, &api, &[]));
     std::thread::sleep(Duration::from_secs(4));
     let metrics = exporter.metrics();
     // Names from the API, energy in ratio 1:2:4.
@@ -260,8 +163,8 @@ fn pods_get_energy_in_proportion_to_their_work_and_nothing_is_lost() {
 fn exited_pods_keep_their_energy_and_restarts_never_lower_a_counter() {
     let _lock = cpu_lock();
     let rapl = FakeRapl::start(30.0);
-    let mut short = TestPod::start("job-once", 1);
-    let long = TestPod::start("vehicle-api-restart", 1);
+    let mut short = TestPod::start("vehicle-pipeline", "job-once", 1);
+    let long = TestPod::start("vehicle-pipeline", "vehicle-api-restart", 1);
     let api = Api::start(&[&short, &long]);
     let checkpoint = tempfile::tempdir().unwrap();
     let checkpoint_arg = format!(
@@ -269,7 +172,7 @@ fn exited_pods_keep_their_energy_and_restarts_never_lower_a_counter() {
         checkpoint.path().join("ergon.json").display()
     );
     let args = exporter_args(&rapl, &api, &[&checkpoint_arg, "--retention=6s"]);
-    let mut exporter = ExporterProcess::start(&args);
+    let mut exporter = ExporterProcess::start(ERGON.as_ref(), &args);
     eventually(&exporter, "the short pod has energy", |m| {
         pod_energy(m, &short) > 0.0
     });
@@ -296,7 +199,7 @@ fn exited_pods_keep_their_energy_and_restarts_never_lower_a_counter() {
         .cloned()
         .collect();
     exporter.kill();
-    let exporter = ExporterProcess::start(&args);
+    let exporter = ExporterProcess::start(ERGON.as_ref(), &args);
     let after = exporter.metrics();
     for (name, labels, value) in &before {
         let now = after
@@ -326,9 +229,9 @@ fn exited_pods_keep_their_energy_and_restarts_never_lower_a_counter() {
 fn an_api_outage_keeps_uids_flowing_and_names_come_back() {
     let _lock = cpu_lock();
     let rapl = FakeRapl::start(30.0);
-    let known = TestPod::start("grafana-6b7c", 1);
+    let known = TestPod::start("vehicle-pipeline", "grafana-6b7c", 1);
     let mut api = Api::start(&[&known]);
-    let exporter = ExporterProcess::start(&exporter_args(&rapl, &api, &[]));
+    let exporter = ExporterProcess::start(ERGON.as_ref(), &exporter_args(&rapl, &api, &[]));
     eventually(&exporter, "the known pod is named", |m| {
         m.select("ergon_pod_energy_joules_total", &[("pod", "grafana-6b7c")])
             .next()
@@ -337,7 +240,7 @@ fn an_api_outage_keeps_uids_flowing_and_names_come_back() {
 
     api.stop();
     // A pod that starts during the outage is counted under its uid.
-    let late = TestPod::start("mlflow-5f4d", 1);
+    let late = TestPod::start("vehicle-pipeline", "mlflow-5f4d", 1);
     let during = eventually(&exporter, "the new pod counted by uid", |m| {
         pod_energy(m, &late) > 0.0
     });

@@ -1,7 +1,7 @@
 //! A real `ergon` process without the capabilities eBPF needs takes the
 //! procfs fallback, says why in its log, and still serves usage.
 
-mod support;
+use ergon_testkit as support;
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;

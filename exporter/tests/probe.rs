@@ -1,7 +1,7 @@
 //! The probes against the real kernel: these load the eBPF programs, run real
 //! processes in real cgroups and compare with what the kernel charged them.
 
-mod support;
+use ergon_testkit as support;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! The server is stopped and restarted mid-test to check that the directory
 //! keeps its pods, reports the outage, and catches up afterwards.
 
-mod support;
+use ergon_testkit as support;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

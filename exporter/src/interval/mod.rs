@@ -223,7 +223,7 @@ impl Loop {
         if let Some(path) = &self.settings.checkpoint {
             self.save_checkpoint(path.clone());
         }
-        if self.intervals % 12 == 0 {
+        if self.intervals.is_multiple_of(12) {
             self.save_fit();
         }
         published.publish(report::build(self));

@@ -1,10 +1,11 @@
-//! Shared test fixtures: real cgroups, busy child processes, a test lock.
+//! Fixtures on the real machine, shared by the exporter's tests and the
+//! deployment tests: real cgroups, busy child processes, a fake powercap
+//! tree, a loopback Kubernetes API, a real Prometheus, the exporter itself.
 //!
 //! Everything created here is removed by a guard's `Drop`, so a failing
 //! assertion still leaves the machine clean.
-#![allow(dead_code)]
-
 pub mod kube_api;
+pub mod pods;
 pub mod prometheus;
 
 use std::ffi::CString;
@@ -24,7 +25,10 @@ pub fn cpu_lock() -> MutexGuard<'static, ()> {
 
 /// The machine's cgroup v2 mount.
 pub fn cgroup2_root() -> PathBuf {
-    ergon::probe::find_cgroup2_root(Path::new("/sys"))
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|dir| dir.join("cgroup.controllers").exists())
         .expect("tests need a cgroup v2 hierarchy (unified or hybrid)")
 }
 
@@ -199,13 +203,14 @@ impl Drop for BusyChild {
 /// Forces a context switch on every online CPU, so that the slice running
 /// there is closed and accounted by the probe.
 pub fn flush_cpus() {
-    let cpus = aya::util::online_cpus().unwrap();
-    for cpu in cpus {
+    // SAFETY: sysconf has no preconditions.
+    let cpus = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+    for cpu in 0..cpus {
         std::thread::spawn(move || {
             // SAFETY: cpu_set_t is plain data; pinning our own thread.
             unsafe {
                 let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(cpu as usize, &mut set);
+                libc::CPU_SET(cpu, &mut set);
                 libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -263,10 +268,11 @@ pub struct ExporterProcess {
 }
 
 impl ExporterProcess {
-    /// Starts the exporter on a free port and waits until `/readyz` answers.
-    pub fn start(args: &[String]) -> ExporterProcess {
+    /// Starts the exporter binary `ergon` on a free port and waits until
+    /// `/readyz` answers.
+    pub fn start(ergon: &Path, args: &[String]) -> ExporterProcess {
         let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_ergon"))
+        let child = Command::new(ergon)
             .arg(format!("--listen=127.0.0.1:{port}"))
             .args(args)
             .env("NO_COLOR", "1")

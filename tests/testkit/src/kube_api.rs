@@ -1,7 +1,6 @@
 //! A loopback Kubernetes API server speaking the real wire format: PodList
 //! answers and newline-delimited WatchEvent streams replayed from a
 //! resourceVersion. Stoppable and restartable on the same port.
-#![allow(dead_code)]
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
