@@ -221,9 +221,11 @@ fn main() -> Result<()> {
         "test" => {
             setup()?;
             lint()?;
-            // One profile (dev) for every test binary; the end-to-end tests
-            // that need the exporter binary find it through ERGON_BIN.
-            run(cargo().args(["build", "-p", "ergon", "--bin", "ergon"]))?;
+            // One profile (dev) and one feature set for every test binary:
+            // `cargo test` builds target/debug/ergon with them, and the
+            // deployment tests that need the exporter find it through
+            // ERGON_BIN (a separate `cargo build -p ergon` would unify
+            // features differently and compile the dependencies twice).
             test(
                 cargo()
                     .args(["test", "--workspace", "--exclude", "ergon-ebpf"])

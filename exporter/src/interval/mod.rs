@@ -115,6 +115,8 @@ pub struct Loop {
     /// only by real (non-estimate) package meters.
     pub(crate) fit: OnlineFit,
     cpu_model: String,
+    /// Cgroup ids found vanished at the previous interval.
+    gone_before: std::collections::HashSet<u64>,
 }
 
 fn delta(now: &CgroupCounters, before: Option<&CgroupCounters>) -> Usage {
@@ -173,6 +175,7 @@ impl Loop {
             intervals: 0,
             last_refresh: Instant::now(),
             fit: OnlineFit::new(),
+            gone_before: Default::default(),
             cpu_model,
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_owned())
@@ -261,13 +264,21 @@ impl Loop {
     }
 
     fn workload_of(&mut self, cgroup_id: u64) -> Workload {
+        self.resolve(cgroup_id).0
+    }
+
+    /// The workload of a cgroup id, and whether its directory is gone.
+    fn resolve(&mut self, cgroup_id: u64) -> (Workload, bool) {
         match self.resolver.resolve(cgroup_id) {
-            Some(resolved) => resolved.workload.clone(),
+            Some(resolved) => (resolved.workload.clone(), resolved.vanished()),
             // Not found even after a rescan: gone before it could be walked.
             // Its energy stays visible in the `other` bucket.
-            None => Workload::System {
-                bucket: "other".into(),
-            },
+            None => (
+                Workload::System {
+                    bucket: "other".into(),
+                },
+                true,
+            ),
         }
     }
 
@@ -288,14 +299,9 @@ impl Loop {
         let mut alive = Vec::with_capacity(ids.len());
         let mut gone = Vec::new();
         for (id, used) in ids {
-            let workload = self.workload_of(id);
-            let vanished = self
-                .resolver
-                .resolve(id)
-                .map(|r| r.vanished())
-                .unwrap_or(true);
+            let (workload, vanished) = self.resolve(id);
             if vanished {
-                gone.push((id, workload.clone()));
+                gone.push(id);
             } else {
                 alive.push(workload.clone());
             }
@@ -452,12 +458,14 @@ impl Loop {
         for pid in &dropped_pids {
             self.state.process_labels.remove(pid);
         }
-        // The kernel's keys of cgroups that are gone and no longer retained.
-        let forget: Vec<u64> = gone
-            .iter()
-            .filter(|(_, workload)| self.state.workloads.workload(workload).is_none())
-            .map(|(id, _)| *id)
-            .collect();
+        // A cgroup seen gone at two consecutive intervals has had its final
+        // slices counted (its tasks exited before rmdir, and one more sample
+        // has passed): its workload's ledger holds the total, and the
+        // kernel's key can go, so the bounded map does not fill with the
+        // dead.
+        let gone_now: std::collections::HashSet<u64> = gone.into_iter().collect();
+        let forget: Vec<u64> = gone_now.intersection(&self.gone_before).copied().collect();
+        self.gone_before = gone_now;
         if !forget.is_empty() || !dropped_pids.is_empty() {
             self.probe.forget(&forget, &dropped_pids);
         }
