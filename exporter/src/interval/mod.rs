@@ -417,7 +417,12 @@ impl Loop {
                 }
                 _ => attribute::attribute(energy, &usage, &idle_weights),
             };
-            *self.state.residual.entry(energy.domain).or_default() += attribution.residual.0;
+            // Below f64 resolution of the measured energy a residual is
+            // rounding, not energy: keep the counter at an honest 0.
+            let residual = attribution.residual.0;
+            if residual.abs() > 1e-9 * attribution.measured.0.abs().max(1e-9) {
+                *self.state.residual.entry(energy.domain).or_default() += residual;
+            }
             self.state.workloads.apply(&attribution, mono);
             self.state.pods.apply(&by_pod(&attribution), mono);
             if self.settings.per_process && energy.domain != Domain::Gpu {
