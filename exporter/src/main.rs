@@ -62,7 +62,6 @@ fn main() -> anyhow::Result<()> {
     };
     let published = Published::default();
     let handle = ServerHandle::new(published.clone(), cli.interval);
-    let registry = export::registry(published.clone(), &ergon::interval::catalogue());
     let stop = Arc::new(AtomicBool::new(false));
 
     let measuring = {
@@ -79,7 +78,7 @@ fn main() -> anyhow::Result<()> {
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            served = export::serve(listener, handle, registry) => served?,
+            served = export::serve(listener, handle) => served?,
             _ = terminate.recv() => tracing::info!("SIGTERM: saving counters and stopping"),
             _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: saving counters and stopping"),
         }

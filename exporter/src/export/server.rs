@@ -67,7 +67,7 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
 fn route(
     request: &Request<Incoming>,
     handle: &ServerHandle,
-    registry: &prometheus::Registry,
+    process: &prometheus::Registry,
 ) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         let mut response = reply(
@@ -85,7 +85,7 @@ fn route(
         "/metrics" => reply(
             StatusCode::OK,
             prometheus::TEXT_FORMAT,
-            super::render(registry),
+            super::render(&handle.published, process),
         ),
         "/healthz" if handle.healthy() => reply(StatusCode::OK, "text/plain", "ok\n"),
         "/healthz" => reply(
@@ -93,9 +93,7 @@ fn route(
             "text/plain",
             "the measurement loop has not completed an interval recently\n",
         ),
-        "/readyz" if handle.published.latest().is_some() => {
-            reply(StatusCode::OK, "text/plain", "ready\n")
-        }
+        "/readyz" if handle.published.is_ready() => reply(StatusCode::OK, "text/plain", "ready\n"),
         "/readyz" => reply(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
@@ -116,12 +114,8 @@ fn route(
 }
 
 /// Serves until the listener fails. Bind errors are returned before serving.
-pub async fn serve(
-    listener: TcpListener,
-    handle: ServerHandle,
-    registry: prometheus::Registry,
-) -> std::io::Result<()> {
-    let registry = Arc::new(registry);
+pub async fn serve(listener: TcpListener, handle: ServerHandle) -> std::io::Result<()> {
+    let process = Arc::new(super::process_registry());
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer): (_, SocketAddr) = match listener.accept().await {
@@ -138,10 +132,10 @@ pub async fn serve(
             continue;
         };
         let handle = handle.clone();
-        let registry = registry.clone();
+        let process = process.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let response = route(&request, &handle, &registry);
+                let response = route(&request, &handle, &process);
                 async move { Ok::<_, Infallible>(response) }
             });
             let connection = hyper::server::conn::http1::Builder::new()

@@ -602,7 +602,7 @@ pub fn run(mut measure: Loop, published: Published, handle: ServerHandle, stop: 
     let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         measure.step(&published);
-        if published.latest().is_some() {
+        if published.is_ready() {
             handle.interval_done();
         }
         next += interval;

@@ -59,7 +59,13 @@ impl EbpfProbe {
             1
         };
 
+        // The programs read no kernel struct (no CO-RE relocations), so no
+        // relocation against kernel BTF is needed. (aya 0.14's
+        // `EbpfLoader::new` parses vmlinux BTF all the same: that parse,
+        // ~15 MB for a moment, is the exporter's start-up memory peak; see
+        // BENCHMARKS.md.)
         let mut bpf = EbpfLoader::new()
+            .btf(None)
             .map_max_entries(MAP_CGROUPS, config.max_cgroups.max(1))
             .map_max_entries(MAP_PROCESSES, max_processes)
             .override_global(GLOBAL_PER_PROCESS, &per_process, true)
@@ -102,6 +108,10 @@ impl EbpfProbe {
         let process_overflow = take_map(&mut bpf, MAP_PROCESS_OVERFLOW)?;
         let cpu_state = take_map(&mut bpf, MAP_CPU_STATE)?;
 
+        // Give the memory of the parsed BTF back to the system: it was the
+        // start-up peak and is not needed again.
+        // SAFETY: malloc_trim only releases free heap pages.
+        unsafe { libc::malloc_trim(0) };
         let info = ProbeInfo {
             mode: "ebpf",
             hook,
@@ -314,6 +324,7 @@ impl EmptyProgram {
         host_sys: &std::path::Path,
     ) -> Result<EmptyProgram, ProbeError> {
         let mut bpf = EbpfLoader::new()
+            .btf(None)
             .load(EBPF_OBJECT)
             .map_err(|e| ProbeError::Load(error_chain(&e)))?;
         let name = if hook == "tp_btf" {
