@@ -3,16 +3,17 @@
 //! scraped every 5 s), with pod-shaped cgroups full of mostly sleeping
 //! processes.
 //!
-//! Three workloads, each started before the exporter and torn down after:
+//! Four workloads, each started before the exporter and torn down after:
+//! - no pods: the baseline, what the node's own cgroups cost;
 //! - 20 pods × 5 processes and 200 pods × 10 processes (the sizes);
 //! - 20 pods × 100 processes: as many tasks as the large size but the small
 //!   size's cgroups, which shows whether cost follows active cgroups (it
 //!   should: the kernel sums per cgroup) or tasks.
 //!
 //! In every pod one process wakes every second for 200 µs and the others
-//! sleep; two pods instead run 20 % of a CPU each. The window starts once the
-//! exporter shows every pod (so cgroup discovery is done) and lasts
-//! `--duration` seconds (default 60; a periodic 60 s cgroup walk of the
+//! sleep; two pods instead run 20 % of a CPU each. The window starts one
+//! interval after the exporter shows every pod (so cgroup discovery is done)
+//! and lasts `--duration` seconds (default 60; a periodic 60 s cgroup walk of the
 //! exporter falls inside it). CPU time is the exporter's threads'
 //! `sum_exec_runtime` from `/proc/<pid>/task/*/schedstat` (nanoseconds,
 //! charged by the kernel, so other load on the machine does not count);
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use common::{Exporter, PodActivity, PodSet};
 
-const SIZES: &[(usize, usize)] = &[(20, 5), (200, 10), (20, 100)];
+const SIZES: &[(usize, usize)] = &[(0, 0), (20, 5), (200, 10), (20, 100)];
 const BUSY_PODS: usize = 2;
 const SCRAPE_EVERY: Duration = Duration::from_secs(5);
 
@@ -88,8 +89,10 @@ fn measure(pods: usize, processes: usize, window: Duration) {
     let (startup_peak_kib, _) = exporter.memory_kib();
     exporter.wait_for_pods(&workload, Duration::from_secs(60));
     let scraper = Scraper::start(exporter.port());
-    // Let the first scrape happen before the window opens.
-    common::pause(Duration::from_secs(1));
+    // One more interval before the window opens, so every workload's window
+    // starts in the same steady state (with no pods, the wait above ends as
+    // soon as the exporter is ready).
+    common::pause(SCRAPE_EVERY);
 
     let before = exporter.cpu();
     let started = Instant::now();

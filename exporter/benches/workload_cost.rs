@@ -12,6 +12,10 @@
 //! other load on the machine barely moves: the probe runs inside the
 //! scheduler and its time is charged to the task switched in.
 //!
+//! The pinned pipe also runs with only an empty program on the same hook
+//! instead of the probe: what any `sched_switch` program costs, the floor
+//! under Ergon's figure.
+//!
 //! The pipe benchmark runs twice: as perf runs it (the kernel places the two
 //! tasks on one CPU or two, which swings throughput by ±10 % here), and
 //! pinned to one CPU, where every round trip is two switches between its
@@ -20,7 +24,7 @@
 //! would be charged to the probe.
 //!
 //! Flags: `--pairs N` (default 10). Prints `result
-//! workload_cost.{pipe,pipe_pinned,messaging}.{lost_pct,lost_pct_min,lost_pct_max,cpu_added_pct,...}`.
+//! workload_cost.{pipe,pipe_pinned,pipe_pinned_empty,messaging}.{lost_pct,lost_pct_min,lost_pct_max,cpu_added_pct,...}`.
 
 mod common;
 
@@ -28,7 +32,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
-use ergon::probe::ebpf::EbpfProbe;
+use ergon::probe::ebpf::{EbpfProbe, EmptyProgram};
 use ergon::probe::{ProbeConfig, ProbeMode};
 
 /// Pinned: ~0.6 s per run here.
@@ -141,17 +145,39 @@ struct Pair {
     on: Run,
 }
 
-/// `pairs` alternating pairs of `run`, the probe attached for the `on` half.
-fn alternate(name: &str, pairs: u64, run: fn() -> Run) -> Vec<Pair> {
+/// What the `on` half of a pair attaches.
+#[derive(Clone, Copy)]
+enum Attach {
+    /// Ergon's probe as the exporter loads it by default.
+    Probe,
+    /// Only an empty program on the same hook (`tp_btf`): the floor any
+    /// `sched_switch` program pays.
+    EmptyProgram,
+}
+
+/// Attaches `what`; it stays attached until the box is dropped.
+fn attach(what: Attach) -> Box<dyn std::any::Any> {
     let config = ProbeConfig {
         mode: ProbeMode::Ebpf,
         ..ProbeConfig::local()
     };
+    match what {
+        Attach::Probe => {
+            Box::new(EbpfProbe::start(&config).expect("loading the probe (run as root)"))
+        }
+        Attach::EmptyProgram => Box::new(
+            EmptyProgram::attach("tp_btf", &config.host_sys)
+                .expect("loading the empty program (run as root)"),
+        ),
+    }
+}
+
+/// `pairs` alternating pairs of `run`, `what` attached for the `on` half.
+fn alternate(name: &str, pairs: u64, run: fn() -> Run, what: Attach) -> Vec<Pair> {
     let mut measured = Vec::new();
     for pair in 0..pairs {
         let one = |attached: bool| -> Run {
-            let probe = attached
-                .then(|| EbpfProbe::start(&config).expect("loading the probe (run as root)"));
+            let probe = attached.then(|| attach(what));
             // The same settling time either way, so loading the probe does
             // not land inside the run.
             common::pause(Duration::from_millis(300));
@@ -190,19 +216,33 @@ fn main() {
 
     // Both benchmarks do a fixed amount of work per run, so CPU per run is
     // CPU per unit of work.
-    for (name, run, unit, loss) in [
+    let throughput_lost = |off: f64, on: f64| 1.0 - on / off;
+    let time_lost = |off: f64, on: f64| 1.0 - off / on;
+    for (name, run, unit, loss, what) in [
         (
             "pipe",
             pipe as fn() -> Run,
             "ops_per_s",
-            (|off, on| 1.0 - on / off) as fn(f64, f64) -> f64,
+            throughput_lost as fn(f64, f64) -> f64,
+            Attach::Probe,
         ),
-        ("pipe_pinned", pipe_pinned, "ops_per_s", |off, on| {
-            1.0 - on / off
-        }),
-        ("messaging", messaging, "s", |off, on| 1.0 - off / on),
+        (
+            "pipe_pinned",
+            pipe_pinned,
+            "ops_per_s",
+            throughput_lost,
+            Attach::Probe,
+        ),
+        (
+            "pipe_pinned_empty",
+            pipe_pinned,
+            "ops_per_s",
+            throughput_lost,
+            Attach::EmptyProgram,
+        ),
+        ("messaging", messaging, "s", time_lost, Attach::Probe),
     ] {
-        let measured = alternate(name, pairs, run);
+        let measured = alternate(name, pairs, run, what);
         let lost: Vec<f64> = measured
             .iter()
             .map(|p| 100.0 * loss(p.off.value, p.on.value))

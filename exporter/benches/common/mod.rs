@@ -331,7 +331,7 @@ impl PodSet {
         busy_pods: usize,
         activity: PodActivity,
     ) -> PodSet {
-        assert!(processes_per_pod >= 1, "a pod needs a process");
+        assert!(pods == 0 || processes_per_pod >= 1, "a pod needs a process");
         let root = cgroup_root();
         sweep_leftovers(&root);
         let parents_relative = format!("{}/kubepods.slice/kubepods-burstable.slice", own_slice());
