@@ -205,7 +205,7 @@ fn rows(r: &Results) -> Result<Vec<Row>> {
         rows.push(Row {
             measure: format!("3. Exporter CPU, {label}, scraped every 5 s"),
             result: format!(
-                "{cpu:.1} ms per minute ({:.3} % of one core; {window:.0} s window)",
+                "{cpu:.1} ms per minute ({:.3} % of one core; {window:.0} s in 2 windows)",
                 cpu / 600.0
             ),
             baseline: "own threads' CPU time (schedstat)".into(),
