@@ -2,10 +2,11 @@
 //! of RAPL zones (package, core, uncore, dram per socket, plus psys) in a
 //! temporary powercap tree. The meters are the ones `detect` finds there.
 //!
-//! CPU time, not wall-clock time: getrusage(RUSAGE_SELF) user + system, so
-//! other load on the machine does not count. Prints one line:
-//! `meter_read_cpu_us_per_interval=<value>`. Target: under 50 µs.
+//! CPU time, not wall-clock time: getrusage(RUSAGE_THREAD) user + system,
+//! so other load on the machine does not count. Prints
+//! `result meter_read.cpu_us_per_interval <value>`. Target: under 50 µs.
 
+mod common;
 #[path = "../tests/meter_support/mod.rs"]
 mod meter_support;
 
@@ -15,21 +16,6 @@ use meter_support::SysFixture;
 
 const WARMUP_INTERVALS: u32 = 1_000;
 const MEASURED_INTERVALS: u32 = 20_000;
-
-/// User + system CPU time of this process, in microseconds.
-fn cpu_time_us() -> f64 {
-    // SAFETY: getrusage fills the struct we pass; all-zero is a valid rusage.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let status = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    assert_eq!(
-        status,
-        0,
-        "getrusage failed: {}",
-        std::io::Error::last_os_error()
-    );
-    let micros = |time: libc::timeval| time.tv_sec as f64 * 1e6 + time.tv_usec as f64;
-    micros(usage.ru_utime) + micros(usage.ru_stime)
-}
 
 /// One interval: every meter sampled once; returns the number of zones read.
 fn read_all(meters: &mut [Box<dyn Meter>], ctx: &MeterContext) -> usize {
@@ -41,6 +27,9 @@ fn read_all(meters: &mut [Box<dyn Meter>], ctx: &MeterContext) -> usize {
 }
 
 fn main() {
+    if !common::benchmarking() {
+        return;
+    }
     let fixture = SysFixture::intel_two_socket_full();
     let config = MeterConfig {
         host_sys: fixture.path().to_path_buf(),
@@ -64,11 +53,10 @@ fn main() {
         read_all(&mut meters, &ctx);
     }
     let zones = read_all(&mut meters, &ctx);
-    let start = cpu_time_us();
-    for _ in 0..MEASURED_INTERVALS {
+    let per_interval = common::cpu_us_per_call(MEASURED_INTERVALS, || {
         std::hint::black_box(read_all(&mut meters, &ctx));
-    }
-    let per_interval = (cpu_time_us() - start) / f64::from(MEASURED_INTERVALS);
+    });
     eprintln!("{zones} zones from {sources:?}, {MEASURED_INTERVALS} intervals");
-    println!("meter_read_cpu_us_per_interval={per_interval:.2}");
+    common::result("meter_read.cpu_us_per_interval", per_interval);
+    common::result("meter_read.zones", zones as f64);
 }

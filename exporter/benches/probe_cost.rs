@@ -2,11 +2,17 @@
 //!
 //! Loads Ergon's accounting program and an empty program on the same hook,
 //! turns `kernel.bpf_stats_enabled` on, drives a context-switch storm
-//! (`perf bench sched pipe`), and prints `run_time_ns / run_cnt` of both.
-//! The difference is what Ergon adds per switch; the empty program carries
-//! the hook's own dispatch cost, so machine noise cancels.
+//! (`perf bench sched pipe`), and reads `run_time_ns / run_cnt` of both.
+//! Both programs run at every switch of the same storm, so the difference is
+//! what Ergon adds; the empty program carries the hook's dispatch and the
+//! stats' own clock reads, which therefore cancel. Three storms per hook,
+//! median of the differences; both hooks (`tp_btf` and the classic
+//! tracepoint) are measured.
 //!
+//! Prints `result probe_cost.<hook>.{ergon_ns,empty_ns,added_ns,switches}`.
 //! Run: `cargo xtask bench` (as root).
+
+mod common;
 
 use std::process::Command;
 use std::time::Duration;
@@ -15,6 +21,9 @@ use ergon::probe::ebpf::{EbpfProbe, EmptyProgram};
 use ergon::probe::{HookChoice, PmuChoice, ProbeConfig, ProbeMode};
 
 const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+const STORMS_PER_HOOK: usize = 3;
+/// Round trips of the pipe per storm (~1 s here).
+const ROUND_TRIPS: &str = "400000";
 
 /// Restores `kernel.bpf_stats_enabled` on drop.
 struct StatsOn(String);
@@ -31,25 +40,34 @@ impl Drop for StatsOn {
     }
 }
 
-fn per_run(stats: Option<(Duration, u64)>) -> (f64, u64) {
-    let (time, runs) = stats.expect("program stats readable");
-    (time.as_nanos() as f64 / runs.max(1) as f64, runs)
-}
-
 fn storm() {
-    // 200k round trips of a pipe between two tasks: ~800k switches.
     let status = Command::new("perf")
-        .args(["bench", "sched", "pipe", "-l", "200000"])
+        .args(["bench", "sched", "pipe", "-l", ROUND_TRIPS])
         .stdout(std::process::Stdio::null())
         .status()
         .expect("perf (Debian package linux-perf) is installed by `cargo xtask setup`");
-    assert!(status.success(), "perf bench failed");
+    assert!(status.success(), "perf bench sched pipe failed: {status}");
+}
+
+/// `(run time, runs)` between two readings of `bpf_stats`.
+fn between(before: Option<(Duration, u64)>, after: Option<(Duration, u64)>) -> (Duration, u64) {
+    let ((time_0, runs_0), (time_1, runs_1)) = (
+        before.expect("program stats readable"),
+        after.expect("program stats readable"),
+    );
+    (time_1 - time_0, runs_1 - runs_0)
+}
+
+fn ns_per_run((time, runs): (Duration, u64)) -> f64 {
+    assert!(runs > 0, "the program never ran: is it attached?");
+    time.as_nanos() as f64 / runs as f64
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    if !common::benchmarking() {
         return;
     }
+    common::unwind_on_interrupt();
     for (hook, choice) in [
         ("tp_btf", HookChoice::TpBtf),
         ("tracepoint", HookChoice::Tracepoint),
@@ -63,21 +81,41 @@ fn main() {
         let probe = EbpfProbe::start(&config).expect("loading the probe (run as root)");
         let empty =
             EmptyProgram::attach(hook, &config.host_sys).expect("loading the empty program");
-        let stats = StatsOn::enable();
-        let (probe_before, empty_before) = (probe.program_stats(), empty.stats());
-        storm();
-        let (probe_after, empty_after) = (probe.program_stats(), empty.stats());
-        drop(stats);
-        let diff = |a: Option<(Duration, u64)>, b: Option<(Duration, u64)>| {
-            let (a, b) = (a.unwrap(), b.unwrap());
-            Some((a.0 - b.0, a.1 - b.1))
-        };
-        let (ergon_ns, runs) = per_run(diff(probe_after, probe_before));
-        let (empty_ns, _) = per_run(diff(empty_after, empty_before));
-        println!(
-            "probe_cost hook={hook} switches={runs} ergon_ns_per_switch={ergon_ns:.1} \
-             empty_ns_per_switch={empty_ns:.1} added_ns_per_switch={:.1}",
-            ergon_ns - empty_ns
+        let _stats = StatsOn::enable();
+        let (mut ergon_ns, mut empty_ns, mut added_ns, mut switches) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..STORMS_PER_HOOK {
+            common::check_interrupt();
+            let (probe_before, empty_before) = (probe.program_stats(), empty.stats());
+            storm();
+            let ergon = between(probe_before, probe.program_stats());
+            let baseline = between(empty_before, empty.stats());
+            ergon_ns.push(ns_per_run(ergon));
+            empty_ns.push(ns_per_run(baseline));
+            added_ns.push(ns_per_run(ergon) - ns_per_run(baseline));
+            switches.push(ergon.1 as f64);
+            eprintln!(
+                "probe_cost hook={hook} switches={} ergon_ns={:.1} empty_ns={:.1}",
+                ergon.1,
+                ns_per_run(ergon),
+                ns_per_run(baseline)
+            );
+        }
+        common::result(
+            &format!("probe_cost.{hook}.ergon_ns"),
+            common::median(&ergon_ns),
+        );
+        common::result(
+            &format!("probe_cost.{hook}.empty_ns"),
+            common::median(&empty_ns),
+        );
+        common::result(
+            &format!("probe_cost.{hook}.added_ns"),
+            common::median(&added_ns),
+        );
+        common::result(
+            &format!("probe_cost.{hook}.switches"),
+            common::median(&switches),
         );
     }
 }

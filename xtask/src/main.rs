@@ -6,12 +6,15 @@
 //! - `run`    setup + build + run the exporter with defaults (extra args pass through)
 //! - `test`   setup + fmt check + clippy -D warnings + every test
 //! - `lint`   fmt check + clippy
-//! - `bench`  setup + the benchmarks of BENCHMARKS.md
+//! - `bench`  setup + the benchmarks of BENCHMARKS.md: one table, printed
+//!   and written into BENCHMARKS.md (see [`bench`])
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+
+mod bench;
 
 /// The toolchain pinned in rust-toolchain.toml; its LLVM major (22) must be
 /// bpf-linker's.
@@ -233,11 +236,7 @@ fn main() -> Result<()> {
                     .env("ERGON_BIN", root().join("target/debug/ergon")),
             )
         }
-        "bench" => {
-            setup()?;
-            run(cargo().args(["build", "--release", "-p", "ergon", "--benches", "--bins"]))?;
-            run(cargo().args(["bench", "-p", "ergon"]).args(&rest))
-        }
+        "bench" => bench::run_all(&rest),
         other => bail!(
             "unknown command `{other}`; use one of: setup, build, run, test, lint, bench \
              (e.g. `cargo xtask test`)"
