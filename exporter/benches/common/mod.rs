@@ -19,8 +19,7 @@
 //!   test run must not spend minutes loading probes and starting pods.
 #![allow(dead_code)]
 
-#[path = "../../tests/support/mod.rs"]
-pub mod support;
+pub use ergon_testkit as support;
 
 use std::ffi::CString;
 use std::os::unix::process::CommandExt;
@@ -495,7 +494,7 @@ impl Exporter {
             .map(|a| (*a).to_owned())
             .collect();
         Exporter {
-            process: support::ExporterProcess::start(&args),
+            process: support::ExporterProcess::start(Path::new(env!("CARGO_BIN_EXE_ergon")), &args),
         }
     }
 
