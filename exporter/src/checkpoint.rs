@@ -150,6 +150,15 @@ mod tests {
         )
         .unwrap();
         assert!(load::<Vec<u64>>(&path, "boot-a").is_err());
+        // Counters come back bit for bit: a restored value one ULP lower
+        // would be a counter going down (serde_json's default float parser
+        // is not exact; the workspace enables `float_roundtrip`).
+        let values = vec![1.8097035082307378_f64, 0.1 + 0.2, 1e-300, 123456.789012345];
+        save(&path, "boot-a", &values).unwrap();
+        let restored = load::<Vec<f64>>(&path, "boot-a").unwrap().unwrap();
+        for (a, b) in values.iter().zip(&restored) {
+            assert_eq!(a.to_bits(), b.to_bits(), "{a} came back as {b}");
+        }
         // Right envelope, wrong state shape.
         save(&path, "boot-a", &"text").unwrap();
         assert!(load::<Vec<u64>>(&path, "boot-a").is_err());

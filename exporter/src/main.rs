@@ -1,9 +1,6 @@
 //! The `ergon` binary: load configuration, start the probe, meters and pod
 //! watcher, measure on a thread, serve metrics on the async runtime.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use anyhow::Context;
 use ergon::config::{Cli, Command};
 use ergon::export::{self, Published, ServerHandle};
@@ -62,14 +59,14 @@ fn main() -> anyhow::Result<()> {
     };
     let published = Published::default();
     let handle = ServerHandle::new(published.clone(), cli.interval);
-    let stop = Arc::new(AtomicBool::new(false));
+    let (stop, stop_received) = std::sync::mpsc::channel::<()>();
 
     let measuring = {
-        let (published, handle, stop) = (published.clone(), handle.clone(), stop.clone());
+        let (published, handle) = (published.clone(), handle.clone());
         let measure = Loop::new(probe, meters, pods, settings);
         std::thread::Builder::new()
             .name("ergon-interval".into())
-            .spawn(move || ergon::interval::run(measure, published, handle, stop))
+            .spawn(move || ergon::interval::run(measure, published, handle, stop_received))
             .context("starting the measurement thread")?
     };
     tracing::info!("serving metrics on http://{}/metrics", cli.listen);
@@ -84,7 +81,8 @@ fn main() -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })?;
-    stop.store(true, Ordering::Relaxed);
+    // The measurement thread saves the checkpoint before it ends.
+    let _ = stop.send(());
     measuring
         .join()
         .map_err(|_| anyhow::anyhow!("the measurement thread panicked"))?;

@@ -15,8 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -596,11 +595,12 @@ fn by_pod(attribution: &Attribution<Workload>) -> Attribution<String> {
     }
 }
 
-/// Runs intervals until `stop` is set, then saves the checkpoint.
-pub fn run(mut measure: Loop, published: Published, handle: ServerHandle, stop: Arc<AtomicBool>) {
+/// Runs intervals until `stop` receives (or its sender is dropped), then
+/// saves the checkpoint.
+pub fn run(mut measure: Loop, published: Published, handle: ServerHandle, stop: Receiver<()>) {
     let interval = measure.settings.interval;
     let mut next = Instant::now();
-    while !stop.load(Ordering::Relaxed) {
+    loop {
         measure.step(&published);
         if published.is_ready() {
             handle.interval_done();
@@ -610,9 +610,10 @@ pub fn run(mut measure: Loop, published: Published, handle: ServerHandle, stop: 
         if next <= now {
             next = now;
         }
-        // Short sleeps so SIGTERM is honoured promptly.
-        while !stop.load(Ordering::Relaxed) && Instant::now() < next {
-            std::thread::sleep((next - Instant::now()).min(Duration::from_millis(50)));
+        // One wake-up per interval, yet SIGTERM is honoured at once.
+        match stop.recv_timeout(next - now) {
+            Err(RecvTimeoutError::Timeout) => {}
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
         }
     }
     measure.shutdown();
