@@ -211,7 +211,9 @@ fn lint() -> Result<()> {
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let command = args.next().unwrap_or_default();
-    let rest: Vec<String> = args.collect();
+    // `cargo xtask run -- --listen …`: the `--` separates xtask's
+    // arguments from the exporter's; it is not an argument itself.
+    let rest: Vec<String> = args.skip_while(|arg| arg == "--").collect();
     match command.as_str() {
         "setup" => setup(),
         "build" => run(cargo().args(["build", "--release", "-p", "ergon"])),

@@ -35,24 +35,31 @@ pub fn cgroup2_root() -> PathBuf {
 /// A cgroup directory (and its missing parents) that is removed on drop.
 pub struct CgroupGuard {
     pub path: PathBuf,
-    created: Vec<PathBuf>,
+    /// The topmost directory of `relative` (e.g. `ergontest.slice`): parents
+    /// up to it are removed by the last guard that leaves them empty.
+    top: Option<PathBuf>,
 }
 
 impl CgroupGuard {
-    /// Creates `relative` under the cgroup2 root.
+    /// Creates `relative` (and its missing parents) under the cgroup2 root.
     pub fn create(relative: &str) -> CgroupGuard {
         let root = cgroup2_root();
-        let mut created = Vec::new();
-        let mut path = root.clone();
-        for part in relative.split('/').filter(|p| !p.is_empty()) {
-            path.push(part);
-            if !path.exists() {
-                std::fs::create_dir(&path)
-                    .unwrap_or_else(|e| panic!("creating cgroup {}: {e}", path.display()));
-                created.push(path.clone());
+        let path = root.join(relative.trim_start_matches('/'));
+        let top = relative
+            .split('/')
+            .find(|p| !p.is_empty())
+            .map(|first| root.join(first));
+        // Another guard may remove an emptied shared parent at the same
+        // moment: try again.
+        let mut attempt = 0;
+        while let Err(e) = std::fs::create_dir_all(&path) {
+            attempt += 1;
+            if attempt == 20 {
+                panic!("creating cgroup {}: {e}", path.display());
             }
+            std::thread::sleep(Duration::from_millis(5));
         }
-        CgroupGuard { path, created }
+        CgroupGuard { path, top }
     }
 
     /// A pod-shaped cgroup (systemd driver, containerd) with a unique name.
@@ -80,15 +87,25 @@ impl CgroupGuard {
 
     /// Removes the directories now (children first); idempotent.
     pub fn remove(&mut self) {
-        while let Some(dir) = self.created.pop() {
-            // Processes may take a moment to leave after being reaped.
-            for _ in 0..100 {
-                match std::fs::remove_dir(&dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
+        let Some(top) = self.top.take() else {
+            return;
+        };
+        // Processes may take a moment to leave after being reaped.
+        for _ in 0..100 {
+            match std::fs::remove_dir(&self.path) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
             }
+        }
+        // Shared parents up to `top`: the last guard out removes them; one
+        // still holding another guard's cgroup is left to that guard.
+        let mut dir = self.path.parent();
+        while let Some(parent) = dir {
+            if !parent.starts_with(&top) || std::fs::remove_dir(parent).is_err() {
+                break;
+            }
+            dir = parent.parent();
         }
     }
 }

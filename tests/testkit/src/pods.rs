@@ -15,8 +15,10 @@ pub struct PodFixture {
     pub name: String,
     pub namespace: String,
     pub container_id: String,
-    pub cgroup: CgroupGuard,
+    // Fields drop in order: the processes must be gone before their
+    // cgroup can be removed.
     pub children: Vec<BusyChild>,
+    pub cgroup: CgroupGuard,
 }
 
 impl PodFixture {
