@@ -74,7 +74,8 @@ fn without_bpf_capabilities_the_exporter_falls_back_and_says_why() {
     let mut metrics = String::new();
     for _ in 0..100 {
         metrics = http_get(port, "/metrics").unwrap_or_default();
-        if metrics.contains("ergon_node_cpu_seconds_total") {
+        // Usage appears once an interval has seen some cgroup run.
+        if metrics.contains("ergon_system_cpu_seconds_total") {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
