@@ -25,7 +25,7 @@ use std::ffi::CString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use support::CgroupGuard;
@@ -118,10 +118,11 @@ pub fn cpu_us_per_call(repeat: u32, mut step: impl FnMut()) -> f64 {
 
 // ---------------------------------------------------------------- Ctrl-C
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The signal that interrupted the benchmark, 0 while none has.
+static INTERRUPTED_BY: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn on_sigint(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::Relaxed);
+extern "C" fn on_interrupt(signal: libc::c_int) {
+    INTERRUPTED_BY.store(signal, Ordering::Relaxed);
 }
 
 /// From now on Ctrl-C (SIGINT) and SIGTERM make [`pause`] and
@@ -129,14 +130,26 @@ extern "C" fn on_sigint(_: libc::c_int) {
 pub fn unwind_on_interrupt() {
     // SAFETY: the handler only stores to an atomic (async-signal-safe).
     unsafe {
-        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_sigint as *const () as libc::sighandler_t);
+        libc::signal(
+            libc::SIGINT,
+            on_interrupt as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            on_interrupt as *const () as libc::sighandler_t,
+        );
     }
 }
 
 pub fn check_interrupt() {
-    if INTERRUPTED.load(Ordering::Relaxed) {
-        panic!("interrupted: cleaning up the benchmark's cgroups and processes");
+    let signal = INTERRUPTED_BY.load(Ordering::Relaxed);
+    if signal != 0 {
+        let name = if signal == libc::SIGINT {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        };
+        panic!("interrupted by {name}: cleaning up the benchmark's cgroups and processes");
     }
 }
 
