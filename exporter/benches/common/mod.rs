@@ -118,26 +118,36 @@ pub fn cpu_us_per_call(repeat: u32, mut step: impl FnMut()) -> f64 {
 
 // ---------------------------------------------------------------- Ctrl-C
 
-/// The signal that interrupted the benchmark, 0 while none has.
+/// The signal that interrupted the benchmark (0 while none has), and the
+/// process that sent it.
 static INTERRUPTED_BY: AtomicI32 = AtomicI32::new(0);
+static INTERRUPTED_FROM: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn on_interrupt(signal: libc::c_int) {
+extern "C" fn on_interrupt(
+    signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
+    // SAFETY: the kernel passes a valid siginfo_t with SA_SIGINFO; si_pid
+    // is set for signals sent by kill().
+    let sender = unsafe { (*info).si_pid() };
+    INTERRUPTED_FROM.store(sender, Ordering::Relaxed);
     INTERRUPTED_BY.store(signal, Ordering::Relaxed);
 }
 
 /// From now on Ctrl-C (SIGINT) and SIGTERM make [`pause`] and
 /// [`check_interrupt`] panic, which unwinds through every guard.
 pub fn unwind_on_interrupt() {
-    // SAFETY: the handler only stores to an atomic (async-signal-safe).
-    unsafe {
-        libc::signal(
-            libc::SIGINT,
-            on_interrupt as *const () as libc::sighandler_t,
-        );
-        libc::signal(
-            libc::SIGTERM,
-            on_interrupt as *const () as libc::sighandler_t,
-        );
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to atomics (async-signal-safe);
+        // an all-zero sigaction with an empty mask is valid.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_interrupt as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
     }
 }
 
@@ -149,7 +159,13 @@ pub fn check_interrupt() {
         } else {
             "SIGTERM"
         };
-        panic!("interrupted by {name}: cleaning up the benchmark's cgroups and processes");
+        let sender = INTERRUPTED_FROM.load(Ordering::Relaxed);
+        let command = std::fs::read(format!("/proc/{sender}/cmdline"))
+            .map(|bytes| String::from_utf8_lossy(&bytes).replace('\0', " "))
+            .unwrap_or_else(|_| "gone".into());
+        panic!(
+            "interrupted by {name} from pid {sender} ({command}): cleaning up the benchmark's cgroups and processes"
+        );
     }
 }
 
