@@ -10,9 +10,10 @@
 //! marked, and expired workloads pruned. With `--per-process`, the same
 //! split again over 5,000 processes into the process ledger.
 //!
-//! The render is what one scrape does: the registry gathers a published
-//! report of 500 pods' series (labels as a Kubernetes API would fill them)
-//! and encodes the text format.
+//! The render is what the first scrape after an interval does (later scrapes
+//! of the interval reuse its bytes): `ergon::export::render_report` formats
+//! a report of 500 pods' series (labels as a Kubernetes API would fill them)
+//! in the text format.
 //!
 //! CPU time of this thread (getrusage RUSAGE_THREAD), averaged over many
 //! iterations. Prints `result attribution.{cpu_us_per_interval,

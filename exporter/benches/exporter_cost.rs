@@ -11,8 +11,8 @@
 //!   should: the kernel sums per cgroup) or tasks.
 //!
 //! In every pod one process wakes every second for 200 µs and the others
-//! sleep; two pods instead run 20 % of a CPU each. The window starts one
-//! interval after the exporter shows every pod (so cgroup discovery is done).
+//! sleep; two pods instead run 20 % of a CPU each. A window starts once the
+//! exporter shows every pod (so cgroup discovery is done).
 //! Each workload gets `--duration` seconds (default 60) in two windows, the
 //! workloads running in order and then in reverse; a fresh exporter starts
 //! for every window. CPU time is the exporter's threads'
@@ -106,11 +106,9 @@ fn measure(pods: usize, processes: usize, window: Duration) -> Window {
     let exporter = Exporter::start();
     let (startup_peak_kib, _) = exporter.memory_kib();
     exporter.wait_for_pods(&workload, Duration::from_secs(60));
+    // Ready means one whole interval was measured already: the window
+    // opens in steady state with or without pods.
     let scraper = Scraper::start(exporter.port());
-    // One more interval before the window opens, so every workload's window
-    // starts in the same steady state (with no pods, the wait above ends as
-    // soon as the exporter is ready).
-    common::pause(SCRAPE_EVERY);
 
     let before = exporter.cpu();
     let started = Instant::now();

@@ -23,7 +23,7 @@
 //! but switch. `kernel.bpf_stats_enabled` must be off: its clock reads
 //! would be charged to the probe.
 //!
-//! Flags: `--pairs N` (default 10). Prints `result
+//! Flags: `--pairs N` (default 8). Prints `result
 //! workload_cost.{pipe,pipe_pinned,pipe_pinned_empty,messaging}.{lost_pct,lost_pct_min,lost_pct_max,cpu_added_pct,...}`.
 
 mod common;
@@ -212,7 +212,7 @@ fn main() {
         "0",
         "kernel.bpf_stats_enabled is on: it inflates the probe's cost; `sysctl -w kernel.bpf_stats_enabled=0` first"
     );
-    let pairs = common::numeric_flag("--pairs", 10);
+    let pairs = common::numeric_flag("--pairs", 8);
 
     // Both benchmarks do a fixed amount of work per run, so CPU per run is
     // CPU per unit of work.

@@ -13,7 +13,8 @@
 //!
 //! `--duration` is the measured window per exporter workload (default 60 s;
 //! four workloads), `--pairs` the alternating probe-off/probe-on pairs per
-//! workload benchmark (default 10). The defaults take about 7 minutes.
+//! workload benchmark (default 8). The defaults take about 8 minutes on a
+//! 2-CPU machine.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -75,6 +76,7 @@ fn bench_cargo() -> Command {
 
 /// Runs one benchmark target, echoing its output, and returns its results.
 fn run_bench(name: &str, args: &[String]) -> Result<Results> {
+    let started = std::time::Instant::now();
     let mut cmd = bench_cargo();
     cmd.args(["bench", "-p", "ergon", "--bench", name, "--"])
         .args(args)
@@ -101,6 +103,7 @@ fn run_bench(name: &str, args: &[String]) -> Result<Results> {
     if !status.success() {
         bail!("benchmark {name} failed ({status}); its workload was torn down");
     }
+    eprintln!("{name}: {:.0?}", started.elapsed());
     Ok(results)
 }
 
@@ -408,7 +411,7 @@ fn write_benchmarks_md(section: &str) -> Result<()> {
 
 pub fn run_all(args: &[String]) -> Result<()> {
     let duration = whole_number(args, "--duration", 60)?;
-    let pairs = whole_number(args, "--pairs", 10)?;
+    let pairs = whole_number(args, "--pairs", 8)?;
     if duration < 10 || pairs < 1 {
         bail!(
             "--duration must be at least 10 (seconds; the exporter's interval is 5 s) and --pairs at least 1"

@@ -25,7 +25,7 @@ use std::ffi::CString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use support::CgroupGuard;
@@ -118,25 +118,54 @@ pub fn cpu_us_per_call(repeat: u32, mut step: impl FnMut()) -> f64 {
 
 // ---------------------------------------------------------------- Ctrl-C
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The signal that interrupted the benchmark (0 while none has), and the
+/// process that sent it.
+static INTERRUPTED_BY: AtomicI32 = AtomicI32::new(0);
+static INTERRUPTED_FROM: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn on_sigint(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::Relaxed);
+extern "C" fn on_interrupt(
+    signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    _context: *mut libc::c_void,
+) {
+    // SAFETY: the kernel passes a valid siginfo_t with SA_SIGINFO; si_pid
+    // is set for signals sent by kill().
+    let sender = unsafe { (*info).si_pid() };
+    INTERRUPTED_FROM.store(sender, Ordering::Relaxed);
+    INTERRUPTED_BY.store(signal, Ordering::Relaxed);
 }
 
 /// From now on Ctrl-C (SIGINT) and SIGTERM make [`pause`] and
 /// [`check_interrupt`] panic, which unwinds through every guard.
 pub fn unwind_on_interrupt() {
-    // SAFETY: the handler only stores to an atomic (async-signal-safe).
-    unsafe {
-        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_sigint as *const () as libc::sighandler_t);
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to atomics (async-signal-safe);
+        // an all-zero sigaction with an empty mask is valid.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_interrupt as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_SIGINFO;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
     }
 }
 
 pub fn check_interrupt() {
-    if INTERRUPTED.load(Ordering::Relaxed) {
-        panic!("interrupted: cleaning up the benchmark's cgroups and processes");
+    let signal = INTERRUPTED_BY.load(Ordering::Relaxed);
+    if signal != 0 {
+        let name = if signal == libc::SIGINT {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        };
+        let sender = INTERRUPTED_FROM.load(Ordering::Relaxed);
+        let command = std::fs::read(format!("/proc/{sender}/cmdline"))
+            .map(|bytes| String::from_utf8_lossy(&bytes).replace('\0', " "))
+            .unwrap_or_else(|_| "gone".into());
+        panic!(
+            "interrupted by {name} from pid {sender} ({command}): cleaning up the benchmark's cgroups and processes"
+        );
     }
 }
 
