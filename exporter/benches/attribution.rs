@@ -23,7 +23,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use ergon::attribute::{self, Attribution, DomainEnergy, Ledger, Usage, WorkloadJoules};
+use ergon::attribute::{self, DomainEnergy, Ledger, Usage};
 use ergon::export::{self, Family, Report};
 use ergon::interval::catalogue;
 use ergon::units::{Domain, Joules, Nanos};
@@ -177,7 +177,7 @@ impl Node {
             };
             let split = attribute::attribute(&energy, &usage, &no_idle_weights);
             self.workloads.apply(&split, now);
-            self.pods.apply(&per_pod(&split), now);
+            self.pods.apply(&ergon::interval::by_pod(&split), now);
             if per_process {
                 let by_process = attribute::attribute(&energy, &process_usage, &HashMap::new());
                 self.process_ledger.apply(&by_process, now);
@@ -289,29 +289,6 @@ impl Node {
             );
         }
         Report { families }
-    }
-}
-
-/// The same split summed per pod (what the per-pod ledger takes).
-fn per_pod(split: &Attribution<Workload>) -> Attribution<String> {
-    let mut per_workload: HashMap<String, WorkloadJoules> = HashMap::new();
-    for (workload, joules) in &split.per_workload {
-        if let Some(uid) = workload.pod_uid() {
-            let entry = per_workload.entry(uid.to_owned()).or_default();
-            entry.active += joules.active;
-            entry.idle += joules.idle;
-        }
-    }
-    Attribution {
-        domain: split.domain,
-        source: split.source.clone(),
-        basis: split.basis,
-        per_workload,
-        node_idle: split.node_idle,
-        node_active_unattributed: split.node_active_unattributed,
-        measured: split.measured,
-        idle: split.idle,
-        residual: split.residual,
     }
 }
 

@@ -572,8 +572,8 @@ fn cgroup_id_of_pid(
         .map(|m| m.ino())
 }
 
-/// The same attribution, summed per pod.
-fn by_pod(attribution: &Attribution<Workload>) -> Attribution<String> {
+/// The same attribution, summed per pod (what the per-pod ledger takes).
+pub fn by_pod(attribution: &Attribution<Workload>) -> Attribution<String> {
     let mut per_pod: HashMap<String, attribute::WorkloadJoules> = HashMap::new();
     for (workload, joules) in &attribution.per_workload {
         if let Some(uid) = workload.pod_uid() {
