@@ -271,7 +271,7 @@ pub(super) fn build(measure: &Loop) -> Report {
         }
     }
 
-    let source = measure.meters.first().map(|m| m.source()).unwrap_or("none");
+    let source = measure.metering.primary_source();
     for (workload, counters) in state.workloads.workloads() {
         match workload {
             Workload::Container {

@@ -1,0 +1,154 @@
+//! Stage 3 of an interval: read every meter, and estimate each domain's
+//! idle part.
+//!
+//! This stage owns what the meters remember between intervals: the
+//! counters' baselines (inside each meter), the idle estimator, and the
+//! online fit of CPU power against utilisation, fed only by real
+//! (non-estimate) package meters.
+
+use std::collections::BTreeMap;
+
+use crate::attribute::{self, DomainEnergy, IdleEstimator};
+use crate::meter::model::ModelFit;
+use crate::meter::{Meter, MeterContext, OnlineFit};
+use crate::units::{Domain, Joules, Nanos, Watts};
+
+use super::LastInterval;
+
+pub(super) struct Metering {
+    meters: Vec<Box<dyn Meter>>,
+    idle: IdleEstimator,
+    fit: OnlineFit,
+    cpus: u32,
+    cpu_model: String,
+}
+
+/// What the meters measured in one interval.
+#[derive(Default)]
+pub(super) struct Measurement {
+    /// One entry per meter source and domain.
+    pub energies: Vec<DomainEnergy>,
+    /// Per-process GPU utilisation, where a meter measured a GPU.
+    pub gpu_processes: Option<Vec<attribute::GpuProcessSample>>,
+    /// For the gauges: power, which meters answered, which estimate.
+    pub last: LastInterval,
+}
+
+impl Metering {
+    pub fn new(
+        meters: Vec<Box<dyn Meter>>,
+        idle: IdleEstimator,
+        cpus: u32,
+        cpu_model: String,
+    ) -> Metering {
+        Metering {
+            meters,
+            idle,
+            fit: OnlineFit::new(),
+            cpus,
+            cpu_model,
+        }
+    }
+
+    /// Reads every counter once so the first interval has a start.
+    pub fn take_baselines(&mut self) {
+        let ctx = MeterContext {
+            elapsed: Nanos(0),
+            cpu_utilisation: None,
+            cpus: self.cpus,
+        };
+        for meter in &mut self.meters {
+            let _ = meter.sample(&ctx);
+        }
+    }
+
+    /// The energy of the interval that just ended, per meter and domain,
+    /// with its idle estimate. A meter that fails is reported down and
+    /// skipped; the others still count.
+    pub fn measure(&mut self, elapsed: Nanos, utilisation: Option<f64>) -> Measurement {
+        let ctx = MeterContext {
+            elapsed,
+            cpu_utilisation: utilisation,
+            cpus: self.cpus,
+        };
+        let mut measurement = Measurement::default();
+        for meter in &mut self.meters {
+            let source = meter.source();
+            let last = &mut measurement.last;
+            if meter.is_estimate() {
+                last.estimate_sources.push(source);
+            }
+            let samples = match meter.sample(&ctx) {
+                Ok(samples) => samples,
+                Err(e) => {
+                    last.meter_up.insert(source, false);
+                    tracing::warn!("meter {source} failed this interval: {e}");
+                    continue;
+                }
+            };
+            last.meter_up.insert(source, true);
+            let mut per_domain: BTreeMap<Domain, Joules> = BTreeMap::new();
+            for sample in samples {
+                *per_domain.entry(sample.domain).or_default() += sample.joules;
+            }
+            if let Some(watts) = meter.idle_power() {
+                for domain in per_domain.keys() {
+                    self.idle.set_model_idle(*domain, source, watts);
+                }
+            }
+            if per_domain.contains_key(&Domain::Gpu) {
+                measurement.gpu_processes = Some(
+                    meter
+                        .gpu_processes()
+                        .into_iter()
+                        .map(|s| attribute::GpuProcessSample {
+                            pid: s.pid,
+                            sm_util_percent: s.utilisation_percent.round().clamp(0.0, 100.0) as u32,
+                        })
+                        .collect(),
+                );
+            }
+            for (domain, energy) in per_domain {
+                let idle = self.idle.estimate(domain, source, energy, elapsed).idle;
+                if elapsed.0 > 0 {
+                    last.power
+                        .insert((domain, source), Watts(energy.0 / elapsed.as_secs_f64()));
+                }
+                measurement.energies.push(DomainEnergy {
+                    domain,
+                    source: source.to_owned(),
+                    energy,
+                    idle,
+                });
+            }
+        }
+        self.learn(&measurement.energies, utilisation, elapsed);
+        measurement
+    }
+
+    /// Feeds the online fit with the measured (never modelled) package power.
+    fn learn(&mut self, energies: &[DomainEnergy], utilisation: Option<f64>, elapsed: Nanos) {
+        let Some(utilisation) = utilisation else {
+            return;
+        };
+        let measured: f64 = energies
+            .iter()
+            .filter(|e| e.domain == Domain::Package && e.source != "model")
+            .map(|e| e.energy.0)
+            .sum();
+        if measured > 0.0 {
+            self.fit
+                .add_interval(utilisation, Joules(measured), elapsed);
+        }
+    }
+
+    /// The current online fit, if there are enough samples.
+    pub fn model_fit(&self) -> Option<ModelFit> {
+        self.fit.fit(self.cpus, &self.cpu_model)
+    }
+
+    /// The first meter's source, for series that name one (Kepler's).
+    pub fn primary_source(&self) -> &'static str {
+        self.meters.first().map(|m| m.source()).unwrap_or("none")
+    }
+}
