@@ -3,21 +3,58 @@
 //! Prometheus' `rate()` and `increase()` treat a counter that goes down as a
 //! reset; an exporter upgrade or crash would otherwise make every energy
 //! counter start from zero. The cumulative state is written to a file on the
-//! host (atomically: a temporary file, fsync, rename) every few intervals and
-//! on SIGTERM, and restored at start when the machine has not rebooted since
-//! (same `boot_id`: after a reboot every workload is new anyway).
+//! host every interval and on SIGTERM, and restored at start when the
+//! machine has not rebooted since (same `boot_id`: after a reboot every
+//! workload is new anyway).
 //!
-//! A checkpoint that is corrupt, of another format version or of another
-//! boot is reported and ignored: losing history is better than refusing to
-//! start.
+//! The exporter runs as root and the checkpoint lives in a host directory,
+//! so the file is treated as hostile input and written as if someone were
+//! waiting to redirect it:
+//! - Writing: a temporary file with a random name is created exclusively in
+//!   the checkpoint's own directory (`O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600:
+//!   a symlink or file planted there is never followed nor truncated), the
+//!   bytes are fsynced, the file is renamed over the checkpoint and the
+//!   directory is fsynced, so after a crash either the old or the new
+//!   checkpoint is there, whole.
+//! - One writer: an advisory `flock` on `<checkpoint>.lock`. Decision: an
+//!   exporter that finds the lock held (a rolling update's surge pod next to
+//!   the old one) restores, counts and serves as usual but does not write;
+//!   it logs that once and tries the lock again at every save, so it takes
+//!   over as soon as the other exporter exits (the kernel releases a flock
+//!   with its holder). Waiting instead would leave the new pod unready for
+//!   the whole overlap.
+//! - Reading: `O_NOFOLLOW`, a regular file only, at most
+//!   [`MAX_CHECKPOINT_BYTES`].
+//! - Restoring: the caller validates the state (finite, non-negative
+//!   counters, no time in the future, …). A checkpoint that cannot be used —
+//!   not JSON, another format, too large, not a regular file, invalid — is
+//!   renamed aside to `<checkpoint>.rejected-<unix seconds>` for inspection,
+//!   reported in the log and counted (`ergon_checkpoint_rejected_total`),
+//!   and never used: losing history is better than refusing to start or
+//!   exporting impossible counters.
+//! - A boot id that cannot be read matches nothing, not even another
+//!   unreadable boot id: without it nobody can tell that the checkpoint is
+//!   of this boot.
 
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// Bumped when the checkpoint's shape changes incompatibly.
 const FORMAT_VERSION: u32 = 1;
+
+const FORMAT: &str = "ergon-checkpoint";
+
+/// The checkpoint's file name inside the state directory (`--state-dir`).
+pub const CHECKPOINT_FILE: &str = "ergon-checkpoint.json";
+
+/// Largest checkpoint read back. A full node (16,384 cgroups, 32,768
+/// processes, each entry a few hundred bytes) stays far below; anything
+/// larger was not written by Ergon.
+pub const MAX_CHECKPOINT_BYTES: u64 = 256 << 20;
 
 #[derive(Serialize, Deserialize)]
 struct Envelope<T> {
@@ -27,140 +64,558 @@ struct Envelope<T> {
     state: T,
 }
 
-const FORMAT: &str = "ergon-checkpoint";
+/// Why a checkpoint was set aside, the `reason` label of
+/// `ergon_checkpoint_rejected_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RejectReason {
+    /// A symlink, directory or device where the checkpoint should be.
+    NotAFile,
+    TooLarge,
+    /// Not JSON, or not an Ergon checkpoint of this version.
+    Format,
+    /// The right shape with impossible values.
+    Invalid,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::NotAFile => "not_a_file",
+            RejectReason::TooLarge => "too_large",
+            RejectReason::Format => "format",
+            RejectReason::Invalid => "invalid",
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error(
-        "writing checkpoint {path}: {source} (is the checkpoint directory a writable hostPath?)"
+        "writing checkpoint {path}: {source} (is the state directory a writable hostPath? move it with --state-dir, or run without one with --no-checkpoint)"
     )]
     Write {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("reading checkpoint {path}: {source}")]
+    #[error("reading checkpoint {path}: {source}; counters start from zero")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
     #[error(
-        "checkpoint {path} is not an Ergon checkpoint of this version ({detail}); ignoring it, counters start from zero"
+        "checkpoint {path} rejected ({detail}); it was moved to {} for inspection and counters start from zero",
+        aside.as_deref().map_or_else(|| "nowhere (renaming failed)".into(), |p| p.display().to_string())
     )]
-    Foreign { path: PathBuf, detail: String },
+    Rejected {
+        path: PathBuf,
+        reason: RejectReason,
+        detail: String,
+        aside: Option<PathBuf>,
+    },
     #[error(
-        "checkpoint {path} is from another boot (it has {found}, this boot is {current}); ignoring it"
+        "checkpoint {path} is from another boot (it has {found:?}, this boot is {current:?}); ignoring it"
     )]
     OtherBoot {
         path: PathBuf,
         found: String,
         current: String,
     },
+    #[error(
+        "cannot tell whether checkpoint {path} is of this boot: the boot id (/proc/sys/kernel/random/boot_id under --host-proc) is unreadable; ignoring it"
+    )]
+    UnknownBoot { path: PathBuf },
 }
 
-/// This boot's id (`/proc/sys/kernel/random/boot_id` under the host's /proc).
-pub fn boot_id(host_proc: &Path) -> String {
+/// This boot's id (`/proc/sys/kernel/random/boot_id` under the host's /proc);
+/// `None` when it cannot be read.
+pub fn boot_id(host_proc: &Path) -> Option<String> {
     std::fs::read_to_string(host_proc.join("sys/kernel/random/boot_id"))
+        .ok()
         .map(|s| s.trim().to_owned())
-        .unwrap_or_default()
+        .filter(|s| !s.is_empty())
 }
 
-/// Writes `state` to `path` atomically.
-pub fn save<T: Serialize>(path: &Path, boot_id: &str, state: &T) -> Result<(), CheckpointError> {
-    let write_err = |source| CheckpointError::Write {
-        path: path.to_owned(),
-        source,
-    };
-    let envelope = Envelope {
-        format: FORMAT.into(),
-        version: FORMAT_VERSION,
-        boot_id: boot_id.to_owned(),
-        state,
-    };
-    let bytes = serde_json::to_vec(&envelope).map_err(|e| write_err(std::io::Error::other(e)))?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(write_err)?;
+/// The checkpoint file of one exporter: where it is, which boot it belongs
+/// to, and whether this exporter holds the writer's lock.
+#[derive(Debug)]
+pub struct Checkpoint {
+    path: PathBuf,
+    boot_id: Option<String>,
+    /// Held for the life of the process once acquired.
+    lock: Option<File>,
+    /// The "another exporter writes" message was logged.
+    told_not_writer: bool,
+    /// Set when the checkpoint found at start was rejected.
+    rejected: Option<RejectReason>,
+    /// Whether the latest save wrote the file.
+    last_save_wrote: bool,
+}
+
+impl Checkpoint {
+    /// Nothing is touched on disk until [`load`](Self::load) or
+    /// [`save`](Self::save).
+    pub fn new(path: PathBuf, boot_id: Option<String>) -> Checkpoint {
+        Checkpoint {
+            path,
+            boot_id,
+            lock: None,
+            told_not_writer: false,
+            rejected: None,
+            last_save_wrote: false,
+        }
     }
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp).map_err(write_err)?;
-    file.write_all(&bytes).map_err(write_err)?;
-    file.sync_all().map_err(write_err)?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(write_err)
-}
 
-/// Reads the state saved at `path`, if there is one of this boot.
-/// `Ok(None)` when no checkpoint exists yet.
-pub fn load<T: DeserializeOwned>(path: &Path, boot_id: &str) -> Result<Option<T>, CheckpointError> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(CheckpointError::Read {
-                path: path.to_owned(),
-                source,
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Why the checkpoint found at start was set aside, if it was.
+    pub fn rejected(&self) -> Option<RejectReason> {
+        self.rejected
+    }
+
+    /// Whether the latest save wrote the file (false while another exporter
+    /// holds the lock, or when writing failed).
+    pub fn writing(&self) -> bool {
+        self.last_save_wrote
+    }
+
+    fn lock_path(&self) -> PathBuf {
+        sibling(&self.path, ".lock")
+    }
+
+    /// Reads the state saved at `path`, if there is one of this boot that
+    /// passes `validate`. `Ok(None)` when no checkpoint exists yet.
+    pub fn load<T: DeserializeOwned>(
+        &mut self,
+        validate: impl FnOnce(&T) -> Result<(), String>,
+    ) -> Result<Option<T>, CheckpointError> {
+        let bytes = match self.read_bounded() {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) => return Ok(None),
+            Err(Unusable::Io(source)) => {
+                return Err(CheckpointError::Read {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+            Err(Unusable::Reject(reason, detail)) => return Err(self.reject(reason, detail)),
+        };
+        let envelope: Envelope<serde_json::Value> = match serde_json::from_slice(&bytes) {
+            Ok(envelope) => envelope,
+            Err(e) => return Err(self.reject(RejectReason::Format, e.to_string())),
+        };
+        if envelope.format != FORMAT || envelope.version != FORMAT_VERSION {
+            let detail = format!(
+                "format {:?} version {}, expected {FORMAT:?} version {FORMAT_VERSION}",
+                envelope.format, envelope.version
+            );
+            return Err(self.reject(RejectReason::Format, detail));
+        }
+        let Some(current) = self.boot_id.as_deref() else {
+            return Err(CheckpointError::UnknownBoot {
+                path: self.path.clone(),
+            });
+        };
+        if envelope.boot_id != current {
+            return Err(CheckpointError::OtherBoot {
+                path: self.path.clone(),
+                found: envelope.boot_id,
+                current: current.to_owned(),
             });
         }
-    };
-    let foreign = |detail: String| CheckpointError::Foreign {
-        path: path.to_owned(),
-        detail,
-    };
-    let envelope: Envelope<serde_json::Value> =
-        serde_json::from_slice(&bytes).map_err(|e| foreign(e.to_string()))?;
-    if envelope.format != FORMAT || envelope.version != FORMAT_VERSION {
-        return Err(foreign(format!(
-            "format {:?} version {}",
-            envelope.format, envelope.version
-        )));
+        let state: T = match serde_json::from_value(envelope.state) {
+            Ok(state) => state,
+            Err(e) => return Err(self.reject(RejectReason::Format, e.to_string())),
+        };
+        match validate(&state) {
+            Ok(()) => Ok(Some(state)),
+            Err(detail) => Err(self.reject(RejectReason::Invalid, detail)),
+        }
     }
-    if envelope.boot_id != boot_id {
-        return Err(CheckpointError::OtherBoot {
-            path: path.to_owned(),
-            found: envelope.boot_id,
-            current: boot_id.to_owned(),
-        });
+
+    fn read_bounded(&self) -> Result<Option<Vec<u8>>, Unusable> {
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&self.path)
+        {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(Unusable::Reject(
+                    RejectReason::NotAFile,
+                    "it is a symbolic link".into(),
+                ));
+            }
+            Err(e) => return Err(Unusable::Io(e)),
+        };
+        let metadata = file.metadata().map_err(Unusable::Io)?;
+        if !metadata.is_file() {
+            return Err(Unusable::Reject(
+                RejectReason::NotAFile,
+                format!("it is not a regular file ({:?})", metadata.file_type()),
+            ));
+        }
+        let too_large = || {
+            Unusable::Reject(
+                RejectReason::TooLarge,
+                format!("larger than {MAX_CHECKPOINT_BYTES} bytes"),
+            )
+        };
+        if metadata.len() > MAX_CHECKPOINT_BYTES {
+            return Err(too_large());
+        }
+        // Bounded again while reading: the file may grow meanwhile.
+        let mut bytes = Vec::new();
+        file.take(MAX_CHECKPOINT_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(Unusable::Io)?;
+        if bytes.len() as u64 > MAX_CHECKPOINT_BYTES {
+            return Err(too_large());
+        }
+        Ok(Some(bytes))
     }
-    serde_json::from_value(envelope.state)
-        .map(Some)
-        .map_err(|e| foreign(e.to_string()))
+
+    /// Renames the checkpoint aside and records why.
+    fn reject(&mut self, reason: RejectReason, detail: String) -> CheckpointError {
+        self.rejected = Some(reason);
+        let seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let aside = sibling(&self.path, &format!(".rejected-{seconds}"));
+        // rename(2) moves a symlink itself, never its target.
+        let aside = std::fs::rename(&self.path, &aside).ok().map(|()| aside);
+        CheckpointError::Rejected {
+            path: self.path.clone(),
+            reason,
+            detail,
+            aside,
+        }
+    }
+
+    /// Writes `state` atomically if this exporter holds (or can take) the
+    /// writer's lock. Returns whether it wrote.
+    pub fn save<T: Serialize>(&mut self, state: &T) -> Result<bool, CheckpointError> {
+        self.last_save_wrote = false;
+        let path = self.path.clone();
+        let write_err = |source| CheckpointError::Write {
+            path: path.clone(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(write_err)?;
+        }
+        if !self.take_lock().map_err(write_err)? {
+            return Ok(false);
+        }
+        let envelope = Envelope {
+            format: FORMAT.into(),
+            version: FORMAT_VERSION,
+            boot_id: self.boot_id.clone().unwrap_or_default(),
+            state,
+        };
+        let bytes =
+            serde_json::to_vec(&envelope).map_err(|e| write_err(std::io::Error::other(e)))?;
+        write_atomically(&path, &bytes).map_err(write_err)?;
+        self.last_save_wrote = true;
+        Ok(true)
+    }
+
+    /// Takes the writer's lock unless held already; false when another
+    /// exporter holds it.
+    fn take_lock(&mut self) -> std::io::Result<bool> {
+        if self.lock.is_some() {
+            return Ok(true);
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(self.lock_path())?;
+        match file.try_lock() {
+            Ok(()) => {
+                if self.told_not_writer {
+                    tracing::info!(
+                        "the other exporter released {}; this one writes the checkpoint {} now",
+                        self.lock_path().display(),
+                        self.path.display()
+                    );
+                }
+                self.lock = Some(file);
+                Ok(true)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                if !self.told_not_writer {
+                    self.told_not_writer = true;
+                    tracing::warn!(
+                        "another exporter holds {} and writes the checkpoint {}: this one counts \
+                         and serves but does not write until that one exits",
+                        self.lock_path().display(),
+                        self.path.display()
+                    );
+                }
+                Ok(false)
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+}
+
+enum Unusable {
+    Io(std::io::Error),
+    Reject(RejectReason, String),
+}
+
+/// `path` with `suffix` appended to its file name.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    path.with_file_name(name)
+}
+
+/// A new file of random name beside `path`, created exclusively, written,
+/// fsynced and renamed over `path`; then the directory is fsynced.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let prefix = sibling(Path::new(path.file_name().unwrap_or_default()), ".");
+    let mut temporary = tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".tmp")
+        .make_in(dir, |candidate| {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(candidate)
+        })?;
+    temporary.as_file_mut().write_all(bytes)?;
+    temporary.as_file().sync_all()?;
+    // On failure the temporary file is removed when `temporary` drops.
+    temporary.persist(path).map_err(|e| e.error)?;
+    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn no_check<T>(_: &T) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn at(path: &Path, boot: &str) -> Checkpoint {
+        Checkpoint::new(path.to_owned(), Some(boot.into()))
+    }
+
+    fn rejected_files(dir: &Path) -> Vec<PathBuf> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains(".rejected-"))
+            .collect()
+    }
 
     #[test]
     fn round_trip_and_refusals() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/ergon-checkpoint.json");
-        assert_eq!(load::<Vec<u64>>(&path, "boot-a").unwrap(), None);
-        save(&path, "boot-a", &vec![1u64, 2, 3]).unwrap();
         assert_eq!(
-            load::<Vec<u64>>(&path, "boot-a").unwrap(),
+            at(&path, "boot-a").load::<Vec<u64>>(no_check).unwrap(),
+            None
+        );
+        at(&path, "boot-a").save(&vec![1u64, 2, 3]).unwrap();
+        assert_eq!(
+            at(&path, "boot-a").load::<Vec<u64>>(no_check).unwrap(),
             Some(vec![1, 2, 3])
         );
-        let err = load::<Vec<u64>>(&path, "boot-b").unwrap_err();
+        let err = at(&path, "boot-b").load::<Vec<u64>>(no_check).unwrap_err();
         assert!(matches!(err, CheckpointError::OtherBoot { .. }), "{err}");
-        std::fs::write(&path, b"{ not json").unwrap();
-        let err = load::<Vec<u64>>(&path, "boot-a").unwrap_err().to_string();
-        assert!(err.contains("not an Ergon checkpoint"), "{err}");
-        std::fs::write(
-            &path,
-            br#"{"format":"other","version":1,"boot_id":"boot-a","state":[]}"#,
-        )
-        .unwrap();
-        assert!(load::<Vec<u64>>(&path, "boot-a").is_err());
         // Counters come back bit for bit: a restored value one ULP lower
         // would be a counter going down (serde_json's default float parser
         // is not exact; the workspace enables `float_roundtrip`).
         let values = vec![1.8097035082307378_f64, 0.1 + 0.2, 1e-300, 123456.789012345];
-        save(&path, "boot-a", &values).unwrap();
-        let restored = load::<Vec<f64>>(&path, "boot-a").unwrap().unwrap();
+        at(&path, "boot-a").save(&values).unwrap();
+        let restored = at(&path, "boot-a")
+            .load::<Vec<f64>>(no_check)
+            .unwrap()
+            .unwrap();
         for (a, b) in values.iter().zip(&restored) {
             assert_eq!(a.to_bits(), b.to_bits(), "{a} came back as {b}");
         }
-        // Right envelope, wrong state shape.
-        save(&path, "boot-a", &"text").unwrap();
-        assert!(load::<Vec<u64>>(&path, "boot-a").is_err());
+    }
+
+    #[test]
+    fn unusable_checkpoints_are_set_aside_and_never_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ergon-checkpoint.json");
+        let cases: Vec<(&[u8], RejectReason)> = vec![
+            (b"{ not json", RejectReason::Format),
+            (
+                br#"{"format":"other","version":1,"boot_id":"boot-a","state":[]}"#,
+                RejectReason::Format,
+            ),
+            // Right envelope, wrong state shape.
+            (
+                br#"{"format":"ergon-checkpoint","version":1,"boot_id":"boot-a","state":"text"}"#,
+                RejectReason::Format,
+            ),
+        ];
+        for (bytes, reason) in cases {
+            std::fs::write(&path, bytes).unwrap();
+            let mut checkpoint = at(&path, "boot-a");
+            let err = checkpoint.load::<Vec<u64>>(no_check).unwrap_err();
+            assert!(
+                matches!(&err, CheckpointError::Rejected { reason: r, aside: Some(_), .. } if *r == reason),
+                "{err}"
+            );
+            assert_eq!(checkpoint.rejected(), Some(reason));
+            assert!(!path.exists(), "a rejected checkpoint stayed in place");
+            let aside = rejected_files(dir.path());
+            assert_eq!(aside.len(), 1, "{aside:?}");
+            assert_eq!(std::fs::read(&aside[0]).unwrap(), bytes);
+            assert!(err.to_string().contains(".rejected-"), "{err}");
+            std::fs::remove_file(&aside[0]).unwrap();
+        }
+        // Valid shape, values the caller's validation refuses.
+        at(&path, "boot-a").save(&vec![f64::MAX, 1.0]).unwrap();
+        let mut checkpoint = at(&path, "boot-a");
+        let err = checkpoint
+            .load::<Vec<f64>>(|v| {
+                if v.iter().all(|x| *x < 1e12) {
+                    Ok(())
+                } else {
+                    Err("a counter of 1.8e308 J".into())
+                }
+            })
+            .unwrap_err();
+        assert_eq!(checkpoint.rejected(), Some(RejectReason::Invalid));
+        assert!(err.to_string().contains("1.8e308 J"), "{err}");
+        assert_eq!(rejected_files(dir.path()).len(), 1);
+    }
+
+    #[test]
+    fn reads_are_bounded_and_symlinks_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ergon-checkpoint.json");
+        let huge = File::create(&path).unwrap();
+        huge.set_len(MAX_CHECKPOINT_BYTES + 1).unwrap();
+        let mut checkpoint = at(&path, "boot-a");
+        checkpoint.load::<Vec<u64>>(no_check).unwrap_err();
+        assert_eq!(checkpoint.rejected(), Some(RejectReason::TooLarge));
+        for aside in rejected_files(dir.path()) {
+            std::fs::remove_file(aside).unwrap();
+        }
+
+        let target = dir.path().join("elsewhere.json");
+        at(&target, "boot-a").save(&vec![7u64]).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        let mut checkpoint = at(&path, "boot-a");
+        checkpoint.load::<Vec<u64>>(no_check).unwrap_err();
+        assert_eq!(checkpoint.rejected(), Some(RejectReason::NotAFile));
+        // The link was moved aside, its target left alone.
+        assert!(std::fs::symlink_metadata(&path).is_err());
+        assert_eq!(
+            at(&target, "boot-a").load::<Vec<u64>>(no_check).unwrap(),
+            Some(vec![7])
+        );
+    }
+
+    #[test]
+    fn an_unreadable_boot_id_matches_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ergon-checkpoint.json");
+        Checkpoint::new(path.clone(), None)
+            .save(&vec![1u64])
+            .unwrap();
+        let err = Checkpoint::new(path.clone(), None)
+            .load::<Vec<u64>>(no_check)
+            .unwrap_err();
+        assert!(matches!(err, CheckpointError::UnknownBoot { .. }), "{err}");
+        let err = at(&path, "boot-a").load::<Vec<u64>>(no_check).unwrap_err();
+        assert!(matches!(err, CheckpointError::OtherBoot { .. }), "{err}");
+        // And the host's id, when readable, is trimmed; empty counts as none.
+        let proc_dir = tempfile::tempdir().unwrap();
+        assert_eq!(boot_id(proc_dir.path()), None);
+        let random = proc_dir.path().join("sys/kernel/random");
+        std::fs::create_dir_all(&random).unwrap();
+        std::fs::write(random.join("boot_id"), "\n").unwrap();
+        assert_eq!(boot_id(proc_dir.path()), None);
+        std::fs::write(random.join("boot_id"), "abc-123\n").unwrap();
+        assert_eq!(boot_id(proc_dir.path()).as_deref(), Some("abc-123"));
+    }
+
+    #[test]
+    fn a_planted_symlink_is_never_followed_when_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ergon-checkpoint.json");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        // The names a writer might use for its temporary file.
+        for name in ["ergon-checkpoint.tmp", "ergon-checkpoint.json.tmp"] {
+            std::os::unix::fs::symlink(&victim, dir.path().join(name)).unwrap();
+        }
+        at(&path, "boot-a").save(&vec![1u64, 2]).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "checkpoint mode {mode:o}");
+        // Nothing but the checkpoint and its lock was added: no temporary
+        // file is left behind.
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "ergon-checkpoint.json",
+                "ergon-checkpoint.json.lock",
+                "ergon-checkpoint.json.tmp",
+                "ergon-checkpoint.tmp",
+                "victim"
+            ]
+        );
+        // A symlink at the checkpoint's own name is replaced, not followed.
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        at(&path, "boot-a").save(&vec![3u64]).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+    }
+
+    #[test]
+    fn a_second_exporter_does_not_write_until_the_first_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ergon-checkpoint.json");
+        let mut first = at(&path, "boot-a");
+        assert!(first.save(&vec![1u64]).unwrap());
+        assert!(first.writing());
+        let mut second = at(&path, "boot-a");
+        assert!(!second.save(&vec![2u64]).unwrap());
+        assert!(!second.writing());
+        assert_eq!(
+            at(&path, "boot-a").load::<Vec<u64>>(no_check).unwrap(),
+            Some(vec![1])
+        );
+        assert!(first.save(&vec![3u64]).unwrap());
+        drop(first);
+        assert!(second.save(&vec![4u64]).unwrap());
+        assert_eq!(
+            at(&path, "boot-a").load::<Vec<u64>>(no_check).unwrap(),
+            Some(vec![4])
+        );
     }
 }

@@ -18,6 +18,10 @@ use crate::probe::{HookChoice, PmuChoice, ProbeConfig, ProbeMode};
 /// the same.
 pub const DEFAULT_PORT: u16 = 9102;
 
+/// Where the exporter keeps its state unless told otherwise; the DaemonSet
+/// mounts this host directory read-write.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ergon";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum IdlePolicy {
     /// Idle energy stays on the node (`mode="idle"`).
@@ -157,9 +161,20 @@ pub struct Cli {
     #[arg(long, env = "ERGON_POD_LABELS", value_delimiter = ',')]
     pub pod_labels: Vec<String>,
 
-    /// Counter checkpoint, so counters survive restarts of the exporter.
+    /// Counter checkpoint file, so counters survive restarts of the
+    /// exporter. Default: ergon-checkpoint.json in --state-dir.
     #[arg(long, env = "ERGON_CHECKPOINT")]
     pub checkpoint: Option<PathBuf>,
+
+    /// Directory for the exporter's state: the counter checkpoint, its lock
+    /// and checkpoints set aside as unusable. Default: /var/lib/ergon (where
+    /// it cannot be created, Ergon runs without a checkpoint and says so).
+    #[arg(long, env = "ERGON_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Keep no checkpoint: every counter starts from zero at each restart.
+    #[arg(long, env = "ERGON_NO_CHECKPOINT", conflicts_with_all = ["checkpoint", "state_dir"])]
+    pub no_checkpoint: bool,
 
     /// How long a workload whose cgroup disappeared keeps its final counters.
     #[arg(long, env = "ERGON_RETENTION", default_value = "15m", value_parser = parse_duration)]
@@ -313,6 +328,49 @@ impl Cli {
             host_proc: self.host_proc.clone(),
             host_sys: self.host_sys.clone(),
             cgroup_root: self.cgroup_root(),
+        }
+    }
+
+    /// Where the checkpoint is written: `--checkpoint`, else
+    /// `ergon-checkpoint.json` in `--state-dir` (default
+    /// [`DEFAULT_STATE_DIR`]); `None` with `--no-checkpoint`.
+    pub fn checkpoint_path(&self) -> Option<PathBuf> {
+        if self.no_checkpoint {
+            return None;
+        }
+        if let Some(path) = &self.checkpoint {
+            return Some(path.clone());
+        }
+        let dir = self
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        Some(dir.join(crate::checkpoint::CHECKPOINT_FILE))
+    }
+
+    /// [`checkpoint_path`](Self::checkpoint_path), except that where the
+    /// *default* state directory cannot be created (a developer's machine,
+    /// a read-only root) the exporter runs without a checkpoint and says so
+    /// once. A directory the operator chose is never given up silently: its
+    /// errors are reported at every save.
+    pub fn usable_checkpoint_path(&self) -> Option<PathBuf> {
+        let path = self.checkpoint_path()?;
+        if self.checkpoint.is_some() || self.state_dir.is_some() {
+            return Some(path);
+        }
+        use std::os::unix::fs::DirBuilderExt;
+        match std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(DEFAULT_STATE_DIR)
+        {
+            Ok(()) => Some(path),
+            Err(e) => {
+                tracing::warn!(
+                    "cannot create the state directory {DEFAULT_STATE_DIR} ({e}): running without                      a checkpoint, counters restart from zero; choose another with --state-dir, or                      silence this with --no-checkpoint"
+                );
+                None
+            }
         }
     }
 
@@ -484,6 +542,45 @@ mod tests {
         .to_string();
         assert!(err.contains("missing.yaml"), "{err}");
     }
+    #[test]
+    fn the_checkpoint_is_on_by_default_in_the_state_dir() {
+        let path = |list: &[&str]| {
+            Cli::load_from(&args(list), |_| false)
+                .unwrap()
+                .checkpoint_path()
+        };
+        assert_eq!(
+            path(&["ergon"]),
+            Some(PathBuf::from("/var/lib/ergon/ergon-checkpoint.json"))
+        );
+        assert_eq!(
+            path(&["ergon", "--state-dir", "/srv/ergon"]),
+            Some(PathBuf::from("/srv/ergon/ergon-checkpoint.json"))
+        );
+        assert_eq!(
+            path(&["ergon", "--checkpoint", "/tmp/c.json"]),
+            Some(PathBuf::from("/tmp/c.json"))
+        );
+        assert_eq!(path(&["ergon", "--no-checkpoint"]), None);
+        let both = Cli::try_parse_from(["ergon", "--no-checkpoint", "--checkpoint", "/tmp/c.json"]);
+        assert!(
+            both.is_err(),
+            "--no-checkpoint with --checkpoint was accepted"
+        );
+        // An explicit directory is used as given (created at the first save).
+        let dir = tempfile::tempdir().unwrap();
+        let chosen = dir.path().join("state");
+        let cli = Cli::load_from(
+            &args(&["ergon", "--state-dir", chosen.to_str().unwrap()]),
+            |_| false,
+        )
+        .unwrap();
+        assert_eq!(
+            cli.usable_checkpoint_path(),
+            Some(chosen.join("ergon-checkpoint.json"))
+        );
+    }
+
     #[test]
     fn idle_watts_and_meters_are_checked() {
         let cli = Cli::load_from(

@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
         per_process: cli.per_process,
         retention: cli.retention,
         kepler_compat: cli.compat.is_some(),
-        checkpoint: cli.checkpoint.clone(),
+        checkpoint: cli.usable_checkpoint_path(),
         host_proc: cli.host_proc.clone(),
         cgroup_root: cli.cgroup_root(),
         model_fit_output: cli.model_fit_output.clone(),

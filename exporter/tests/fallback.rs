@@ -30,6 +30,8 @@ fn without_bpf_capabilities_the_exporter_falls_back_and_says_why() {
             &format!("127.0.0.1:{port}"),
             "--interval",
             "200ms",
+            // Nothing to restore, and no state left in /var/lib/ergon.
+            "--no-checkpoint",
         ])
         .env("ERGON_LOG", "info")
         .env("NO_COLOR", "1")

@@ -13,6 +13,12 @@
 //! when a checkpoint is restored). Workloads are serialised as a list of
 //! `(key, counters)` pairs, because formats such as JSON only take string
 //! map keys and `K` is usually a structured workload identity.
+//!
+//! Each workload's counters carry the names its series were last labelled
+//! with ([`SeriesNames`]), kept, pruned and checkpointed with the counters
+//! they label: the Kubernetes API forgets a deleted pod, and a restarted
+//! exporter never knew it, yet its retained counters must keep their
+//! `namespace`, `pod` and `container` labels or per-namespace sums lose them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
@@ -35,6 +41,19 @@ pub struct WorkloadCounters {
     pub cycles: u64,
     /// When it last used the CPU, received energy or was marked seen.
     pub last_seen: Nanos,
+    /// The names its series were last labelled with, once known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub names: Option<SeriesNames>,
+}
+
+/// The Kubernetes names of a workload's series (empty where not applicable,
+/// e.g. `container` of a pod's total).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeriesNames {
+    pub namespace: String,
+    pub pod: String,
+    #[serde(default)]
+    pub container: String,
 }
 
 /// One meter source's node-level counters.
@@ -154,6 +173,57 @@ impl<K: Eq + Hash + Clone> Ledger<K> {
 
     pub fn workloads(&self) -> impl Iterator<Item = (&K, &WorkloadCounters)> {
         self.workloads.iter()
+    }
+
+    /// For updating what is not a counter ([`WorkloadCounters::names`]).
+    pub fn workloads_mut(&mut self) -> impl Iterator<Item = (&K, &mut WorkloadCounters)> {
+        self.workloads.iter_mut()
+    }
+
+    /// Checks restored counters against what this ledger can produce:
+    /// finite, non-negative joules and no `last_seen` after `now` (a time in
+    /// the future would never be pruned). The error names the first
+    /// offending entry.
+    pub fn validate(&self, now: Nanos) -> Result<(), String>
+    where
+        K: std::fmt::Debug,
+    {
+        let plausible = |joules: Joules| joules.0.is_finite() && joules.0 >= 0.0;
+        for (key, counters) in &self.workloads {
+            if counters.last_seen > now {
+                return Err(format!(
+                    "{key:?} was last seen at {} ns, after now ({} ns of CLOCK_MONOTONIC)",
+                    counters.last_seen.0, now.0
+                ));
+            }
+            for (domain, joules) in &counters.energy {
+                if !plausible(joules.active) || !plausible(joules.idle) {
+                    return Err(format!(
+                        "{key:?} has {} J active and {} J idle in {}",
+                        joules.active.0,
+                        joules.idle.0,
+                        domain.as_str()
+                    ));
+                }
+            }
+        }
+        for ((domain, source), node) in &self.node {
+            for (what, joules) in [
+                ("active", node.active),
+                ("idle", node.idle),
+                ("idle kept", node.idle_kept),
+                ("active unattributed", node.active_unattributed),
+            ] {
+                if !plausible(joules) {
+                    return Err(format!(
+                        "the node's {what} energy of {} from {source} is {} J",
+                        domain.as_str(),
+                        joules.0
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Node counters per (domain, meter source).
@@ -281,6 +351,66 @@ mod tests {
         assert!(ledger.workload(&"alive").is_some());
         assert!(ledger.workload(&"never-used").is_none());
         assert_eq!(ledger.prune(Nanos(25 * MINUTE)), vec!["alive"]);
+    }
+
+    #[test]
+    fn validation_refuses_impossible_counters() {
+        let usage = HashMap::from([(
+            "a",
+            Usage {
+                cpu_ns: 1,
+                cycles: 0,
+            },
+        )]);
+        let mut ledger = Ledger::new(DEFAULT_RETENTION);
+        ledger.apply(&interval(8.0, &usage), Nanos(MINUTE));
+        assert_eq!(ledger.validate(Nanos(MINUTE)), Ok(()));
+        let err = ledger.validate(Nanos(MINUTE - 1)).unwrap_err();
+        assert!(err.contains("after now"), "{err}");
+        for bad in [f64::NAN, f64::INFINITY, -1.0] {
+            let mut broken = ledger.clone();
+            let (_, counters) = broken.workloads_mut().next().unwrap();
+            counters.energy.get_mut(&Domain::Package).unwrap().idle = Joules(bad);
+            let err = broken.validate(Nanos(MINUTE)).unwrap_err();
+            assert!(err.contains("\"a\"") && err.contains("J idle"), "{err}");
+            let mut broken = ledger.clone();
+            broken.node.values_mut().next().unwrap().idle_kept = Joules(bad);
+            let err = broken.validate(Nanos(MINUTE)).unwrap_err();
+            assert!(err.contains("idle kept"), "{err}");
+        }
+    }
+
+    #[test]
+    fn names_travel_with_their_counters() {
+        use crate::workload::cgroup::{QosClass, Workload};
+        let pod = Workload::Pod {
+            pod_uid: "9f0e".into(),
+            qos: QosClass::Burstable,
+        };
+        let usage = HashMap::from([(
+            pod.clone(),
+            Usage {
+                cpu_ns: 5,
+                cycles: 0,
+            },
+        )]);
+        let mut ledger = Ledger::new(Duration::from_secs(60));
+        ledger.add_usage(&usage, Nanos(3));
+        let names = SeriesNames {
+            namespace: "vehicle-pipeline".into(),
+            pod: "job-once".into(),
+            container: String::new(),
+        };
+        for (_, counters) in ledger.workloads_mut() {
+            counters.names = Some(names.clone());
+        }
+        let restored: Ledger<Workload> =
+            serde_json::from_str(&serde_json::to_string(&ledger).unwrap()).unwrap();
+        assert_eq!(restored.workload(&pod).unwrap().names, Some(names));
+        // Checkpoints written before names were kept still load.
+        let old = r#"{"workloads":[[{"system":{"bucket":"kernel"}},{"energy":{},"cpu_ns":1,"cycles":0,"last_seen":0}]],"node":[]}"#;
+        let restored: Ledger<Workload> = serde_json::from_str(old).unwrap();
+        assert_eq!(restored.workloads().next().unwrap().1.names, None);
     }
 
     #[test]

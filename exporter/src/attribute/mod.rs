@@ -36,7 +36,7 @@ use crate::units::{Domain, Joules};
 
 pub use gpu::{GpuProcessSample, gpu_usage_by_workload};
 pub use idle::{IdleBasis, IdleEstimate, IdleEstimator, LearnedIdleConfig};
-pub use ledger::{DEFAULT_RETENTION, Ledger, NodeCounters, WorkloadCounters};
+pub use ledger::{DEFAULT_RETENTION, Ledger, NodeCounters, SeriesNames, WorkloadCounters};
 
 /// One workload's usage in one interval (deltas, summed over CPUs).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

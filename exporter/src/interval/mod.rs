@@ -42,6 +42,7 @@ mod book;
 mod group;
 mod measure;
 mod report;
+mod restore;
 
 pub use book::by_pod;
 pub use report::catalogue;
@@ -120,7 +121,7 @@ pub struct Loop {
     state: State,
     last: LastInterval,
     previous: Option<(Instant, UsageSnapshot)>,
-    boot_id: String,
+    checkpoint: Option<crate::checkpoint::Checkpoint>,
     intervals: u64,
     kernel: String,
 }
@@ -132,21 +133,6 @@ impl Loop {
         pods: PodDirectory,
         settings: Settings,
     ) -> Loop {
-        let boot_id = crate::checkpoint::boot_id(&settings.host_proc);
-        let mut state = State::new(settings.retention);
-        if let Some(path) = &settings.checkpoint {
-            match crate::checkpoint::load::<State>(path, &boot_id) {
-                Ok(Some(restored)) => {
-                    tracing::info!("counters restored from checkpoint {}", path.display());
-                    state = restored;
-                    state.workloads.set_retention(settings.retention);
-                    state.pods.set_retention(settings.retention);
-                    state.processes.set_retention(settings.retention);
-                }
-                Ok(None) => tracing::info!("no checkpoint at {} yet", path.display()),
-                Err(e) => tracing::warn!("{e}"),
-            }
-        }
         let mut idle = IdleEstimator::new(LearnedIdleConfig::default());
         for (domain, watts) in &settings.idle_watts {
             idle.set_configured(*domain, *watts);
@@ -154,6 +140,7 @@ impl Loop {
         let cpus = aya::util::online_cpus()
             .map(|c| c.len() as u32)
             .unwrap_or(1);
+        let (checkpoint, state) = restore::restore(&settings, cpus);
         let cpu_model = std::fs::read_to_string(settings.host_proc.join("cpuinfo"))
             .map(|text| crate::meter::model::parse_cpuinfo(&text).model_name)
             .unwrap_or_default();
@@ -171,7 +158,7 @@ impl Loop {
             state,
             last: LastInterval::default(),
             previous: None,
-            boot_id,
+            checkpoint,
             intervals: 0,
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_owned())
@@ -193,6 +180,7 @@ impl Loop {
         let Some((then, before)) = self.previous.take() else {
             self.metering.take_baselines();
             self.previous = Some((now, usage));
+            report::publish_restored(self, published);
             return;
         };
         let elapsed = Nanos((now - then).as_nanos() as u64);
@@ -200,12 +188,11 @@ impl Loop {
         self.account(&before, &usage, elapsed, mono);
         self.previous = Some((now, usage));
         self.intervals += 1;
+        report::remember_names(&mut self.state, &self.pods);
         // Saved before publishing: whatever a scrape saw is in the
         // checkpoint, so even a crash right after cannot make a counter go
         // down on restart.
-        if let Some(path) = &self.settings.checkpoint {
-            self.save_checkpoint(path.clone());
-        }
+        self.save_checkpoint();
         if self.intervals.is_multiple_of(12) {
             self.save_fit();
         }
@@ -254,17 +241,17 @@ impl Loop {
         }
     }
 
-    fn save_checkpoint(&self, path: PathBuf) {
-        if let Err(e) = crate::checkpoint::save(&path, &self.boot_id, &self.state) {
+    fn save_checkpoint(&mut self) {
+        if let Some(checkpoint) = &mut self.checkpoint
+            && let Err(e) = checkpoint.save(&self.state)
+        {
             tracing::warn!("{e}");
         }
     }
 
     /// Saves the checkpoint and the model fit now (on SIGTERM).
-    pub fn shutdown(&self) {
-        if let Some(path) = &self.settings.checkpoint {
-            self.save_checkpoint(path.clone());
-        }
+    pub fn shutdown(&mut self) {
+        self.save_checkpoint();
         self.save_fit();
     }
 

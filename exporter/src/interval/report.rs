@@ -1,15 +1,24 @@
 //! Turns the loop's cumulative state into the metric families of
 //! `/metrics`: names, HELP texts and label sets are the contract of
 //! DESIGN.md, and the dashboards and alerts depend on them.
+//!
+//! Names (`namespace`, `pod`, `container`) come from the counters
+//! themselves ([`SeriesNames`]), refreshed from the pod directory every
+//! interval by [`remember_names`]: a series keeps its labels for as long as
+//! its counter is exported, after the API deleted the pod, after the
+//! directory forgot it and after an exporter restart, so it never flips to
+//! a second series with empty names.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use crate::export::{Family, Kind, Report, bounded_label};
+use crate::attribute::SeriesNames;
+use crate::export::{Family, Kind, Published, Report, bounded_label};
 use crate::probe::Probe;
 use crate::units::Domain;
-use crate::workload::Workload;
+use crate::workload::{PodDirectory, PodMeta, Workload};
 
-use super::Loop;
+use super::{Loop, State};
 
 pub const BUILD_INFO: &str = "ergon_build_info";
 pub const PROBE_INFO: &str = "ergon_probe_info";
@@ -34,6 +43,8 @@ pub const MODEL_FIT_RMSE: &str = "ergon_model_fit_rmse_watts";
 pub const MODEL_FIT_SAMPLES: &str = "ergon_model_fit_samples";
 pub const KEPLER_CONTAINER: &str = "kepler_container_joules_total";
 pub const KEPLER_NODE: &str = "kepler_node_platform_joules_total";
+pub const CHECKPOINT_REJECTED: &str = "ergon_checkpoint_rejected_total";
+pub const CHECKPOINT_WRITING: &str = "ergon_checkpoint_writing";
 
 const CONTAINER_LABELS: &[&str] = &["namespace", "pod", "container", "container_id"];
 const CONTAINER_DOMAIN_LABELS: &[&str] =
@@ -188,7 +199,92 @@ pub fn catalogue() -> Vec<Family> {
             Counter,
             &["source", "mode"],
         ),
+        Family::new(
+            CHECKPOINT_REJECTED,
+            "Checkpoints found at start that could not be used (reason=not_a_file|too_large|format|invalid): moved aside to <checkpoint>.rejected-<time>, counters started from zero.",
+            Counter,
+            &["reason"],
+        ),
+        Family::new(
+            CHECKPOINT_WRITING,
+            "1 if the last save wrote the checkpoint, 0 if it failed or another exporter holds its lock; absent without a checkpoint (--no-checkpoint).",
+            Gauge,
+            &[],
+        ),
     ]
+}
+
+/// Refreshes every counter's [`SeriesNames`] from the pod directory; a pod
+/// the directory does not know keeps the names it had.
+pub(super) fn remember_names(state: &mut State, pods: &PodDirectory) {
+    name_series(state, |uid| pods.pod(uid));
+}
+
+fn name_series(state: &mut State, pod: impl Fn(&str) -> Option<Arc<PodMeta>>) {
+    let update = |names: &mut Option<SeriesNames>, fresh: SeriesNames| {
+        if names.as_ref() != Some(&fresh) {
+            *names = Some(fresh);
+        }
+    };
+    for (uid, counters) in state.pods.workloads_mut() {
+        if let Some(meta) = pod(uid) {
+            let fresh = SeriesNames {
+                namespace: meta.namespace.clone(),
+                pod: meta.name.clone(),
+                container: String::new(),
+            };
+            update(&mut counters.names, fresh);
+        }
+    }
+    for (workload, counters) in state.workloads.workloads_mut() {
+        let Workload::Container {
+            pod_uid,
+            container_id,
+            ..
+        } = workload
+        else {
+            continue;
+        };
+        let Some(meta) = pod(pod_uid) else { continue };
+        // A restarted container's old id leaves the pod's status: its
+        // counter keeps the container name it had.
+        let container = match meta.containers.get(container_id) {
+            Some(name) => name.clone(),
+            None => counters
+                .names
+                .as_ref()
+                .map(|names| names.container.clone())
+                .unwrap_or_default(),
+        };
+        let fresh = SeriesNames {
+            namespace: meta.namespace.clone(),
+            pod: meta.name.clone(),
+            container,
+        };
+        update(&mut counters.names, fresh);
+    }
+}
+
+/// Before the first interval: a restarted exporter serves the counters it
+/// restored at once, so no scrape finds them missing.
+pub(super) fn publish_restored(measure: &mut Loop, published: &Published) {
+    let state = &measure.state;
+    let restored =
+        state.workloads.node().next().is_some() || state.pods.workloads().next().is_some();
+    if restored {
+        remember_names(&mut measure.state, &measure.pods);
+        published.publish(build(measure));
+    }
+}
+
+fn names_of(names: &Option<SeriesNames>) -> (String, String, String) {
+    names.as_ref().map_or_else(Default::default, |names| {
+        (
+            bounded_label(&names.namespace),
+            bounded_label(&names.pod),
+            bounded_label(&names.container),
+        )
+    })
 }
 
 /// Domains that do not overlap, for totals (Kepler's sum).
@@ -254,15 +350,12 @@ pub(super) fn build(measure: &Loop) -> Report {
     cpu.push(vec!["idle".into()], state.idle_ns as f64 / 1e9);
 
     for (uid, counters) in state.pods.workloads() {
-        let (namespace, name) = match measure.pods.pod(uid) {
-            Some(pod) => (pod.namespace.clone(), pod.name.clone()),
-            None => (String::new(), String::new()),
-        };
+        let (namespace, name, _) = names_of(&counters.names);
         for (domain, joules) in &counters.energy {
             family(&mut families, POD_ENERGY).push(
                 vec![
-                    bounded_label(&namespace),
-                    bounded_label(&name),
+                    namespace.clone(),
+                    name.clone(),
                     uid.clone(),
                     domain.as_str().into(),
                 ],
@@ -274,28 +367,9 @@ pub(super) fn build(measure: &Loop) -> Report {
     let source = measure.metering.primary_source();
     for (workload, counters) in state.workloads.workloads() {
         match workload {
-            Workload::Container {
-                pod_uid,
-                container_id,
-                ..
-            } => {
-                let (namespace, pod_name, container) = match measure.pods.pod(pod_uid) {
-                    Some(pod) => (
-                        pod.namespace.clone(),
-                        pod.name.clone(),
-                        pod.containers
-                            .get(container_id)
-                            .cloned()
-                            .unwrap_or_default(),
-                    ),
-                    None => Default::default(),
-                };
-                let labels = vec![
-                    bounded_label(&namespace),
-                    bounded_label(&pod_name),
-                    bounded_label(&container),
-                    container_id.clone(),
-                ];
+            Workload::Container { container_id, .. } => {
+                let (namespace, pod_name, container) = names_of(&counters.names);
+                let labels = vec![namespace, pod_name, container, container_id.clone()];
                 family(&mut families, CONTAINER_CPU_SECONDS)
                     .push(labels.clone(), counters.cpu_ns as f64 / 1e9);
                 if counters.cycles > 0 {
@@ -389,6 +463,13 @@ pub(super) fn build(measure: &Loop) -> Report {
         vec!["processes".into()],
         state.overflow_process_ns as f64 / 1e9,
     );
+    if let Some(checkpoint) = &measure.checkpoint {
+        if let Some(reason) = checkpoint.rejected() {
+            family(&mut families, CHECKPOINT_REJECTED).push(vec![reason.as_str().into()], 1.0);
+        }
+        family(&mut families, CHECKPOINT_WRITING)
+            .push(vec![], f64::from(u8::from(checkpoint.writing())));
+    }
     if let Probe::Ebpf(ebpf) = &measure.probe
         && let Some((run_time, runs)) = ebpf.program_stats()
     {
@@ -428,6 +509,8 @@ mod tests {
             MODEL_FIT_SAMPLES,
             KEPLER_CONTAINER,
             KEPLER_NODE,
+            CHECKPOINT_REJECTED,
+            CHECKPOINT_WRITING,
         ];
         let catalogue = catalogue();
         for name in names {
@@ -446,5 +529,87 @@ mod tests {
             names.len(),
             "a family without a name constant"
         );
+    }
+
+    fn pod_meta(uid: &str, name: &str, containers: &[(&str, &str)]) -> Arc<PodMeta> {
+        Arc::new(PodMeta {
+            uid: uid.into(),
+            namespace: "vehicle-pipeline".into(),
+            name: name.into(),
+            containers: containers
+                .iter()
+                .map(|(id, name)| (id.to_string(), name.to_string()))
+                .collect(),
+            ..PodMeta::default()
+        })
+    }
+
+    #[test]
+    fn names_outlive_the_directory_that_gave_them() {
+        use crate::attribute::Usage;
+        use crate::units::Nanos;
+        use crate::workload::QosClass;
+        use std::collections::HashMap;
+        let container = Workload::Container {
+            pod_uid: "u-1".into(),
+            container_id: "c0ffee".into(),
+            runtime: crate::workload::cgroup::Runtime::Containerd,
+            qos: QosClass::Burstable,
+        };
+        let used = Usage {
+            cpu_ns: 10,
+            cycles: 0,
+        };
+        let mut state = State::new(std::time::Duration::from_secs(900));
+        state
+            .workloads
+            .add_usage(&HashMap::from([(container.clone(), used)]), Nanos(1));
+        state
+            .pods
+            .add_usage(&HashMap::from([("u-1".to_owned(), used)]), Nanos(1));
+        let mut directory = HashMap::from([(
+            "u-1".to_owned(),
+            pod_meta("u-1", "job-once", &[("c0ffee", "main")]),
+        )]);
+        name_series(&mut state, |uid| directory.get(uid).cloned());
+        let expected = SeriesNames {
+            namespace: "vehicle-pipeline".into(),
+            pod: "job-once".into(),
+            container: "main".into(),
+        };
+        let names = |state: &State| {
+            (
+                state.workloads.workload(&container).unwrap().names.clone(),
+                state
+                    .pods
+                    .workload(&"u-1".to_owned())
+                    .unwrap()
+                    .names
+                    .clone(),
+            )
+        };
+        let pod_names = SeriesNames {
+            container: String::new(),
+            ..expected.clone()
+        };
+        assert_eq!(
+            names(&state),
+            (Some(expected.clone()), Some(pod_names.clone()))
+        );
+        // The container restarts under a new id: the old id's counter keeps
+        // its container name.
+        directory.insert(
+            "u-1".into(),
+            pod_meta("u-1", "job-once", &[("beef", "main")]),
+        );
+        name_series(&mut state, |uid| directory.get(uid).cloned());
+        assert_eq!(
+            names(&state),
+            (Some(expected.clone()), Some(pod_names.clone()))
+        );
+        // The directory forgets the pod while its counters are retained.
+        directory.clear();
+        name_series(&mut state, |uid| directory.get(uid).cloned());
+        assert_eq!(names(&state), (Some(expected), Some(pod_names)));
     }
 }

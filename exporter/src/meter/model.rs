@@ -273,19 +273,20 @@ pub fn table_row(cpu: &CpuIdentity) -> TableRow {
 }
 
 /// Estimates CPU package energy from utilisation.
+///
+/// It integrates a power over the interval's elapsed time, so unlike a
+/// counter it needs no baseline: the loop's baseline call (elapsed 0, and
+/// no utilisation yet) yields nothing, and the first measured interval
+/// already has its joules. A baseline of its own would lose that interval,
+/// whose CPU time is counted all the same.
 pub struct ModelMeter {
     coefficients: ModelCoefficients,
     cpus: u32,
-    baseline_taken: bool,
 }
 
 impl ModelMeter {
     pub fn new(coefficients: ModelCoefficients, cpus: u32) -> ModelMeter {
-        ModelMeter {
-            coefficients,
-            cpus,
-            baseline_taken: false,
-        }
+        ModelMeter { coefficients, cpus }
     }
 
     /// Coefficients from `overrides`, else the table row for the CPU in
@@ -334,14 +335,10 @@ impl Meter for ModelMeter {
         if ctx.cpus > 0 {
             self.cpus = ctx.cpus;
         }
-        let joules = if self.baseline_taken {
-            self.coefficients
-                .power(self.cpus, utilisation)
-                .over(ctx.elapsed)
-        } else {
-            self.baseline_taken = true;
-            Joules::ZERO
-        };
+        let joules = self
+            .coefficients
+            .power(self.cpus, utilisation)
+            .over(ctx.elapsed);
         // One zone: the model sees all CPUs at once, not sockets.
         Ok(vec![EnergySample {
             domain: Domain::Package,
@@ -579,14 +576,18 @@ mod tests {
     }
 
     #[test]
-    fn model_meter_integrates_power_after_its_baseline() {
+    fn model_meter_integrates_power_over_the_interval() {
         let mut meter = ModelMeter::new(GENERIC.coefficients(), 4);
         let ctx = MeterContext {
             elapsed: Nanos(2_000_000_000),
             cpu_utilisation: Some(0.5),
             cpus: 4,
         };
-        assert_eq!(meter.sample(&ctx).unwrap()[0].joules, Joules::ZERO);
+        let baseline = MeterContext {
+            elapsed: Nanos(0),
+            ..ctx
+        };
+        assert_eq!(meter.sample(&baseline).unwrap()[0].joules, Joules::ZERO);
         let joules = meter.sample(&ctx).unwrap()[0].joules.0;
         let expected = 4.0 * (0.74 + (3.5 - 0.74) * 0.5) * 2.0;
         assert!((joules - expected).abs() < 1e-9, "{joules} vs {expected}");
@@ -599,6 +600,27 @@ mod tests {
             })
             .unwrap_err();
         assert!(matches!(err, MeterError::NoUtilisation));
+    }
+
+    #[test]
+    fn the_first_interval_after_start_has_energy() {
+        // The loop's baseline call has no utilisation yet (and no elapsed
+        // time); the first measured interval must not be lost to it.
+        let mut meter = ModelMeter::new(GENERIC.coefficients(), 4);
+        let baseline = MeterContext {
+            elapsed: Nanos(0),
+            cpu_utilisation: None,
+            cpus: 4,
+        };
+        assert!(meter.sample(&baseline).is_err());
+        let first = MeterContext {
+            elapsed: Nanos(5_000_000_000),
+            cpu_utilisation: Some(0.25),
+            cpus: 4,
+        };
+        let joules = meter.sample(&first).unwrap()[0].joules.0;
+        let expected = 4.0 * (0.74 + (3.5 - 0.74) * 0.25) * 5.0;
+        assert!((joules - expected).abs() < 1e-9, "{joules} vs {expected}");
     }
 
     #[test]

@@ -173,11 +173,16 @@ impl PodDirectory {
             uid_by_config_hash,
             ..
         } = &mut *directory;
-        pods.retain(|_, entry| {
+        pods.retain(|uid, entry| {
             let keep = entry
                 .deleted_at
                 .is_none_or(|since| now.saturating_duration_since(since) < retention);
-            if !keep && let Some(hash) = &entry.config_hash {
+            // A static pod's mirror deleted and recreated has a new uid that
+            // took over the hash: only the entry's own mapping goes.
+            if !keep
+                && let Some(hash) = &entry.config_hash
+                && uid_by_config_hash.get(hash) == Some(uid)
+            {
                 uid_by_config_hash.remove(hash);
             }
             keep
@@ -746,6 +751,35 @@ mod tests {
             directory
                 .pod("0c5b1c2e-1111-2222-3333-444455556666")
                 .is_some()
+        );
+    }
+
+    #[test]
+    fn a_recreated_mirror_pod_keeps_its_name_when_the_old_one_is_pruned() {
+        let mirror = |uid: &str| {
+            let mut json = pod_json(uid, "kube-apiserver-edge-1");
+            json["metadata"]["annotations"] =
+                serde_json::json!({ MIRROR_ANNOTATION: "5a4c7d8d1b3e2f60718293a4b5c6d7e8" });
+            convert(json, &[])
+        };
+        let directory = PodDirectory::new();
+        let t0 = Instant::now();
+        directory.upsert(mirror("0c5b1c2e-0000-0000-0000-000000000001"));
+        // The API deletes the mirror pod and the kubelet recreates it.
+        directory.mark_deleted("0c5b1c2e-0000-0000-0000-000000000001", t0);
+        directory.upsert(mirror("0c5b1c2e-0000-0000-0000-000000000002"));
+        let retention = Duration::from_secs(60);
+        directory.prune_deleted(retention, t0 + retention);
+        assert!(
+            directory
+                .pod("0c5b1c2e-0000-0000-0000-000000000001")
+                .is_none()
+        );
+        let by_hash = directory.pod("5a4c7d8d1b3e2f60718293a4b5c6d7e8");
+        assert_eq!(
+            by_hash.map(|pod| pod.uid.clone()).as_deref(),
+            Some("0c5b1c2e-0000-0000-0000-000000000002"),
+            "the static pod's cgroup lost its name"
         );
     }
 

@@ -282,14 +282,30 @@ pub fn http_get(port: u16, path: &str) -> Option<String> {
 pub struct ExporterProcess {
     pub child: Child,
     pub port: u16,
+    /// The state directory given to an exporter whose arguments chose none,
+    /// so tests never share (or leave behind) /var/lib/ergon.
+    _state_dir: Option<tempfile::TempDir>,
 }
 
 impl ExporterProcess {
     /// Starts the exporter binary `ergon` on a free port and waits until
-    /// `/readyz` answers.
+    /// `/readyz` answers. Without `--checkpoint`, `--state-dir` or
+    /// `--no-checkpoint` in `args`, it gets a temporary state directory of
+    /// its own, removed on drop.
     pub fn start(ergon: &Path, args: &[String]) -> ExporterProcess {
         let port = free_port();
-        let child = Command::new(ergon)
+        let chooses_state = args.iter().any(|arg| {
+            ["--checkpoint", "--state-dir", "--no-checkpoint"]
+                .iter()
+                .any(|flag| arg.starts_with(flag))
+        });
+        let state_dir =
+            (!chooses_state).then(|| tempfile::tempdir().expect("a temporary state directory"));
+        let mut command = Command::new(ergon);
+        if let Some(dir) = &state_dir {
+            command.arg(format!("--state-dir={}", dir.path().display()));
+        }
+        let child = command
             .arg(format!("--listen=127.0.0.1:{port}"))
             .args(args)
             .env("NO_COLOR", "1")
@@ -298,7 +314,11 @@ impl ExporterProcess {
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("starting ergon");
-        let exporter = ExporterProcess { child, port };
+        let exporter = ExporterProcess {
+            child,
+            port,
+            _state_dir: state_dir,
+        };
         for _ in 0..300 {
             if let Some(reply) = http_get(port, "/readyz")
                 && reply.starts_with("HTTP/1.1 200")
@@ -320,6 +340,22 @@ impl ExporterProcess {
         text.split_once("\r\n\r\n")
             .map(|(_, body)| body.to_owned())
             .unwrap_or_default()
+    }
+
+    /// Scrapes until `check` holds (15 s at most), or fails with the last
+    /// scrape.
+    pub fn eventually(&self, what: &str, check: impl Fn(&Metrics) -> bool) -> Metrics {
+        for _ in 0..150 {
+            let metrics = self.metrics();
+            if check(&metrics) {
+                return metrics;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "{what}: not reached; last scrape: {:?}",
+            self.metrics().samples
+        );
     }
 
     pub fn kill(&mut self) {

@@ -58,6 +58,21 @@ impl PodFixture {
     }
 }
 
+/// Arguments for an exporter measuring the fixtures' pods: the fake RAPL
+/// tree, the real cgroup v2 root, a fixed idle power (so the active part is
+/// known from the first interval; the learned minimum needs a warm-up) and
+/// the fake API for names.
+pub fn exporter_args(rapl: &crate::FakeRapl, api: &KubeApi) -> Vec<String> {
+    vec![
+        rapl.host_sys_arg(),
+        format!("--cgroup-root={}", crate::cgroup2_root().display()),
+        "--meter=rapl".into(),
+        "--idle-watts=package=10".into(),
+        format!("--kube-api={}", api.url()),
+        format!("--node-name={NODE}"),
+    ]
+}
+
 /// The fake API server lives on its own runtime so the test stays synchronous.
 pub struct KubeApi {
     runtime: tokio::runtime::Runtime,

@@ -1,0 +1,91 @@
+//! The loop's cumulative [`State`] from the checkpoint at start, checked
+//! before it is trusted.
+//!
+//! A restored value is exported as a counter that Prometheus assumes only
+//! grows, so nothing impossible gets in: joules finite and non-negative, no
+//! workload seen after now (it would never be pruned), CPU time within what
+//! the node's CPUs could have run since boot. A checkpoint that fails is set
+//! aside by [`Checkpoint::load`] and the counters start from zero.
+
+use crate::checkpoint::Checkpoint;
+use crate::units::Nanos;
+
+use super::{Settings, State};
+
+/// The checkpoint (if enabled) and the state to start from.
+pub(super) fn restore(settings: &Settings, cpus: u32) -> (Option<Checkpoint>, State) {
+    let mut state = State::new(settings.retention);
+    let Some(path) = &settings.checkpoint else {
+        return (None, state);
+    };
+    let boot_id = crate::checkpoint::boot_id(&settings.host_proc);
+    let mut checkpoint = Checkpoint::new(path.clone(), boot_id);
+    let now = Nanos(crate::units::monotonic_ns());
+    match checkpoint.load::<State>(|restored| restored.validate(now, cpus)) {
+        Ok(Some(restored)) => {
+            tracing::info!("counters restored from checkpoint {}", path.display());
+            state = restored;
+            state.workloads.set_retention(settings.retention);
+            state.pods.set_retention(settings.retention);
+            state.processes.set_retention(settings.retention);
+        }
+        Ok(None) => tracing::info!("no checkpoint at {} yet", path.display()),
+        Err(e) => tracing::warn!("{e}"),
+    }
+    (Some(checkpoint), state)
+}
+
+impl State {
+    /// See the module docs. `now` is `CLOCK_MONOTONIC`, the ledgers' clock.
+    pub(super) fn validate(&self, now: Nanos, cpus: u32) -> Result<(), String> {
+        self.workloads
+            .validate(now)
+            .map_err(|e| format!("workload counters: {e}"))?;
+        self.pods
+            .validate(now)
+            .map_err(|e| format!("pod counters: {e}"))?;
+        self.processes
+            .validate(now)
+            .map_err(|e| format!("process counters: {e}"))?;
+        if let Some((domain, joules)) = self.residual.iter().find(|(_, j)| !j.is_finite()) {
+            return Err(format!("the residual of {} is {joules} J", domain.as_str()));
+        }
+        // Busy and idle time of all CPUs together cannot exceed the time
+        // since boot times the CPUs (a few percent of slack for CPUs brought
+        // online and offline).
+        let possible = u128::from(now.0) * u128::from(cpus.max(1)) * 105 / 100;
+        let counted = u128::from(self.busy_ns) + u128::from(self.idle_ns);
+        if counted > possible {
+            return Err(format!(
+                "{} s of CPU time counted, more than {cpus} CPUs ran in {} s since boot",
+                counted / 1_000_000_000,
+                now.0 / 1_000_000_000
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::Domain;
+    use std::time::Duration;
+
+    #[test]
+    fn impossible_state_is_refused() {
+        let now = Nanos(3_600_000_000_000);
+        let fresh = State::new(Duration::from_secs(60));
+        assert_eq!(fresh.validate(now, 4), Ok(()));
+        let mut busy = State::new(Duration::from_secs(60));
+        busy.busy_ns = 3 * 3_600_000_000_000;
+        busy.idle_ns = 3_600_000_000_000 / 2;
+        assert_eq!(busy.validate(now, 4), Ok(()));
+        let err = busy.validate(now, 2).unwrap_err();
+        assert!(err.contains("more than 2 CPUs"), "{err}");
+        let mut residual = State::new(Duration::from_secs(60));
+        residual.residual.insert(Domain::Dram, f64::NAN);
+        let err = residual.validate(now, 4).unwrap_err();
+        assert!(err.contains("residual of dram"), "{err}");
+    }
+}

@@ -1,0 +1,201 @@
+//! Restarts of the real `ergon` binary, with a loopback Kubernetes API: the
+//! counters come back from the checkpoint with their names, they are served
+//! from the first scrape, an unusable checkpoint is set aside and reported,
+//! and the first interval after start carries energy.
+
+use ergon_testkit as support;
+
+const ERGON: &str = env!("CARGO_BIN_EXE_ergon");
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use support::pods::{KubeApi as Api, PodFixture as TestPod};
+use support::{ExporterProcess, FakeRapl, Metrics, cpu_lock};
+
+type Sample = (String, BTreeMap<String, String>, f64);
+
+fn args(rapl: &FakeRapl, api: &Api, extra: &[String]) -> Vec<String> {
+    let mut args = support::pods::exporter_args(rapl, api);
+    args.push("--retention=10m".into());
+    args.extend(extra.iter().cloned());
+    args
+}
+
+fn of_pod<'a>(metrics: &'a Metrics, pod: &TestPod) -> Vec<&'a Sample> {
+    metrics
+        .samples
+        .iter()
+        .filter(|(_, labels, _)| {
+            labels.get("pod_uid") == Some(&pod.uid)
+                || labels.get("container_id") == Some(&pod.container_id)
+        })
+        .collect()
+}
+
+fn named(samples: &[&Sample], pod: &TestPod) -> bool {
+    !samples.is_empty()
+        && samples.iter().all(|(_, labels, _)| {
+            labels["namespace"] == pod.namespace
+                && labels["pod"] == pod.name
+                && labels.get("container").is_none_or(|c| c == "main")
+        })
+}
+
+#[test]
+fn a_deleted_pod_keeps_its_names_across_a_restart_and_counters_are_served_at_once() {
+    let _lock = cpu_lock();
+    let rapl = FakeRapl::start(30.0);
+    let mut gone = TestPod::start("vehicle-pipeline", "job-once", 1);
+    let staying = TestPod::start("vehicle-pipeline", "vehicle-api-0", 1);
+    let api = Api::start(&[&gone, &staying]);
+    let state = tempfile::tempdir().unwrap();
+    let state_arg = format!("--state-dir={}", state.path().display());
+    let mut exporter = ExporterProcess::start(
+        ERGON.as_ref(),
+        &args(&rapl, &api, &[state_arg.clone(), "--interval=500ms".into()]),
+    );
+    exporter.eventually("the pod that will go is named", |m| {
+        named(&of_pod(m, &gone), &gone)
+            && m.sum("ergon_pod_energy_joules_total", &[("pod", "job-once")]) > 0.0
+    });
+
+    // The pod ends: its processes exit, its cgroup goes, the API deletes it.
+    gone.stop();
+    gone.cgroup.remove();
+    api.state.lock().unwrap().delete(&gone.uid);
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = exporter.metrics();
+    let counters_of_gone: Vec<Sample> = of_pod(&before, &gone)
+        .into_iter()
+        .filter(|(name, _, _)| name.ends_with("_total"))
+        .cloned()
+        .collect();
+    assert!(
+        named(&counters_of_gone.iter().collect::<Vec<_>>(), &gone),
+        "{counters_of_gone:?}"
+    );
+    let counters: Vec<Sample> = before
+        .samples
+        .iter()
+        .filter(|(name, _, _)| name.starts_with("ergon_") && name.ends_with("_total"))
+        // The kernel's statistics of the program belong to the process that
+        // loaded it; they start again with the new one.
+        .filter(|(name, _, _)| !name.starts_with("ergon_probe_run"))
+        .cloned()
+        .collect();
+
+    // Killed without warning; the new exporter measures every 30 s, so
+    // what it serves before then can only be the restored counters.
+    exporter.kill();
+    let started = Instant::now();
+    let exporter = ExporterProcess::start(
+        ERGON.as_ref(),
+        &args(&rapl, &api, &[state_arg, "--interval=30s".into()]),
+    );
+    let after = exporter.metrics();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the first scrape came after the first interval"
+    );
+    for (name, labels, value) in &counters {
+        let now = after
+            .samples
+            .iter()
+            .find(|(n, l, _)| n == name && l == labels)
+            .map(|(_, _, v)| *v);
+        match now {
+            Some(now) => assert!(
+                now >= *value,
+                "{name}{labels:?} went down: {value} -> {now}"
+            ),
+            None => panic!(
+                "{name}{labels:?} is missing from the first scrape after a restart; the pod's \
+                 series now: {:?}",
+                of_pod(&after, &gone)
+            ),
+        }
+    }
+    assert!(
+        named(&of_pod(&after, &gone), &gone),
+        "{:?}",
+        of_pod(&after, &gone)
+    );
+    let written = after.sum("ergon_checkpoint_writing", &[]);
+    assert_eq!(written, 0.0, "nothing was saved yet by the new exporter");
+}
+
+#[test]
+fn an_unusable_checkpoint_is_set_aside_and_reported() {
+    let _lock = cpu_lock();
+    let rapl = FakeRapl::start(30.0);
+    let api = Api::start(&[]);
+    let state = tempfile::tempdir().unwrap();
+    let checkpoint = state.path().join("ergon-checkpoint.json");
+    std::fs::write(
+        &checkpoint,
+        b"{\"format\":\"ergon-checkpoint\",\"version\":1,",
+    )
+    .unwrap();
+    let exporter = ExporterProcess::start(
+        ERGON.as_ref(),
+        &args(
+            &rapl,
+            &api,
+            &[
+                format!("--state-dir={}", state.path().display()),
+                "--interval=500ms".into(),
+            ],
+        ),
+    );
+    let metrics = exporter.eventually("a checkpoint is written", |m| {
+        m.sum("ergon_checkpoint_writing", &[]) == 1.0
+    });
+    assert_eq!(
+        metrics.sum("ergon_checkpoint_rejected_total", &[("reason", "format")]),
+        1.0
+    );
+    let aside: Vec<_> = std::fs::read_dir(state.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("ergon-checkpoint.json.rejected-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+}
+
+#[test]
+fn the_first_interval_has_energy_wherever_cpu_time_was_counted() {
+    let _lock = cpu_lock();
+    // The model meter, as on every VM: no power counter, an estimate from
+    // utilisation.
+    let busy = TestPod::start("vehicle-pipeline", "first-interval", 1);
+    let exporter = ExporterProcess::start(
+        ERGON.as_ref(),
+        &[
+            format!("--cgroup-root={}", support::cgroup2_root().display()),
+            "--meter=model".into(),
+            "--interval=3s".into(),
+            "--no-checkpoint".into(),
+        ],
+    );
+    // Ready means the first interval was published; the next comes 3 s later.
+    let first = exporter.metrics();
+    let cpu = first.sum(
+        "ergon_container_cpu_seconds_total",
+        &[("container_id", busy.container_id.as_str())],
+    );
+    let joules = first.sum(
+        "ergon_container_energy_joules_total",
+        &[("container_id", busy.container_id.as_str())],
+    );
+    assert!(cpu > 0.0, "the busy pod used no CPU in the first interval");
+    assert!(
+        joules > 0.0,
+        "the first interval counted {cpu} CPU seconds and no joules"
+    );
+    let node = first.sum("ergon_node_energy_joules_total", &[("source", "model")]);
+    assert!(
+        node > 0.0,
+        "the model estimated nothing for the first interval"
+    );
+}
