@@ -34,8 +34,14 @@ pub enum IdlePolicy {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Compat {
-    /// Also emit Kepler's metric names so Kepler dashboards keep working.
+    /// Also emit Kepler 0.11's metric names (`kepler_node_cpu_joules_total`,
+    /// `kepler_container_cpu_joules_total`, …) so Kepler dashboards and
+    /// alerts keep working.
     Kepler,
+    /// Also emit the names of Kepler 0.9 and earlier
+    /// (`kepler_container_joules_total`, `kepler_node_platform_joules_total`).
+    #[value(name = "kepler-0.9")]
+    Kepler09,
 }
 
 #[derive(Debug, Parser)]

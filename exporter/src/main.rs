@@ -51,7 +51,12 @@ fn main() -> anyhow::Result<()> {
         idle_watts,
         per_process: cli.per_process,
         retention: cli.retention,
-        kepler_compat: cli.compat.is_some(),
+        compat: cli.compat,
+        node_name: cli.node_name.clone().unwrap_or_else(|| {
+            std::fs::read_to_string(cli.host_proc.join("sys/kernel/hostname"))
+                .map(|name| name.trim().to_owned())
+                .unwrap_or_default()
+        }),
         checkpoint: cli.usable_checkpoint_path(),
         host_proc: cli.host_proc.clone(),
         cgroup_root: cli.cgroup_root(),

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::attribute::{IdleEstimator, LearnedIdleConfig, Ledger};
-use crate::config::IdlePolicy;
+use crate::config::{Compat, IdlePolicy};
 use crate::export::{Published, ServerHandle};
 use crate::meter::Meter;
 use crate::probe::{Probe, UsageSnapshot};
@@ -40,6 +40,7 @@ use crate::workload::{PodDirectory, Workload};
 
 mod book;
 mod group;
+mod kepler;
 mod measure;
 mod report;
 mod restore;
@@ -63,7 +64,10 @@ pub struct Settings {
     pub idle_watts: Vec<(Domain, Watts)>,
     pub per_process: bool,
     pub retention: Duration,
-    pub kepler_compat: bool,
+    /// Other exporters' metric names to emit too (`--compat`).
+    pub compat: Option<Compat>,
+    /// This node's name, for series that carry it (Kepler's `node_name`).
+    pub node_name: String,
     pub checkpoint: Option<PathBuf>,
     pub host_proc: PathBuf,
     pub cgroup_root: PathBuf,
@@ -110,6 +114,8 @@ pub struct LastInterval {
     pub power: BTreeMap<(Domain, &'static str), Watts>,
     pub meter_up: BTreeMap<&'static str, bool>,
     pub estimate_sources: Vec<&'static str>,
+    /// Per-workload power and liveness, kept only under `--compat kepler`.
+    pub kepler: Option<kepler::KeplerInterval>,
 }
 
 pub struct Loop {
@@ -124,6 +130,8 @@ pub struct Loop {
     checkpoint: Option<crate::checkpoint::Checkpoint>,
     intervals: u64,
     kernel: String,
+    /// Present under `--compat kepler`.
+    kepler_node: Option<kepler::KeplerNode>,
 }
 
 impl Loop {
@@ -144,7 +152,10 @@ impl Loop {
         let cpu_model = std::fs::read_to_string(settings.host_proc.join("cpuinfo"))
             .map(|text| crate::meter::model::parse_cpuinfo(&text).model_name)
             .unwrap_or_default();
+        let kepler_node = (settings.compat == Some(Compat::Kepler))
+            .then(|| kepler::KeplerNode::new(settings.node_name.clone(), &settings.host_proc));
         Loop {
+            kepler_node,
             probe,
             grouping: Grouping::new(
                 settings.cgroup_root.clone(),
@@ -222,6 +233,10 @@ impl Loop {
         let attributions = book::split(&measurement.energies, &usage, &weights);
         self.state.book(&attributions, &usage, mono);
         self.last = measurement.last;
+        if self.kepler_node.is_some() {
+            let seconds = elapsed.as_secs_f64();
+            self.last.kepler = Some(kepler::KeplerInterval::new(&attributions, &usage, seconds));
+        }
         self.forget_the_dead(&usage, now, mono);
     }
 

@@ -18,7 +18,8 @@ use crate::probe::Probe;
 use crate::units::Domain;
 use crate::workload::{PodDirectory, PodMeta, Workload};
 
-use super::{Loop, State};
+use super::{Loop, State, kepler};
+use crate::config::Compat;
 
 pub const BUILD_INFO: &str = "ergon_build_info";
 pub const PROBE_INFO: &str = "ergon_probe_info";
@@ -212,6 +213,9 @@ pub fn catalogue() -> Vec<Family> {
             &[],
         ),
     ]
+    .into_iter()
+    .chain(kepler::catalogue())
+    .collect()
 }
 
 /// Refreshes every counter's [`SeriesNames`] from the pod directory; a pod
@@ -277,7 +281,7 @@ pub(super) fn publish_restored(measure: &mut Loop, published: &Published) {
     }
 }
 
-fn names_of(names: &Option<SeriesNames>) -> (String, String, String) {
+pub(super) fn names_of(names: &Option<SeriesNames>) -> (String, String, String) {
     names.as_ref().map_or_else(Default::default, |names| {
         (
             bounded_label(&names.namespace),
@@ -386,7 +390,7 @@ pub(super) fn build(measure: &Loop) -> Report {
                         idle += joules.idle.0;
                     }
                 }
-                if measure.settings.kepler_compat {
+                if measure.settings.compat == Some(Compat::Kepler09) {
                     for (mode, value) in [("dynamic", dynamic), ("idle", idle)] {
                         family(&mut families, KEPLER_CONTAINER).push(
                             vec![
@@ -417,7 +421,7 @@ pub(super) fn build(measure: &Loop) -> Report {
             Workload::Pod { .. } => {}
         }
     }
-    if measure.settings.kepler_compat {
+    if measure.settings.compat == Some(Compat::Kepler09) {
         for ((source, mode), value) in kepler_node {
             family(&mut families, KEPLER_NODE).push(vec![source, mode.into()], value);
         }
@@ -476,6 +480,9 @@ pub(super) fn build(measure: &Loop) -> Report {
         family(&mut families, PROBE_RUN_TIME).push(vec![], run_time.as_secs_f64());
         family(&mut families, PROBE_RUNS).push(vec![], runs as f64);
     }
+    if let Some(node) = &measure.kepler_node {
+        kepler::push(&mut families, measure, node);
+    }
     Report { families }
 }
 
@@ -526,7 +533,7 @@ mod tests {
         }
         assert_eq!(
             catalogue.len(),
-            names.len(),
+            names.len() + kepler::catalogue().len(),
             "a family without a name constant"
         );
     }

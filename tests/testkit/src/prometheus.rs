@@ -53,24 +53,55 @@ impl Prometheus {
 
     /// The scalar value of an instant query's first result, if any.
     pub fn query(&self, promql: &str) -> Option<f64> {
-        let encoded: String = promql
-            .bytes()
-            .map(|b| match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
+        self.query_all(promql)
+            .into_iter()
+            .next()
+            .map(|(_, value)| value)
+    }
+
+    /// Every result of an instant query: its labels and value.
+    pub fn query_all(
+        &self,
+        promql: &str,
+    ) -> Vec<(serde_json::Map<String, serde_json::Value>, f64)> {
+        let Some(value) = self.api(&format!("/api/v1/query?query={}", encode(promql))) else {
+            return Vec::new();
+        };
+        let results = value["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        results
+            .into_iter()
+            .filter_map(|result| {
+                let labels = result["metric"].as_object()?.clone();
+                let value = result["value"][1].as_str()?.parse().ok()?;
+                Some((labels, value))
             })
-            .collect();
-        let reply = super::http_get(self.port, &format!("/api/v1/query?query={encoded}"))?;
+            .collect()
+    }
+
+    /// The values of `label` on the series of `metric`, as Grafana's
+    /// `label_values(metric, label)` asks for them.
+    pub fn label_values(&self, label: &str, metric: &str) -> Vec<String> {
+        let path = format!(
+            "/api/v1/label/{label}/values?match%5B%5D={}",
+            encode(metric)
+        );
+        self.api(&path)
+            .and_then(|value| value["data"].as_array().cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect()
+    }
+
+    fn api(&self, path: &str) -> Option<serde_json::Value> {
+        let reply = super::http_get(self.port, path)?;
         let body = reply.split_once("\r\n\r\n")?.1;
         // Chunked or not, the JSON object is the part between the braces.
         let json = &body[body.find('{')?..=body.rfind('}')?];
-        let value: serde_json::Value = serde_json::from_str(json).ok()?;
-        value["data"]["result"][0]["value"][1]
-            .as_str()?
-            .parse()
-            .ok()
+        serde_json::from_str(json).ok()
     }
 
     /// Polls `promql` until it is positive (up to 30 s), returning it.
@@ -92,4 +123,16 @@ impl Drop for Prometheus {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Percent-encodes a query string value.
+fn encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
