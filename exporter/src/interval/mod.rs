@@ -169,7 +169,8 @@ impl Loop {
         }
     }
 
-    /// One interval. The first call only takes the baselines.
+    /// One interval. The first call only takes the baselines (and serves the
+    /// counters restored from a checkpoint: `report::publish_restored`).
     pub fn step(&mut self, published: &Published) {
         let usage = match self.probe.sample() {
             Ok(usage) => usage,
