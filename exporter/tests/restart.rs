@@ -200,3 +200,33 @@ fn the_first_interval_has_energy_wherever_cpu_time_was_counted() {
         assert!(node > 0.0, "{source}: no energy in the first interval");
     }
 }
+
+#[test]
+fn a_second_exporter_on_the_same_state_dir_writes_only_after_the_first_exits() {
+    let _lock = cpu_lock();
+    let rapl = FakeRapl::start(30.0);
+    let api = Api::start(&[]);
+    let state = tempfile::tempdir().unwrap();
+    let args = args(
+        &rapl,
+        &api,
+        &[
+            format!("--state-dir={}", state.path().display()),
+            "--interval=500ms".into(),
+        ],
+    );
+    let writing = |m: &Metrics| m.sum("ergon_checkpoint_writing", &[]);
+    let mut first = ExporterProcess::start(ERGON.as_ref(), &args);
+    first.eventually("the first exporter writes", |m| writing(m) == 1.0);
+    // A rolling update's surge pod on the same node.
+    let second = ExporterProcess::start(ERGON.as_ref(), &args);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(writing(&second.metrics()), 0.0, "two exporters write");
+    assert!(
+        second.metrics().sum("ergon_node_cpu_seconds_total", &[]) > 0.0,
+        "the second exporter stopped measuring"
+    );
+    assert_eq!(writing(&first.metrics()), 1.0);
+    first.kill();
+    second.eventually("the second exporter takes over", |m| writing(m) == 1.0);
+}
