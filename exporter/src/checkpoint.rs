@@ -51,10 +51,12 @@ const FORMAT: &str = "ergon-checkpoint";
 /// The checkpoint's file name inside the state directory (`--state-dir`).
 pub const CHECKPOINT_FILE: &str = "ergon-checkpoint.json";
 
-/// Largest checkpoint read back. A full node (16,384 cgroups, 32,768
-/// processes, each entry a few hundred bytes) stays far below; anything
-/// larger was not written by Ergon.
-pub const MAX_CHECKPOINT_BYTES: u64 = 256 << 20;
+/// Largest checkpoint read back. Full default maps (16,384 cgroups of
+/// about 500 bytes each, 32,768 processes of about 300) make about 18 MB;
+/// anything much larger was not written by Ergon, and reading it would
+/// cost more than the pod's memory limit (64 Mi in the chart). The state is
+/// parsed straight into its types, never through a generic JSON tree.
+pub const MAX_CHECKPOINT_BYTES: u64 = 64 << 20;
 
 #[derive(Serialize, Deserialize)]
 struct Envelope<T> {
@@ -201,7 +203,9 @@ impl Checkpoint {
             }
             Err(Unusable::Reject(reason, detail)) => return Err(self.reject(reason, detail)),
         };
-        let envelope: Envelope<serde_json::Value> = match serde_json::from_slice(&bytes) {
+        // The envelope first, skipping the state: its format and boot decide
+        // whether the state is worth parsing.
+        let envelope: Envelope<serde::de::IgnoredAny> = match serde_json::from_slice(&bytes) {
             Ok(envelope) => envelope,
             Err(e) => return Err(self.reject(RejectReason::Format, e.to_string())),
         };
@@ -224,8 +228,8 @@ impl Checkpoint {
                 current: current.to_owned(),
             });
         }
-        let state: T = match serde_json::from_value(envelope.state) {
-            Ok(state) => state,
+        let state: T = match serde_json::from_slice::<Envelope<T>>(&bytes) {
+            Ok(envelope) => envelope.state,
             Err(e) => return Err(self.reject(RejectReason::Format, e.to_string())),
         };
         match validate(&state) {
