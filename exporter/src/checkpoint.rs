@@ -15,7 +15,8 @@
 //!   a symlink or file planted there is never followed nor truncated), the
 //!   bytes are fsynced, the file is renamed over the checkpoint and the
 //!   directory is fsynced, so after a crash either the old or the new
-//!   checkpoint is there, whole.
+//!   checkpoint is there, whole. A temporary file a killed writer left is
+//!   removed by the next writer once it holds the lock.
 //! - One writer: an advisory `flock` on `<checkpoint>.lock`. Decision: an
 //!   exporter that finds the lock held (a rolling update's surge pod next to
 //!   the old one) restores, counts and serves as usual but does not write;
@@ -354,6 +355,7 @@ impl Checkpoint {
                     );
                 }
                 self.lock = Some(file);
+                self.remove_stale_temporaries();
                 Ok(true)
             }
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -385,17 +387,56 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// A new file of random name beside `path`, created exclusively, written,
-/// fsynced and renamed over `path`; then the directory is fsynced.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+impl Checkpoint {
+    /// With the lock held no other exporter is writing: a temporary file
+    /// left in the directory is one a killed writer never renamed. Only
+    /// names of the form [`write_atomically`] creates are removed, and
+    /// `unlink` removes a symlink itself, never its target.
+    fn remove_stale_temporaries(&self) {
+        let (dir, prefix) = temporary_name_parts(&self.path);
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let random = name
+                .strip_prefix(prefix.as_str())
+                .and_then(|rest| rest.strip_suffix(TEMPORARY_SUFFIX));
+            if random.is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_alphanumeric()))
+            {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => tracing::info!(
+                        "removed {}, a checkpoint a killed exporter left unfinished",
+                        entry.path().display()
+                    ),
+                    Err(e) => tracing::debug!("removing {}: {e}", entry.path().display()),
+                }
+            }
+        }
+    }
+}
+
+const TEMPORARY_SUFFIX: &str = ".tmp";
+
+/// The directory of `path` and the prefix of its temporary files
+/// (`<name>.<random>.tmp`).
+fn temporary_name_parts(path: &Path) -> (&Path, String) {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let prefix = sibling(Path::new(path.file_name().unwrap_or_default()), ".");
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    (dir, format!("{name}."))
+}
+
+/// A new file of random name beside `path`, created exclusively, written,
+/// fsynced and renamed over `path`; then the directory is fsynced.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let (dir, prefix) = temporary_name_parts(path);
     let mut temporary = tempfile::Builder::new()
         .prefix(&prefix)
-        .suffix(".tmp")
+        .suffix(TEMPORARY_SUFFIX)
         .make_in(dir, |candidate| {
             OpenOptions::new()
                 .write(true)
@@ -598,6 +639,25 @@ mod tests {
         at(&path, "boot-a").save(&vec![3u64]).unwrap();
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+    }
+
+    #[test]
+    fn the_writer_removes_temporaries_a_killed_writer_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ergon-checkpoint.json");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let stale = dir.path().join("ergon-checkpoint.json.Ab3xYz.tmp");
+        std::fs::write(&stale, b"{half a checkpoint").unwrap();
+        let planted = dir.path().join("ergon-checkpoint.json.Qw9rTy.tmp");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let unrelated = dir.path().join("ergon-checkpoint.json.keep-me.tmp");
+        std::fs::write(&unrelated, b"not ours").unwrap();
+        at(&path, "boot-a").save(&vec![1u64]).unwrap();
+        assert!(!stale.exists());
+        assert!(std::fs::symlink_metadata(&planted).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(unrelated.exists(), "a file of another shape was removed");
     }
 
     #[test]
