@@ -2483,6 +2483,8 @@ fn live_dashboards_and_rules_return_data_from_a_real_exporter() {
         "--meter=rapl".into(),
         "--idle-watts=package=15".into(),
         "--interval=1s".into(),
+        // Its own state, not the machine's /var/lib/ergon.
+        format!("--state-dir={}", dir.path().join("state").display()),
         format!("--kube-api={}", api.url()),
         format!("--node-name={}", ergon_testkit::pods::NODE),
     ]);
