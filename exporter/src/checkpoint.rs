@@ -152,6 +152,8 @@ pub struct Checkpoint {
     rejected: Option<RejectReason>,
     /// Whether the latest save wrote the file.
     last_save_wrote: bool,
+    /// Saves that failed in a row.
+    consecutive_failures: u32,
 }
 
 impl Checkpoint {
@@ -165,6 +167,7 @@ impl Checkpoint {
             told_not_writer: false,
             rejected: None,
             last_save_wrote: false,
+            consecutive_failures: 0,
         }
     }
 
@@ -296,6 +299,33 @@ impl Checkpoint {
             reason,
             detail,
             aside,
+        }
+    }
+
+    /// [`save`](Self::save), reporting failures without flooding the log:
+    /// the 1st, 2nd, 4th, 8th… failure in a row is a warning, the others
+    /// are debug lines (`ergon_checkpoint_writing` shows the state), and the
+    /// first success after failures says so.
+    pub fn save_and_report<T: Serialize>(&mut self, state: &T) {
+        match self.save(state) {
+            Ok(_) => {
+                if self.consecutive_failures > 0 {
+                    tracing::info!(
+                        failures = self.consecutive_failures,
+                        "checkpoint {} written again",
+                        self.path.display()
+                    );
+                }
+                self.consecutive_failures = 0;
+            }
+            Err(e) => {
+                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+                if self.consecutive_failures.is_power_of_two() {
+                    tracing::warn!(failures = self.consecutive_failures, "{e}");
+                } else {
+                    tracing::debug!(failures = self.consecutive_failures, "{e}");
+                }
+            }
         }
     }
 
@@ -658,6 +688,28 @@ mod tests {
         assert!(std::fs::symlink_metadata(&planted).is_err());
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         assert!(unrelated.exists(), "a file of another shape was removed");
+    }
+
+    #[test]
+    fn failed_saves_are_counted_and_a_later_save_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("not-a-directory");
+        std::fs::write(&blocker, b"").unwrap();
+        let mut checkpoint = at(&blocker.join("ergon-checkpoint.json"), "boot-a");
+        let err = checkpoint.save(&vec![1u64]).unwrap_err().to_string();
+        assert!(
+            err.contains("--state-dir") && err.contains("not-a-directory"),
+            "{err}"
+        );
+        for _ in 0..3 {
+            checkpoint.save_and_report(&vec![1u64]);
+        }
+        assert_eq!(checkpoint.consecutive_failures, 3);
+        assert!(!checkpoint.writing());
+        std::fs::remove_file(&blocker).unwrap();
+        checkpoint.save_and_report(&vec![1u64]);
+        assert_eq!(checkpoint.consecutive_failures, 0);
+        assert!(checkpoint.writing());
     }
 
     #[test]

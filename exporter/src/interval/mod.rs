@@ -220,10 +220,8 @@ impl Loop {
     }
 
     fn save_checkpoint(&mut self) {
-        if let Some(checkpoint) = &mut self.checkpoint
-            && let Err(e) = checkpoint.save(&self.state)
-        {
-            tracing::warn!("{e}");
+        if let Some(checkpoint) = &mut self.checkpoint {
+            checkpoint.save_and_report(&self.state);
         }
     }
 
