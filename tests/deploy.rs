@@ -1351,6 +1351,54 @@ fn daemonset_mounts_host_paths_read_only_and_tolerates_every_taint() {
     }
 }
 
+#[test]
+fn the_exporter_keeps_its_state_in_the_mounted_directory_unless_told_not_to() {
+    let exporter = |objects: &[Rendered]| -> Value {
+        find(objects, "DaemonSet", "ergon").object["spec"]["template"]["spec"]["containers"][0]
+            .clone()
+    };
+    let args = |container: &Value| -> Vec<String> {
+        container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let state_mount = |container: &Value| {
+        container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == "checkpoint")
+            .map(|m| m["mountPath"].as_str().unwrap().to_owned())
+    };
+    let chart = exporter(&helm_template(None));
+    let base = exporter(&kustomize(&repo_root().join("daemonset/kustomize/base")));
+    for container in [&chart, &base] {
+        let dir = state_mount(container).expect("the state directory is mounted");
+        assert!(
+            args(container).contains(&format!("--state-dir={dir}")),
+            "the exporter's --state-dir is not its mounted state directory {dir}: {:?}",
+            args(container)
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("no-checkpoint.yaml");
+    std::fs::write(&values, "exporter:\n  checkpoint: false\n").unwrap();
+    let without = args(&exporter(&helm_template(Some(&values))));
+    assert!(
+        without.contains(&"--no-checkpoint".to_owned()),
+        "{without:?}"
+    );
+    assert!(
+        !without
+            .iter()
+            .any(|a| a.starts_with("--state-dir") || a.starts_with("--checkpoint")),
+        "{without:?}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // promtool
 // ---------------------------------------------------------------------------
@@ -2435,6 +2483,8 @@ fn live_dashboards_and_rules_return_data_from_a_real_exporter() {
         "--meter=rapl".into(),
         "--idle-watts=package=15".into(),
         "--interval=1s".into(),
+        // Its own state, not the machine's /var/lib/ergon.
+        format!("--state-dir={}", dir.path().join("state").display()),
         format!("--kube-api={}", api.url()),
         format!("--node-name={}", ergon_testkit::pods::NODE),
     ]);

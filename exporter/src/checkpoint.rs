@@ -15,7 +15,8 @@
 //!   a symlink or file planted there is never followed nor truncated), the
 //!   bytes are fsynced, the file is renamed over the checkpoint and the
 //!   directory is fsynced, so after a crash either the old or the new
-//!   checkpoint is there, whole.
+//!   checkpoint is there, whole. A temporary file a killed writer left is
+//!   removed by the next writer once it holds the lock.
 //! - One writer: an advisory `flock` on `<checkpoint>.lock`. Decision: an
 //!   exporter that finds the lock held (a rolling update's surge pod next to
 //!   the old one) restores, counts and serves as usual but does not write;
@@ -51,10 +52,12 @@ const FORMAT: &str = "ergon-checkpoint";
 /// The checkpoint's file name inside the state directory (`--state-dir`).
 pub const CHECKPOINT_FILE: &str = "ergon-checkpoint.json";
 
-/// Largest checkpoint read back. A full node (16,384 cgroups, 32,768
-/// processes, each entry a few hundred bytes) stays far below; anything
-/// larger was not written by Ergon.
-pub const MAX_CHECKPOINT_BYTES: u64 = 256 << 20;
+/// Largest checkpoint read back. Full default maps (16,384 cgroups of
+/// about 500 bytes each, 32,768 processes of about 300) make about 18 MB;
+/// anything much larger was not written by Ergon, and reading it would
+/// cost more than the pod's memory limit (64 Mi in the chart). The state is
+/// parsed straight into its types, never through a generic JSON tree.
+pub const MAX_CHECKPOINT_BYTES: u64 = 64 << 20;
 
 #[derive(Serialize, Deserialize)]
 struct Envelope<T> {
@@ -149,6 +152,8 @@ pub struct Checkpoint {
     rejected: Option<RejectReason>,
     /// Whether the latest save wrote the file.
     last_save_wrote: bool,
+    /// Saves that failed in a row.
+    consecutive_failures: u32,
 }
 
 impl Checkpoint {
@@ -162,6 +167,7 @@ impl Checkpoint {
             told_not_writer: false,
             rejected: None,
             last_save_wrote: false,
+            consecutive_failures: 0,
         }
     }
 
@@ -201,7 +207,9 @@ impl Checkpoint {
             }
             Err(Unusable::Reject(reason, detail)) => return Err(self.reject(reason, detail)),
         };
-        let envelope: Envelope<serde_json::Value> = match serde_json::from_slice(&bytes) {
+        // The envelope first, skipping the state: its format and boot decide
+        // whether the state is worth parsing.
+        let envelope: Envelope<serde::de::IgnoredAny> = match serde_json::from_slice(&bytes) {
             Ok(envelope) => envelope,
             Err(e) => return Err(self.reject(RejectReason::Format, e.to_string())),
         };
@@ -224,8 +232,8 @@ impl Checkpoint {
                 current: current.to_owned(),
             });
         }
-        let state: T = match serde_json::from_value(envelope.state) {
-            Ok(state) => state,
+        let state: T = match serde_json::from_slice::<Envelope<T>>(&bytes) {
+            Ok(envelope) => envelope.state,
             Err(e) => return Err(self.reject(RejectReason::Format, e.to_string())),
         };
         match validate(&state) {
@@ -294,6 +302,33 @@ impl Checkpoint {
         }
     }
 
+    /// [`save`](Self::save), reporting failures without flooding the log:
+    /// the 1st, 2nd, 4th, 8th… failure in a row is a warning, the others
+    /// are debug lines (`ergon_checkpoint_writing` shows the state), and the
+    /// first success after failures says so.
+    pub fn save_and_report<T: Serialize>(&mut self, state: &T) {
+        match self.save(state) {
+            Ok(_) => {
+                if self.consecutive_failures > 0 {
+                    tracing::info!(
+                        failures = self.consecutive_failures,
+                        "checkpoint {} written again",
+                        self.path.display()
+                    );
+                }
+                self.consecutive_failures = 0;
+            }
+            Err(e) => {
+                self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+                if self.consecutive_failures.is_power_of_two() {
+                    tracing::warn!(failures = self.consecutive_failures, "{e}");
+                } else {
+                    tracing::debug!(failures = self.consecutive_failures, "{e}");
+                }
+            }
+        }
+    }
+
     /// Writes `state` atomically if this exporter holds (or can take) the
     /// writer's lock. Returns whether it wrote.
     pub fn save<T: Serialize>(&mut self, state: &T) -> Result<bool, CheckpointError> {
@@ -350,6 +385,7 @@ impl Checkpoint {
                     );
                 }
                 self.lock = Some(file);
+                self.remove_stale_temporaries();
                 Ok(true)
             }
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -381,17 +417,56 @@ fn sibling(path: &Path, suffix: &str) -> PathBuf {
     path.with_file_name(name)
 }
 
-/// A new file of random name beside `path`, created exclusively, written,
-/// fsynced and renamed over `path`; then the directory is fsynced.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+impl Checkpoint {
+    /// With the lock held no other exporter is writing: a temporary file
+    /// left in the directory is one a killed writer never renamed. Only
+    /// names of the form [`write_atomically`] creates are removed, and
+    /// `unlink` removes a symlink itself, never its target.
+    fn remove_stale_temporaries(&self) {
+        let (dir, prefix) = temporary_name_parts(&self.path);
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let random = name
+                .strip_prefix(prefix.as_str())
+                .and_then(|rest| rest.strip_suffix(TEMPORARY_SUFFIX));
+            if random.is_some_and(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_alphanumeric()))
+            {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => tracing::info!(
+                        "removed {}, a checkpoint a killed exporter left unfinished",
+                        entry.path().display()
+                    ),
+                    Err(e) => tracing::debug!("removing {}: {e}", entry.path().display()),
+                }
+            }
+        }
+    }
+}
+
+const TEMPORARY_SUFFIX: &str = ".tmp";
+
+/// The directory of `path` and the prefix of its temporary files
+/// (`<name>.<random>.tmp`).
+fn temporary_name_parts(path: &Path) -> (&Path, String) {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let prefix = sibling(Path::new(path.file_name().unwrap_or_default()), ".");
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    (dir, format!("{name}."))
+}
+
+/// A new file of random name beside `path`, created exclusively, written,
+/// fsynced and renamed over `path`; then the directory is fsynced.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let (dir, prefix) = temporary_name_parts(path);
     let mut temporary = tempfile::Builder::new()
         .prefix(&prefix)
-        .suffix(".tmp")
+        .suffix(TEMPORARY_SUFFIX)
         .make_in(dir, |candidate| {
             OpenOptions::new()
                 .write(true)
@@ -594,6 +669,47 @@ mod tests {
         at(&path, "boot-a").save(&vec![3u64]).unwrap();
         assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
         assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+    }
+
+    #[test]
+    fn the_writer_removes_temporaries_a_killed_writer_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ergon-checkpoint.json");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let stale = dir.path().join("ergon-checkpoint.json.Ab3xYz.tmp");
+        std::fs::write(&stale, b"{half a checkpoint").unwrap();
+        let planted = dir.path().join("ergon-checkpoint.json.Qw9rTy.tmp");
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+        let unrelated = dir.path().join("ergon-checkpoint.json.keep-me.tmp");
+        std::fs::write(&unrelated, b"not ours").unwrap();
+        at(&path, "boot-a").save(&vec![1u64]).unwrap();
+        assert!(!stale.exists());
+        assert!(std::fs::symlink_metadata(&planted).is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(unrelated.exists(), "a file of another shape was removed");
+    }
+
+    #[test]
+    fn failed_saves_are_counted_and_a_later_save_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("not-a-directory");
+        std::fs::write(&blocker, b"").unwrap();
+        let mut checkpoint = at(&blocker.join("ergon-checkpoint.json"), "boot-a");
+        let err = checkpoint.save(&vec![1u64]).unwrap_err().to_string();
+        assert!(
+            err.contains("--state-dir") && err.contains("not-a-directory"),
+            "{err}"
+        );
+        for _ in 0..3 {
+            checkpoint.save_and_report(&vec![1u64]);
+        }
+        assert_eq!(checkpoint.consecutive_failures, 3);
+        assert!(!checkpoint.writing());
+        std::fs::remove_file(&blocker).unwrap();
+        checkpoint.save_and_report(&vec![1u64]);
+        assert_eq!(checkpoint.consecutive_failures, 0);
+        assert!(checkpoint.writing());
     }
 
     #[test]

@@ -360,20 +360,29 @@ impl Cli {
     /// once. A directory the operator chose is never given up silently: its
     /// errors are reported at every save.
     pub fn usable_checkpoint_path(&self) -> Option<PathBuf> {
-        let path = self.checkpoint_path()?;
+        self.checkpoint_path_or_none_where(Path::new(DEFAULT_STATE_DIR))
+    }
+
+    fn checkpoint_path_or_none_where(&self, default_dir: &Path) -> Option<PathBuf> {
+        if self.no_checkpoint {
+            return None;
+        }
         if self.checkpoint.is_some() || self.state_dir.is_some() {
-            return Some(path);
+            return self.checkpoint_path();
         }
         use std::os::unix::fs::DirBuilderExt;
         match std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(DEFAULT_STATE_DIR)
+            .create(default_dir)
         {
-            Ok(()) => Some(path),
+            Ok(()) => Some(default_dir.join(crate::checkpoint::CHECKPOINT_FILE)),
             Err(e) => {
                 tracing::warn!(
-                    "cannot create the state directory {DEFAULT_STATE_DIR} ({e}): running without                      a checkpoint, counters restart from zero; choose another with --state-dir, or                      silence this with --no-checkpoint"
+                    "cannot create the state directory {} ({e}): running without a checkpoint, \
+                     counters restart from zero; choose another with --state-dir, or silence \
+                     this with --no-checkpoint",
+                    default_dir.display()
                 );
                 None
             }
@@ -584,6 +593,22 @@ mod tests {
         assert_eq!(
             cli.usable_checkpoint_path(),
             Some(chosen.join("ergon-checkpoint.json"))
+        );
+
+        // The default directory: created where possible, else no checkpoint
+        // (a developer's machine, a read-only root) instead of an error.
+        let cli = Cli::load_from(&args(&["ergon"]), |_| false).unwrap();
+        let default_dir = dir.path().join("var/lib/ergon");
+        assert_eq!(
+            cli.checkpoint_path_or_none_where(&default_dir),
+            Some(default_dir.join("ergon-checkpoint.json"))
+        );
+        assert!(default_dir.is_dir());
+        let blocker = dir.path().join("a-file");
+        std::fs::write(&blocker, b"").unwrap();
+        assert_eq!(
+            cli.checkpoint_path_or_none_where(&blocker.join("ergon")),
+            None
         );
     }
 

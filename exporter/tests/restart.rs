@@ -166,36 +166,67 @@ fn an_unusable_checkpoint_is_set_aside_and_reported() {
 #[test]
 fn the_first_interval_has_energy_wherever_cpu_time_was_counted() {
     let _lock = cpu_lock();
-    // The model meter, as on every VM: no power counter, an estimate from
-    // utilisation.
     let busy = TestPod::start("vehicle-pipeline", "first-interval", 1);
-    let exporter = ExporterProcess::start(
-        ERGON.as_ref(),
-        &[
+    let rapl = FakeRapl::start(30.0);
+    // The model meter, as on every VM (an estimate from utilisation, no
+    // counter), and a counter-based meter (RAPL) that needs a baseline.
+    let meters = [
+        ("model", vec!["--meter=model".to_owned()]),
+        ("rapl", vec!["--meter=rapl".to_owned(), rapl.host_sys_arg()]),
+    ];
+    for (source, meter_args) in meters {
+        let mut args = meter_args.clone();
+        args.extend([
             format!("--cgroup-root={}", support::cgroup2_root().display()),
-            "--meter=model".into(),
             "--interval=3s".into(),
             "--no-checkpoint".into(),
+        ]);
+        let exporter = ExporterProcess::start(ERGON.as_ref(), &args);
+        // Ready means the first interval was published; the next comes 3 s
+        // later.
+        let first = exporter.metrics();
+        let container = [("container_id", busy.container_id.as_str())];
+        let cpu = first.sum("ergon_container_cpu_seconds_total", &container);
+        let joules = first.sum("ergon_container_energy_joules_total", &container);
+        assert!(
+            cpu > 0.0,
+            "{source}: the busy pod used no CPU in the first interval"
+        );
+        assert!(
+            joules > 0.0,
+            "{source}: the first interval counted {cpu} CPU seconds and no joules"
+        );
+        let node = first.sum("ergon_node_energy_joules_total", &[("source", source)]);
+        assert!(node > 0.0, "{source}: no energy in the first interval");
+    }
+}
+
+#[test]
+fn a_second_exporter_on_the_same_state_dir_writes_only_after_the_first_exits() {
+    let _lock = cpu_lock();
+    let rapl = FakeRapl::start(30.0);
+    let api = Api::start(&[]);
+    let state = tempfile::tempdir().unwrap();
+    let args = args(
+        &rapl,
+        &api,
+        &[
+            format!("--state-dir={}", state.path().display()),
+            "--interval=500ms".into(),
         ],
     );
-    // Ready means the first interval was published; the next comes 3 s later.
-    let first = exporter.metrics();
-    let cpu = first.sum(
-        "ergon_container_cpu_seconds_total",
-        &[("container_id", busy.container_id.as_str())],
-    );
-    let joules = first.sum(
-        "ergon_container_energy_joules_total",
-        &[("container_id", busy.container_id.as_str())],
-    );
-    assert!(cpu > 0.0, "the busy pod used no CPU in the first interval");
+    let writing = |m: &Metrics| m.sum("ergon_checkpoint_writing", &[]);
+    let mut first = ExporterProcess::start(ERGON.as_ref(), &args);
+    first.eventually("the first exporter writes", |m| writing(m) == 1.0);
+    // A rolling update's surge pod on the same node.
+    let second = ExporterProcess::start(ERGON.as_ref(), &args);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(writing(&second.metrics()), 0.0, "two exporters write");
     assert!(
-        joules > 0.0,
-        "the first interval counted {cpu} CPU seconds and no joules"
+        second.metrics().sum("ergon_node_cpu_seconds_total", &[]) > 0.0,
+        "the second exporter stopped measuring"
     );
-    let node = first.sum("ergon_node_energy_joules_total", &[("source", "model")]);
-    assert!(
-        node > 0.0,
-        "the model estimated nothing for the first interval"
-    );
+    assert_eq!(writing(&first.metrics()), 1.0);
+    first.kill();
+    second.eventually("the second exporter takes over", |m| writing(m) == 1.0);
 }

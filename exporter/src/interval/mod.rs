@@ -177,7 +177,8 @@ impl Loop {
         }
     }
 
-    /// One interval. The first call only takes the baselines.
+    /// One interval. The first call only takes the baselines (and serves the
+    /// counters restored from a checkpoint: `report::publish_restored`).
     pub fn step(&mut self, published: &Published) {
         // Stage 1: sample.
         let usage = match self.probe.sample() {
@@ -257,10 +258,8 @@ impl Loop {
     }
 
     fn save_checkpoint(&mut self) {
-        if let Some(checkpoint) = &mut self.checkpoint
-            && let Err(e) = checkpoint.save(&self.state)
-        {
-            tracing::warn!("{e}");
+        if let Some(checkpoint) = &mut self.checkpoint {
+            checkpoint.save_and_report(&self.state);
         }
     }
 

@@ -219,7 +219,8 @@ pub fn catalogue() -> Vec<Family> {
 }
 
 /// Refreshes every counter's [`SeriesNames`] from the pod directory; a pod
-/// the directory does not know keeps the names it had.
+/// the directory does not know keeps the names it had. Names are stored as
+/// exported (bounded), which also bounds the checkpoint.
 pub(super) fn remember_names(state: &mut State, pods: &PodDirectory) {
     name_series(state, |uid| pods.pod(uid));
 }
@@ -233,8 +234,8 @@ fn name_series(state: &mut State, pod: impl Fn(&str) -> Option<Arc<PodMeta>>) {
     for (uid, counters) in state.pods.workloads_mut() {
         if let Some(meta) = pod(uid) {
             let fresh = SeriesNames {
-                namespace: meta.namespace.clone(),
-                pod: meta.name.clone(),
+                namespace: bounded_label(&meta.namespace),
+                pod: bounded_label(&meta.name),
                 container: String::new(),
             };
             update(&mut counters.names, fresh);
@@ -253,7 +254,7 @@ fn name_series(state: &mut State, pod: impl Fn(&str) -> Option<Arc<PodMeta>>) {
         // A restarted container's old id leaves the pod's status: its
         // counter keeps the container name it had.
         let container = match meta.containers.get(container_id) {
-            Some(name) => name.clone(),
+            Some(name) => bounded_label(name),
             None => counters
                 .names
                 .as_ref()
@@ -261,8 +262,8 @@ fn name_series(state: &mut State, pod: impl Fn(&str) -> Option<Arc<PodMeta>>) {
                 .unwrap_or_default(),
         };
         let fresh = SeriesNames {
-            namespace: meta.namespace.clone(),
-            pod: meta.name.clone(),
+            namespace: bounded_label(&meta.namespace),
+            pod: bounded_label(&meta.name),
             container,
         };
         update(&mut counters.names, fresh);

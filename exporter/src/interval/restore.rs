@@ -88,4 +88,95 @@ mod tests {
         let err = residual.validate(now, 4).unwrap_err();
         assert!(err.contains("residual of dram"), "{err}");
     }
+
+    #[test]
+    fn a_full_node_checkpoint_fits_the_read_bound_and_comes_back() {
+        use crate::attribute::{DomainEnergy, SeriesNames, Usage, attribute};
+        use crate::units::Joules;
+        use crate::workload::{QosClass, Runtime, Workload};
+        use std::collections::HashMap;
+        // The default map sizes (--max-cgroups 16384, --max-processes
+        // 32768), three domains each, the longest names a label keeps.
+        let containers: HashMap<Workload, Usage> = (0..16_384u64)
+            .map(|i| {
+                let workload = Workload::Container {
+                    pod_uid: format!("{i:08x}-5d2f-4a6b-9c8d-7e6f5a4b3c2d"),
+                    container_id: format!("{i:064x}"),
+                    runtime: Runtime::Containerd,
+                    qos: QosClass::Burstable,
+                };
+                (
+                    workload,
+                    Usage {
+                        cpu_ns: 123_456_789_012 + i,
+                        cycles: 0,
+                    },
+                )
+            })
+            .collect();
+        let processes: HashMap<u32, Usage> = (0..32_768u32)
+            .map(|pid| {
+                (
+                    4_000_000 + pid,
+                    Usage {
+                        cpu_ns: 987_654_321,
+                        cycles: 0,
+                    },
+                )
+            })
+            .collect();
+        let now = Nanos(crate::units::monotonic_ns());
+        let mut state = State::new(Duration::from_secs(900));
+        for domain in [Domain::Package, Domain::Dram, Domain::Gpu] {
+            let energy = DomainEnergy {
+                domain,
+                source: "rapl".into(),
+                energy: Joules(123_456.789_012_345),
+                idle: Joules(1_234.567_890_123),
+            };
+            state
+                .workloads
+                .apply(&attribute(&energy, &containers, &HashMap::new()), now);
+            state
+                .processes
+                .apply(&attribute(&energy, &processes, &HashMap::new()), now);
+        }
+        state.workloads.add_usage(&containers, now);
+        state.processes.add_usage(&processes, now);
+        let long = crate::export::bounded_label(&"x".repeat(253));
+        for (_, counters) in state.workloads.workloads_mut() {
+            counters.names = Some(SeriesNames {
+                namespace: "n".repeat(63),
+                pod: long.clone(),
+                container: "c".repeat(63),
+            });
+        }
+        for pid in processes.keys() {
+            state
+                .process_labels
+                .insert(*pid, ("c".repeat(16), format!("{pid:064x}")));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(crate::checkpoint::CHECKPOINT_FILE);
+        let started = std::time::Instant::now();
+        let mut checkpoint = Checkpoint::new(path.clone(), Some("boot".into()));
+        assert!(checkpoint.save(&state).unwrap());
+        let saved = started.elapsed();
+        let bytes = std::fs::metadata(&path).unwrap().len();
+        let started = std::time::Instant::now();
+        let restored = Checkpoint::new(path, Some("boot".into()))
+            .load::<State>(|s| s.validate(now, 2))
+            .unwrap()
+            .unwrap();
+        eprintln!(
+            "full-node checkpoint: {bytes} bytes, saved in {saved:?}, loaded and validated in {:?}",
+            started.elapsed()
+        );
+        assert!(
+            bytes < crate::checkpoint::MAX_CHECKPOINT_BYTES / 2,
+            "a full node's checkpoint of {bytes} bytes is near the read bound"
+        );
+        assert_eq!(restored.workloads.workloads().count(), 16_384);
+        assert_eq!(restored.processes.workloads().count(), 32_768);
+    }
 }
