@@ -75,7 +75,7 @@ fn main() -> anyhow::Result<()> {
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            served = export::serve(listener, handle) => served?,
+            served = export::serve(listener, handle, export::ServerOptions::default()) => served?,
             _ = terminate.recv() => tracing::info!("SIGTERM: saving counters and stopping"),
             _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: saving counters and stopping"),
         }

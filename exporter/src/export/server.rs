@@ -1,8 +1,36 @@
 //! `/metrics`, `/healthz` and `/readyz` over HTTP/1.1 with hyper.
 //!
-//! Defences against slow or hostile clients: a header read timeout (a
-//! client that trickles headers is dropped), a cap on open connections, no
-//! request bodies read, and only GET/HEAD served.
+//! The server runs on every node beside workloads it does not control, and
+//! the kubelet restarts the exporter when `/healthz` stops answering. So no
+//! client, however slow or hostile, may stop the probes from being answered
+//! or push the process past its memory limit:
+//!
+//! - **Probes never wait for a slot.** Every connection is accepted up to
+//!   [`ServerOptions::max_connections`] (beyond that, closed at once, so
+//!   sockets and tasks stay bounded), and its request is routed before any
+//!   slot is taken: `/healthz` and `/readyz` are answered on any connection.
+//!   Only `/metrics` needs one of [`ServerOptions::max_scrapers`] slots; a
+//!   connection claims one at its first scrape and keeps it until it closes
+//!   (Prometheus keeps one connection per target). A scrape that finds every
+//!   slot taken, say by clients that ask for `/metrics` and never read, is
+//!   answered 503 with `Retry-After` and its connection closed, which costs
+//!   nothing to keep. So the kubelet's probes are answered while metric
+//!   clients hold every slot, and only the slow clients wait.
+//! - **Time limits.** A request head must arrive within
+//!   [`ServerOptions::header_read_timeout`]; a kept-alive connection that
+//!   sends nothing for [`ServerOptions::idle_timeout`] is closed; a response
+//!   not read by the client within [`ServerOptions::write_timeout`] is
+//!   abandoned and its connection closed ([`super::deadlines`]). So a stuck
+//!   client frees its slot after one write timeout at most.
+//! - **Memory.** Every `/metrics` response shares the interval's one report
+//!   buffer ([`super::MetricsBody`]); a stuck response costs its socket and
+//!   hyper's bounded buffers ([`MAX_BUFFER_BYTES`] read, the same written),
+//!   not a copy of the report.
+//! - **Only what is served is accepted.** GET and HEAD on the known paths;
+//!   any other method is answered 405 with `Allow`, other paths 404. Request
+//!   heads are bounded by [`MAX_BUFFER_BYTES`] (hyper answers 431 beyond),
+//!   and a request that declares a body is answered 413 and its connection
+//!   closed without the body being read.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,16 +39,56 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Buf, Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::Published;
+use super::deadlines::{Deadlines, Limits};
+use super::{MetricsBody, Published};
 
-const MAX_CONNECTIONS: usize = 64;
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// hyper's read buffer, which bounds a request head, and its write buffer.
+pub const MAX_BUFFER_BYTES: usize = 16 * 1024;
+
+/// How the server treats its clients; [`Default`] is what the exporter uses.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Open connections at most; more are closed when accepted.
+    pub max_connections: usize,
+    /// Connections that may scrape `/metrics` at once.
+    pub max_scrapers: usize,
+    /// A request head must arrive within this.
+    pub header_read_timeout: Duration,
+    /// A kept-alive connection that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// A response must be read by the client within this, from its first
+    /// byte to its last.
+    pub write_timeout: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> ServerOptions {
+        ServerOptions {
+            // A connection that is not stuck in a scrape costs a task and
+            // its buffers, a few KiB: 512 of them fit the memory limit, and
+            // a burst of clients does not lock the probes out.
+            max_connections: 512,
+            // Prometheus needs one per scraper; 32 leaves room for several
+            // scrapers (HA pairs, an agent), curl and retries.
+            max_scrapers: 32,
+            header_read_timeout: Duration::from_secs(5),
+            // Above the usual 15-60 s scrape interval, so Prometheus keeps
+            // its connection between scrapes.
+            idle_timeout: Duration::from_secs(90),
+            // Prometheus' default scrape timeout: a scrape slower than that
+            // has been abandoned by Prometheus anyway.
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 /// Liveness: the interval loop stamps each completed interval here.
 #[derive(Clone)]
@@ -56,37 +124,102 @@ impl ServerHandle {
     }
 }
 
-fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header("content-type", content_type)
-        .body(Full::new(body.into()))
-        .expect("static response parts are valid")
+type Reply = Response<Full<MetricsBody>>;
+
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
+    let mut response = Response::new(Full::new(body.into().chain(Bytes::new())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
 }
 
-fn route(
-    request: &Request<Incoming>,
-    handle: &ServerHandle,
-    process: &prometheus::Registry,
-) -> Response<Full<Bytes>> {
+/// A connection's claim on one of the `max_scrapers` slots: taken at its
+/// first `/metrics` request, released when the connection closes.
+struct ScrapeSlot {
+    scrapers: Arc<Semaphore>,
+    permit: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+impl ScrapeSlot {
+    /// Whether this connection holds a slot (taking one if free).
+    fn claim(&self) -> bool {
+        let mut permit = self.permit.lock().unwrap_or_else(|p| p.into_inner());
+        if permit.is_none() {
+            *permit = self.scrapers.clone().try_acquire_owned().ok();
+        }
+        permit.is_some()
+    }
+}
+
+fn busy(shared: &Shared) -> Reply {
+    let mut response = reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "text/plain",
+        format!(
+            "all {} scrape slots are taken; try again shortly\n",
+            shared.options.max_scrapers
+        ),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    closing(response)
+}
+
+/// Whether the request declares a body (which is never read).
+fn declares_body(request: &Request<Incoming>) -> bool {
+    request.headers().contains_key(header::TRANSFER_ENCODING)
+        || request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|length| length.as_bytes() != b"0")
+}
+
+fn closing(mut response: Reply) -> Reply {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+fn route(request: &Request<Incoming>, slot: &ScrapeSlot, shared: &Shared) -> Reply {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         let mut response = reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "only GET and HEAD are served\n",
         );
-        response.headers_mut().insert(
-            "allow",
-            hyper::header::HeaderValue::from_static("GET, HEAD"),
-        );
-        return response;
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return if declares_body(request) {
+            closing(response)
+        } else {
+            response
+        };
     }
-    match request.uri().path() {
-        "/metrics" => reply(
-            StatusCode::OK,
-            prometheus::TEXT_FORMAT,
-            super::render(&handle.published, process),
-        ),
+    if declares_body(request) {
+        return closing(reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "text/plain",
+            "GET and HEAD requests take no body\n",
+        ));
+    }
+    let path = request.uri().path();
+    let handle = &shared.handle;
+    match path {
+        "/metrics" if !slot.claim() => busy(shared),
+        "/metrics" => {
+            let mut response =
+                Response::new(Full::new(super::render(&handle.published, &shared.process)));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(prometheus::TEXT_FORMAT),
+            );
+            response
+        }
         "/healthz" if handle.healthy() => reply(StatusCode::OK, "text/plain", "ok\n"),
         "/healthz" => reply(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -108,15 +241,31 @@ fn route(
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics\n",
+            "not found: the paths are /metrics, /healthz and /readyz\n",
         ),
     }
 }
 
+/// What every connection's task shares.
+struct Shared {
+    handle: ServerHandle,
+    process: prometheus::Registry,
+    options: ServerOptions,
+}
+
 /// Serves until the listener fails. Bind errors are returned before serving.
-pub async fn serve(listener: TcpListener, handle: ServerHandle) -> std::io::Result<()> {
-    let process = Arc::new(super::process_registry());
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+pub async fn serve(
+    listener: TcpListener,
+    handle: ServerHandle,
+    options: ServerOptions,
+) -> std::io::Result<()> {
+    let connections = Arc::new(Semaphore::new(options.max_connections));
+    let scrapers = Arc::new(Semaphore::new(options.max_scrapers));
+    let shared = Arc::new(Shared {
+        handle,
+        process: super::process_registry(),
+        options,
+    });
     loop {
         let (stream, peer): (_, SocketAddr) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -127,26 +276,45 @@ pub async fn serve(listener: TcpListener, handle: ServerHandle) -> std::io::Resu
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("refusing {peer}: {MAX_CONNECTIONS} connections already open");
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::debug!(
+                "closing the connection from {peer}: {} connections are open",
+                shared.options.max_connections
+            );
             continue;
         };
-        let handle = handle.clone();
-        let process = process.clone();
+        let slot = ScrapeSlot {
+            scrapers: scrapers.clone(),
+            permit: std::sync::Mutex::new(None),
+        };
+        let shared = shared.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let response = route(&request, &handle, &process);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = connection.await {
+            let limits = Limits {
+                idle: shared.options.idle_timeout,
+                write: shared.options.write_timeout,
+            };
+            let stream = Deadlines::new(stream, limits);
+            if let Err(e) = serve_connection(stream, slot, shared).await {
                 tracing::debug!("connection from {peer} ended: {e}");
             }
             drop(permit);
         });
     }
+}
+
+async fn serve_connection<S>(stream: S, slot: ScrapeSlot, shared: Arc<Shared>) -> hyper::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let header_read_timeout = shared.options.header_read_timeout;
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let response = route(&request, &slot, &shared);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(MAX_BUFFER_BYTES)
+        .serve_connection(TokioIo::new(stream), service)
+        .await
 }
