@@ -14,8 +14,11 @@
 //! more than the whole interval's attribution. The crate still provides the
 //! process metrics and their encoding.
 
+mod auth;
 mod deadlines;
+mod health;
 mod server;
+mod tls;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock, RwLock};
@@ -23,7 +26,10 @@ use std::sync::{Arc, OnceLock, RwLock};
 use bytes::buf::Chain;
 use hyper::body::{Buf, Bytes};
 
-pub use server::{ServerHandle, ServerOptions, serve};
+pub use auth::{ALLOWED_FOR, Authorizer, REFUSED_FOR, REVIEW_TIMEOUT};
+pub use health::{DEFAULT_UNHEALTHY_AFTER, ServerHandle};
+pub use server::{MAX_BUFFER_BYTES, ServerOptions, serve};
+pub use tls::{TlsError, TlsFiles, acceptor as tls_acceptor};
 
 /// Label values are cut to this many bytes (head + `~` + hash, so two long
 /// values stay distinct), so that no path or name can blow up Prometheus'

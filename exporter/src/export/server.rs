@@ -26,6 +26,11 @@
 //!   buffer ([`super::MetricsBody`]); a stuck response costs its socket and
 //!   hyper's bounded buffers ([`MAX_BUFFER_BYTES`] read, the same written),
 //!   not a copy of the report.
+//! - **Optional TLS and authorization** ([`super::tls`], [`super::auth`]):
+//!   the TLS handshake must finish within the header read timeout; a token
+//!   is checked only for `/metrics`, after the cheap paths are answered and
+//!   a scraper slot is taken, so probes never wait on the Kubernetes API
+//!   and at most `max_scrapers` checks run at once.
 //! - **Only what is served is accepted.** GET and HEAD on the known paths;
 //!   any other method is answered 405 with `Allow`, other paths 404. Request
 //!   heads are bounded by [`MAX_BUFFER_BYTES`] (hyper answers 431 beyond),
@@ -35,8 +40,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Buf, Bytes, Incoming};
@@ -47,14 +51,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::auth::{Authorizer, Decision};
 use super::deadlines::{Deadlines, Limits};
-use super::{MetricsBody, Published};
+use super::{MetricsBody, ServerHandle};
 
 /// hyper's read buffer, which bounds a request head, and its write buffer.
 pub const MAX_BUFFER_BYTES: usize = 16 * 1024;
 
-/// How the server treats its clients; [`Default`] is what the exporter uses.
-#[derive(Clone, Debug)]
+/// How the server treats its clients; [`Default`] is what the exporter uses
+/// without `--tls-*` and `--authorize-metrics`.
+#[derive(Clone)]
 pub struct ServerOptions {
     /// Open connections at most; more are closed when accepted.
     pub max_connections: usize,
@@ -67,6 +73,10 @@ pub struct ServerOptions {
     /// A response must be read by the client within this, from its first
     /// byte to its last.
     pub write_timeout: Duration,
+    /// HTTPS instead of HTTP ([`super::tls_acceptor`]).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Bearer-token authorization of `/metrics`.
+    pub auth: Option<Arc<Authorizer>>,
 }
 
 impl Default for ServerOptions {
@@ -86,41 +96,9 @@ impl Default for ServerOptions {
             // Prometheus' default scrape timeout: a scrape slower than that
             // has been abandoned by Prometheus anyway.
             write_timeout: Duration::from_secs(10),
+            tls: None,
+            auth: None,
         }
-    }
-}
-
-/// Liveness: the interval loop stamps each completed interval here.
-#[derive(Clone)]
-pub struct ServerHandle {
-    pub published: Published,
-    started: Instant,
-    last_interval_ms: Arc<AtomicU64>,
-    /// An interval older than this makes `/healthz` fail.
-    stale_after: Duration,
-}
-
-impl ServerHandle {
-    pub fn new(published: Published, interval: Duration) -> ServerHandle {
-        ServerHandle {
-            published,
-            started: Instant::now(),
-            last_interval_ms: Arc::new(AtomicU64::new(0)),
-            stale_after: interval * 5 + Duration::from_secs(10),
-        }
-    }
-
-    pub fn interval_done(&self) {
-        let ms = self.started.elapsed().as_millis() as u64;
-        self.last_interval_ms.store(ms.max(1), Ordering::Relaxed);
-    }
-
-    fn healthy(&self) -> bool {
-        // Before the first interval, `last` is 0: healthy for one stale
-        // period after start, which covers loading the probe.
-        let last = self.last_interval_ms.load(Ordering::Relaxed);
-        let now = self.started.elapsed().as_millis() as u64;
-        now.saturating_sub(last) <= self.stale_after.as_millis() as u64
     }
 }
 
@@ -184,7 +162,19 @@ fn closing(mut response: Reply) -> Reply {
     response
 }
 
-fn route(request: &Request<Incoming>, slot: &ScrapeSlot, shared: &Shared) -> Reply {
+/// What a request gets: an answer now, or the metrics once authorized.
+enum Routed {
+    Reply(Reply),
+    Metrics,
+}
+
+impl From<Reply> for Routed {
+    fn from(reply: Reply) -> Routed {
+        Routed::Reply(reply)
+    }
+}
+
+fn route(request: &Request<Incoming>, shared: &Shared) -> Routed {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         let mut response = reply(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -195,9 +185,9 @@ fn route(request: &Request<Incoming>, slot: &ScrapeSlot, shared: &Shared) -> Rep
             .headers_mut()
             .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
         return if declares_body(request) {
-            closing(response)
+            closing(response).into()
         } else {
-            response
+            response.into()
         };
     }
     if declares_body(request) {
@@ -205,27 +195,21 @@ fn route(request: &Request<Incoming>, slot: &ScrapeSlot, shared: &Shared) -> Rep
             StatusCode::PAYLOAD_TOO_LARGE,
             "text/plain",
             "GET and HEAD requests take no body\n",
-        ));
+        ))
+        .into();
     }
     let path = request.uri().path();
     let handle = &shared.handle;
-    match path {
-        "/metrics" if !slot.claim() => busy(shared),
-        "/metrics" => {
-            let mut response =
-                Response::new(Full::new(super::render(&handle.published, &shared.process)));
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(prometheus::TEXT_FORMAT),
-            );
-            response
-        }
-        "/healthz" if handle.healthy() => reply(StatusCode::OK, "text/plain", "ok\n"),
-        "/healthz" => reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "the measurement loop has not completed an interval recently\n",
-        ),
+    let reply = match path {
+        "/metrics" => return Routed::Metrics,
+        "/healthz" => match handle.health() {
+            Ok(()) => reply(StatusCode::OK, "text/plain", "ok\n"),
+            Err(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("unhealthy: {why}\n"),
+            ),
+        },
         "/readyz" if handle.published.is_ready() => reply(StatusCode::OK, "text/plain", "ready\n"),
         "/readyz" => reply(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -243,6 +227,74 @@ fn route(request: &Request<Incoming>, slot: &ScrapeSlot, shared: &Shared) -> Rep
             "text/plain",
             "not found: the paths are /metrics, /healthz and /readyz\n",
         ),
+    };
+    reply.into()
+}
+
+fn metrics(shared: &Shared) -> Reply {
+    let mut response = Response::new(Full::new(super::render(
+        &shared.handle.published,
+        &shared.process,
+    )));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(prometheus::TEXT_FORMAT),
+    );
+    response
+}
+
+/// `/metrics` for a client `auth` allows; 401, 403 or 503 otherwise.
+async fn authorized_metrics(
+    request: &Request<Incoming>,
+    auth: &Authorizer,
+    shared: &Shared,
+) -> Reply {
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    match auth.check(token).await {
+        Decision::Allowed => metrics(shared),
+        Decision::Unauthenticated(why) => {
+            let mut response = reply(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                format!("unauthorized: {why}\n"),
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"ergon\""),
+            );
+            response
+        }
+        Decision::Forbidden(why) => reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            format!("forbidden: {why}\n"),
+        ),
+        // The details are in the exporter's log, not for the client.
+        Decision::Unavailable(_) => {
+            let mut response = reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "the token could not be checked with the Kubernetes API; try again\n",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            response
+        }
+    }
+}
+
+async fn respond(request: Request<Incoming>, slot: &ScrapeSlot, shared: &Shared) -> Reply {
+    match route(&request, shared) {
+        Routed::Reply(reply) => reply,
+        Routed::Metrics if !slot.claim() => busy(shared),
+        Routed::Metrics => match &shared.options.auth {
+            Some(auth) => authorized_metrics(&request, auth, shared).await,
+            None => metrics(shared),
+        },
     }
 }
 
@@ -261,9 +313,13 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let connections = Arc::new(Semaphore::new(options.max_connections));
     let scrapers = Arc::new(Semaphore::new(options.max_scrapers));
+    let process = super::process_registry();
+    process
+        .register(Box::new(handle.last_success_gauge()))
+        .expect("the liveness gauge registers once");
     let shared = Arc::new(Shared {
         handle,
-        process: super::process_registry(),
+        process,
         options,
     });
     loop {
@@ -294,7 +350,24 @@ pub async fn serve(
                 write: shared.options.write_timeout,
             };
             let stream = Deadlines::new(stream, limits);
-            if let Err(e) = serve_connection(stream, slot, shared).await {
+            let served = match shared.options.tls.clone() {
+                None => serve_connection(stream, slot, shared).await,
+                Some(tls) => {
+                    let handshake = shared.options.header_read_timeout;
+                    match tokio::time::timeout(handshake, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, slot, shared).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!("TLS handshake with {peer} failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake with {peer} took over {handshake:?}");
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!("connection from {peer} ended: {e}");
             }
             drop(permit);
@@ -307,9 +380,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let header_read_timeout = shared.options.header_read_timeout;
+    let slot = Arc::new(slot);
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let response = route(&request, &slot, &shared);
-        async move { Ok::<_, Infallible>(response) }
+        let (slot, shared) = (slot.clone(), shared.clone());
+        async move { Ok::<_, Infallible>(respond(request, &slot, &shared).await) }
     });
     hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

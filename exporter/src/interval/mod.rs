@@ -182,13 +182,14 @@ impl Loop {
         }
     }
 
-    /// One interval. The first call only takes the baselines.
-    pub fn step(&mut self, published: &Published) {
+    /// One interval. The first call only takes the baselines. An error
+    /// says why nothing was measured (the last report stays published).
+    pub fn step(&mut self, published: &Published) -> Result<(), String> {
         let usage = match self.probe.sample() {
             Ok(usage) => usage,
             Err(e) => {
                 tracing::warn!("sampling the probe failed, keeping the last report: {e}");
-                return;
+                return Err(format!("sampling the probe failed: {e}"));
             }
         };
         let now = Instant::now();
@@ -204,7 +205,7 @@ impl Loop {
                 let _ = meter.sample(&ctx);
             }
             self.previous = Some((now, usage));
-            return;
+            return Ok(());
         };
         let elapsed = Nanos((now - then).as_nanos() as u64);
         // Unknown ids trigger walks by themselves; this periodic one also
@@ -229,6 +230,7 @@ impl Loop {
             self.save_fit();
         }
         published.publish(report::build(self));
+        Ok(())
     }
 
     fn save_checkpoint(&self, path: PathBuf) {
@@ -601,9 +603,10 @@ pub fn run(mut measure: Loop, published: Published, handle: ServerHandle, stop: 
     let interval = measure.settings.interval;
     let mut next = Instant::now();
     loop {
-        measure.step(&published);
-        if published.is_ready() {
-            handle.interval_done();
+        match measure.step(&published) {
+            Ok(()) if published.is_ready() => handle.interval_done(),
+            Ok(()) => {}
+            Err(reason) => handle.interval_failed(&reason),
         }
         next += interval;
         let now = Instant::now();
