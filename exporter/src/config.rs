@@ -190,6 +190,31 @@ pub struct Cli {
     #[arg(long, env = "ERGON_COMPAT", value_enum)]
     pub compat: Option<Compat>,
 
+    /// Serve HTTPS with this certificate chain (PEM, leaf first); needs
+    /// --tls-key-file. Reloaded when the file changes (a renewed Secret).
+    #[arg(long, env = "ERGON_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert-file.
+    #[arg(long, env = "ERGON_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// Serve /metrics only to bearer tokens the Kubernetes API authorizes
+    /// (TokenReview, then SubjectAccessReview of `get` on the non-resource
+    /// URL /metrics), as kube-rbac-proxy does. /healthz and /readyz stay open.
+    #[arg(long, env = "ERGON_AUTHORIZE_METRICS")]
+    pub authorize_metrics: bool,
+
+    /// /healthz fails (so the kubelet restarts the exporter) after this many
+    /// intervals in a row without a measurement.
+    #[arg(
+        long,
+        env = "ERGON_UNHEALTHY_AFTER_FAILED_INTERVALS",
+        default_value_t = crate::export::DEFAULT_UNHEALTHY_AFTER,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub unhealthy_after_failed_intervals: u32,
+
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ergon=debug`.
     #[arg(long, env = "ERGON_LOG", default_value = "info")]
     pub log: String,
@@ -610,6 +635,29 @@ mod tests {
             cli.checkpoint_path_or_none_where(&blocker.join("ergon")),
             None
         );
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs_and_the_health_threshold_is_positive() {
+        let cli = Cli::try_parse_from(["ergon"]).unwrap();
+        assert_eq!(cli.unhealthy_after_failed_intervals, 3);
+        assert!(cli.tls_cert_file.is_none() && !cli.authorize_metrics);
+        let err = Cli::try_parse_from(["ergon", "--tls-cert-file", "/tls/tls.crt"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--tls-key-file"), "{err}");
+        let cli = Cli::try_parse_from([
+            "ergon",
+            "--tls-cert-file=/tls/tls.crt",
+            "--tls-key-file=/tls/tls.key",
+            "--authorize-metrics",
+            "--unhealthy-after-failed-intervals=5",
+        ])
+        .unwrap();
+        assert_eq!(cli.tls_key_file, Some(PathBuf::from("/tls/tls.key")));
+        assert!(cli.authorize_metrics);
+        assert_eq!(cli.unhealthy_after_failed_intervals, 5);
+        assert!(Cli::try_parse_from(["ergon", "--unhealthy-after-failed-intervals=0"]).is_err());
     }
 
     #[test]

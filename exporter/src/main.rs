@@ -63,7 +63,9 @@ fn main() -> anyhow::Result<()> {
         model_fit_output: cli.model_fit_output.clone(),
     };
     let published = Published::default();
-    let handle = ServerHandle::new(published.clone(), cli.interval);
+    let handle = ServerHandle::new(published.clone(), cli.interval)
+        .with_unhealthy_after(cli.unhealthy_after_failed_intervals);
+    let server_options = runtime.block_on(server_options(&cli))?;
     let (stop, stop_received) = std::sync::mpsc::channel::<()>();
 
     let measuring = {
@@ -74,13 +76,26 @@ fn main() -> anyhow::Result<()> {
             .spawn(move || ergon::interval::run(measure, published, handle, stop_received))
             .context("starting the measurement thread")?
     };
-    tracing::info!("serving metrics on http://{}/metrics", cli.listen);
+    tracing::info!(
+        "serving metrics on {}://{}/metrics{}",
+        if server_options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        },
+        cli.listen,
+        if server_options.auth.is_some() {
+            " to authorized bearer tokens"
+        } else {
+            ""
+        }
+    );
 
     runtime.block_on(async {
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
-            served = export::serve(listener, handle) => served?,
+            served = export::serve(listener, handle, server_options) => served?,
             _ = terminate.recv() => tracing::info!("SIGTERM: saving counters and stopping"),
             _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: saving counters and stopping"),
         }
@@ -95,15 +110,50 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The Kubernetes API configured: --kube-api, --kubeconfig, or in-cluster.
+fn api_source(cli: &Cli) -> Option<ApiSource> {
+    if let Some(url) = &cli.kube_api {
+        Some(ApiSource::Url(url.clone()))
+    } else if let Some(path) = &cli.kubeconfig {
+        Some(ApiSource::Kubeconfig(path.clone()))
+    } else if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
+        Some(ApiSource::Infer)
+    } else {
+        None
+    }
+}
+
+/// TLS and authorization of the server, from the flags; errors say which
+/// flag and what to do.
+async fn server_options(cli: &Cli) -> anyhow::Result<export::ServerOptions> {
+    let mut options = export::ServerOptions::default();
+    if let (Some(cert), Some(key)) = (&cli.tls_cert_file, &cli.tls_key_file) {
+        let files = export::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+        };
+        options.tls = Some(export::tls_acceptor(&files)?);
+    }
+    if cli.authorize_metrics {
+        let api = api_source(cli).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--authorize-metrics checks tokens with the Kubernetes API, and none is \
+                 configured: run in a cluster, or pass --kubeconfig or --kube-api"
+            )
+        })?;
+        let client = ergon::workload::kube::build_client(&api)
+            .await
+            .context("--authorize-metrics")?;
+        options.auth = Some(std::sync::Arc::new(export::Authorizer::new(client)));
+    }
+    Ok(options)
+}
+
 /// Starts the pod watch where a Kubernetes API is configured. Without one,
 /// workloads are labelled by pod uid and container id only.
 async fn start_pod_watcher(cli: &Cli) -> Option<PodWatcher> {
-    let api = if let Some(url) = &cli.kube_api {
-        ApiSource::Url(url.clone())
-    } else if let Some(path) = &cli.kubeconfig {
-        ApiSource::Kubeconfig(path.clone())
-    } else if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() {
-        ApiSource::Infer
+    let api = if let Some(api) = api_source(cli) {
+        api
     } else {
         tracing::info!(
             "no Kubernetes API configured (not in a cluster, no --kubeconfig): pods are labelled \

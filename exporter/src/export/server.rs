@@ -1,98 +1,215 @@
 //! `/metrics`, `/healthz` and `/readyz` over HTTP/1.1 with hyper.
 //!
-//! Defences against slow or hostile clients: a header read timeout (a
-//! client that trickles headers is dropped), a cap on open connections, no
-//! request bodies read, and only GET/HEAD served.
+//! The server runs on every node beside workloads it does not control, and
+//! the kubelet restarts the exporter when `/healthz` stops answering. So no
+//! client, however slow or hostile, may stop the probes from being answered
+//! or push the process past its memory limit:
+//!
+//! - **Probes never wait for a slot.** Every connection is accepted up to
+//!   [`ServerOptions::max_connections`] (beyond that, closed at once, so
+//!   sockets and tasks stay bounded), and its request is routed before any
+//!   slot is taken: `/healthz` and `/readyz` are answered on any connection.
+//!   Only `/metrics` needs one of [`ServerOptions::max_scrapers`] slots; a
+//!   connection claims one at its first scrape and keeps it until it closes
+//!   (Prometheus keeps one connection per target). A scrape that finds every
+//!   slot taken, say by clients that ask for `/metrics` and never read, is
+//!   answered 503 with `Retry-After` and its connection closed, which costs
+//!   nothing to keep. So the kubelet's probes are answered while metric
+//!   clients hold every slot, and only the slow clients wait.
+//! - **Time limits.** A request head must arrive within
+//!   [`ServerOptions::header_read_timeout`]; a kept-alive connection that
+//!   sends nothing for [`ServerOptions::idle_timeout`] is closed; a response
+//!   not read by the client within [`ServerOptions::write_timeout`] is
+//!   abandoned and its connection closed ([`super::deadlines`]). So a stuck
+//!   client frees its slot after one write timeout at most.
+//! - **Memory.** Every `/metrics` response shares the interval's one report
+//!   buffer ([`super::MetricsBody`]); a stuck response costs its socket and
+//!   hyper's bounded buffers ([`MAX_BUFFER_BYTES`] read, the same written),
+//!   not a copy of the report.
+//! - **Optional TLS and authorization** ([`super::tls`], [`super::auth`]):
+//!   the TLS handshake must finish within the header read timeout; a token
+//!   is checked only for `/metrics`, after the cheap paths are answered and
+//!   a scraper slot is taken, so probes never wait on the Kubernetes API
+//!   and at most `max_scrapers` checks run at once.
+//! - **Only what is served is accepted.** GET and HEAD on the known paths;
+//!   any other method is answered 405 with `Allow`, other paths 404. Request
+//!   heads are bounded by [`MAX_BUFFER_BYTES`] (hyper answers 431 beyond),
+//!   and a request that declares a body is answered 413 and its connection
+//!   closed without the body being read.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Buf, Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::Published;
+use super::auth::{Authorizer, Decision};
+use super::deadlines::{Deadlines, Limits};
+use super::{MetricsBody, ServerHandle};
 
-const MAX_CONNECTIONS: usize = 64;
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// hyper's read buffer, which bounds a request head, and its write buffer.
+pub const MAX_BUFFER_BYTES: usize = 16 * 1024;
 
-/// Liveness: the interval loop stamps each completed interval here.
+/// How the server treats its clients; [`Default`] is what the exporter uses
+/// without `--tls-*` and `--authorize-metrics`.
 #[derive(Clone)]
-pub struct ServerHandle {
-    pub published: Published,
-    started: Instant,
-    last_interval_ms: Arc<AtomicU64>,
-    /// An interval older than this makes `/healthz` fail.
-    stale_after: Duration,
+pub struct ServerOptions {
+    /// Open connections at most; more are closed when accepted.
+    pub max_connections: usize,
+    /// Connections that may scrape `/metrics` at once.
+    pub max_scrapers: usize,
+    /// A request head must arrive within this.
+    pub header_read_timeout: Duration,
+    /// A kept-alive connection that sends nothing for this long is closed.
+    pub idle_timeout: Duration,
+    /// A response must be read by the client within this, from its first
+    /// byte to its last.
+    pub write_timeout: Duration,
+    /// HTTPS instead of HTTP ([`super::tls_acceptor`]).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Bearer-token authorization of `/metrics`.
+    pub auth: Option<Arc<Authorizer>>,
 }
 
-impl ServerHandle {
-    pub fn new(published: Published, interval: Duration) -> ServerHandle {
-        ServerHandle {
-            published,
-            started: Instant::now(),
-            last_interval_ms: Arc::new(AtomicU64::new(0)),
-            stale_after: interval * 5 + Duration::from_secs(10),
+impl Default for ServerOptions {
+    fn default() -> ServerOptions {
+        ServerOptions {
+            // A connection that is not stuck in a scrape costs a task and
+            // its buffers, a few KiB: 512 of them fit the memory limit, and
+            // a burst of clients does not lock the probes out.
+            max_connections: 512,
+            // Prometheus needs one per scraper; 32 leaves room for several
+            // scrapers (HA pairs, an agent), curl and retries.
+            max_scrapers: 32,
+            header_read_timeout: Duration::from_secs(5),
+            // Above the usual 15-60 s scrape interval, so Prometheus keeps
+            // its connection between scrapes.
+            idle_timeout: Duration::from_secs(90),
+            // Prometheus' default scrape timeout: a scrape slower than that
+            // has been abandoned by Prometheus anyway.
+            write_timeout: Duration::from_secs(10),
+            tls: None,
+            auth: None,
         }
     }
+}
 
-    pub fn interval_done(&self) {
-        let ms = self.started.elapsed().as_millis() as u64;
-        self.last_interval_ms.store(ms.max(1), Ordering::Relaxed);
-    }
+type Reply = Response<Full<MetricsBody>>;
 
-    fn healthy(&self) -> bool {
-        // Before the first interval, `last` is 0: healthy for one stale
-        // period after start, which covers loading the probe.
-        let last = self.last_interval_ms.load(Ordering::Relaxed);
-        let now = self.started.elapsed().as_millis() as u64;
-        now.saturating_sub(last) <= self.stale_after.as_millis() as u64
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
+    let mut response = Response::new(Full::new(body.into().chain(Bytes::new())));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    response
+}
+
+/// A connection's claim on one of the `max_scrapers` slots: taken at its
+/// first `/metrics` request, released when the connection closes.
+struct ScrapeSlot {
+    scrapers: Arc<Semaphore>,
+    permit: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
+}
+
+impl ScrapeSlot {
+    /// Whether this connection holds a slot (taking one if free).
+    fn claim(&self) -> bool {
+        let mut permit = self.permit.lock().unwrap_or_else(|p| p.into_inner());
+        if permit.is_none() {
+            *permit = self.scrapers.clone().try_acquire_owned().ok();
+        }
+        permit.is_some()
     }
 }
 
-fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(status)
-        .header("content-type", content_type)
-        .body(Full::new(body.into()))
-        .expect("static response parts are valid")
+fn busy(shared: &Shared) -> Reply {
+    let mut response = reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "text/plain",
+        format!(
+            "all {} scrape slots are taken; try again shortly\n",
+            shared.options.max_scrapers
+        ),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    closing(response)
 }
 
-fn route(
-    request: &Request<Incoming>,
-    handle: &ServerHandle,
-    process: &prometheus::Registry,
-) -> Response<Full<Bytes>> {
+/// Whether the request declares a body (which is never read).
+fn declares_body(request: &Request<Incoming>) -> bool {
+    request.headers().contains_key(header::TRANSFER_ENCODING)
+        || request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|length| length.as_bytes() != b"0")
+}
+
+fn closing(mut response: Reply) -> Reply {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// What a request gets: an answer now, or the metrics once authorized.
+enum Routed {
+    Reply(Reply),
+    Metrics,
+}
+
+impl From<Reply> for Routed {
+    fn from(reply: Reply) -> Routed {
+        Routed::Reply(reply)
+    }
+}
+
+fn route(request: &Request<Incoming>, shared: &Shared) -> Routed {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         let mut response = reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "only GET and HEAD are served\n",
         );
-        response.headers_mut().insert(
-            "allow",
-            hyper::header::HeaderValue::from_static("GET, HEAD"),
-        );
-        return response;
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return if declares_body(request) {
+            closing(response).into()
+        } else {
+            response.into()
+        };
     }
-    match request.uri().path() {
-        "/metrics" => reply(
-            StatusCode::OK,
-            prometheus::TEXT_FORMAT,
-            super::render(&handle.published, process),
-        ),
-        "/healthz" if handle.healthy() => reply(StatusCode::OK, "text/plain", "ok\n"),
-        "/healthz" => reply(
-            StatusCode::SERVICE_UNAVAILABLE,
+    if declares_body(request) {
+        return closing(reply(
+            StatusCode::PAYLOAD_TOO_LARGE,
             "text/plain",
-            "the measurement loop has not completed an interval recently\n",
-        ),
+            "GET and HEAD requests take no body\n",
+        ))
+        .into();
+    }
+    let path = request.uri().path();
+    let handle = &shared.handle;
+    let reply = match path {
+        "/metrics" => return Routed::Metrics,
+        "/healthz" => match handle.health() {
+            Ok(()) => reply(StatusCode::OK, "text/plain", "ok\n"),
+            Err(why) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("unhealthy: {why}\n"),
+            ),
+        },
         "/readyz" if handle.published.is_ready() => reply(StatusCode::OK, "text/plain", "ready\n"),
         "/readyz" => reply(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -108,15 +225,103 @@ fn route(
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /metrics\n",
+            "not found: the paths are /metrics, /healthz and /readyz\n",
         ),
+    };
+    reply.into()
+}
+
+fn metrics(shared: &Shared) -> Reply {
+    let mut response = Response::new(Full::new(super::render(
+        &shared.handle.published,
+        &shared.process,
+    )));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(prometheus::TEXT_FORMAT),
+    );
+    response
+}
+
+/// `/metrics` for a client `auth` allows; 401, 403 or 503 otherwise.
+async fn authorized_metrics(
+    request: &Request<Incoming>,
+    auth: &Authorizer,
+    shared: &Shared,
+) -> Reply {
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    match auth.check(token).await {
+        Decision::Allowed => metrics(shared),
+        Decision::Unauthenticated(why) => {
+            let mut response = reply(
+                StatusCode::UNAUTHORIZED,
+                "text/plain",
+                format!("unauthorized: {why}\n"),
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"ergon\""),
+            );
+            response
+        }
+        Decision::Forbidden(why) => reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            format!("forbidden: {why}\n"),
+        ),
+        // The details are in the exporter's log, not for the client.
+        Decision::Unavailable(_) => {
+            let mut response = reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "the token could not be checked with the Kubernetes API; try again\n",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            response
+        }
     }
 }
 
+async fn respond(request: Request<Incoming>, slot: &ScrapeSlot, shared: &Shared) -> Reply {
+    match route(&request, shared) {
+        Routed::Reply(reply) => reply,
+        Routed::Metrics if !slot.claim() => busy(shared),
+        Routed::Metrics => match &shared.options.auth {
+            Some(auth) => authorized_metrics(&request, auth, shared).await,
+            None => metrics(shared),
+        },
+    }
+}
+
+/// What every connection's task shares.
+struct Shared {
+    handle: ServerHandle,
+    process: prometheus::Registry,
+    options: ServerOptions,
+}
+
 /// Serves until the listener fails. Bind errors are returned before serving.
-pub async fn serve(listener: TcpListener, handle: ServerHandle) -> std::io::Result<()> {
-    let process = Arc::new(super::process_registry());
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+pub async fn serve(
+    listener: TcpListener,
+    handle: ServerHandle,
+    options: ServerOptions,
+) -> std::io::Result<()> {
+    let connections = Arc::new(Semaphore::new(options.max_connections));
+    let scrapers = Arc::new(Semaphore::new(options.max_scrapers));
+    let process = super::process_registry();
+    process
+        .register(Box::new(handle.last_success_gauge()))
+        .expect("the liveness gauge registers once");
+    let shared = Arc::new(Shared {
+        handle,
+        process,
+        options,
+    });
     loop {
         let (stream, peer): (_, SocketAddr) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -127,26 +332,63 @@ pub async fn serve(listener: TcpListener, handle: ServerHandle) -> std::io::Resu
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("refusing {peer}: {MAX_CONNECTIONS} connections already open");
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::debug!(
+                "closing the connection from {peer}: {} connections are open",
+                shared.options.max_connections
+            );
             continue;
         };
-        let handle = handle.clone();
-        let process = process.clone();
+        let slot = ScrapeSlot {
+            scrapers: scrapers.clone(),
+            permit: std::sync::Mutex::new(None),
+        };
+        let shared = shared.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                let response = route(&request, &handle, &process);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = connection.await {
+            let limits = Limits {
+                idle: shared.options.idle_timeout,
+                write: shared.options.write_timeout,
+            };
+            let stream = Deadlines::new(stream, limits);
+            let served = match shared.options.tls.clone() {
+                None => serve_connection(stream, slot, shared).await,
+                Some(tls) => {
+                    let handshake = shared.options.header_read_timeout;
+                    match tokio::time::timeout(handshake, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => serve_connection(stream, slot, shared).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!("TLS handshake with {peer} failed: {e}");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake with {peer} took over {handshake:?}");
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!("connection from {peer} ended: {e}");
             }
             drop(permit);
         });
     }
+}
+
+async fn serve_connection<S>(stream: S, slot: ScrapeSlot, shared: Arc<Shared>) -> hyper::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let header_read_timeout = shared.options.header_read_timeout;
+    let slot = Arc::new(slot);
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let (slot, shared) = (slot.clone(), shared.clone());
+        async move { Ok::<_, Infallible>(respond(request, &slot, &shared).await) }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .max_buf_size(MAX_BUFFER_BYTES)
+        .serve_connection(TokioIo::new(stream), service)
+        .await
 }

@@ -178,14 +178,16 @@ impl Loop {
     }
 
     /// One interval. The first call only takes the baselines (and serves the
-    /// counters restored from a checkpoint: `report::publish_restored`).
-    pub fn step(&mut self, published: &Published) {
+    /// counters restored from a checkpoint: `report::publish_restored`). An
+    /// error says why nothing was measured (the last report stays
+    /// published).
+    pub fn step(&mut self, published: &Published) -> Result<(), String> {
         // Stage 1: sample.
         let usage = match self.probe.sample() {
             Ok(usage) => usage,
             Err(e) => {
                 tracing::warn!("sampling the probe failed, keeping the last report: {e}");
-                return;
+                return Err(format!("sampling the probe failed: {e}"));
             }
         };
         let now = Instant::now();
@@ -193,7 +195,7 @@ impl Loop {
             self.metering.take_baselines();
             self.previous = Some((now, usage));
             report::publish_restored(self, published);
-            return;
+            return Ok(());
         };
         let elapsed = Nanos((now - then).as_nanos() as u64);
         let mono = Nanos(crate::units::monotonic_ns());
@@ -209,6 +211,7 @@ impl Loop {
             self.save_fit();
         }
         published.publish(report::build(self));
+        Ok(())
     }
 
     /// Stages 2–6 of one interval, between two snapshots of the probe.
@@ -325,9 +328,10 @@ pub fn run(mut measure: Loop, published: Published, handle: ServerHandle, stop: 
     let interval = measure.settings.interval;
     let mut next = Instant::now();
     loop {
-        measure.step(&published);
-        if published.is_ready() {
-            handle.interval_done();
+        match measure.step(&published) {
+            Ok(()) if published.is_ready() => handle.interval_done(),
+            Ok(()) => {}
+            Err(reason) => handle.interval_failed(&reason),
         }
         next += interval;
         let now = Instant::now();

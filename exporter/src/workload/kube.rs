@@ -322,7 +322,8 @@ impl Drop for PodWatcher {
     }
 }
 
-async fn build_client(api: &ApiSource) -> Result<kube::Client, KubeSetupError> {
+/// A client for `api` (also used to authorize scrapes, `--authorize-metrics`).
+pub async fn build_client(api: &ApiSource) -> Result<kube::Client, KubeSetupError> {
     let config = match api {
         ApiSource::Url(url) => {
             let uri = url.parse().map_err(|error: hyper::http::uri::InvalidUri| {

@@ -24,6 +24,12 @@ pub struct ApiState {
     pub watches: Vec<mpsc::UnboundedSender<String>>,
     pub forbidden: bool,
     pub queries: Vec<String>,
+    /// Bearer tokens the fake TokenReview accepts, and the user each is.
+    pub tokens: std::collections::HashMap<String, String>,
+    /// Users the fake SubjectAccessReview allows to `get` `/metrics`.
+    pub metrics_readers: std::collections::HashSet<String>,
+    /// The TokenReview and SubjectAccessReview objects received, in order.
+    pub reviews: Vec<Value>,
 }
 
 impl ApiState {
@@ -119,9 +125,14 @@ impl FakeApiServer {
                 };
                 let state = Arc::clone(&served);
                 connections.spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
+                    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                         let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(answer(&state, request)) }
+                        async move {
+                            if request.uri().path().ends_with("reviews") {
+                                return Ok::<_, Infallible>(review(&state, request).await);
+                            }
+                            Ok::<_, Infallible>(answer(&state, request))
+                        }
                     });
                     let io = hyper_util::rt::TokioIo::new(stream);
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -248,6 +259,65 @@ pub fn answer(state: &Mutex<ApiState>, request: Request<Incoming>) -> Response<B
         "items": items,
     });
     json_response(StatusCode::OK, &list)
+}
+
+/// `POST .../tokenreviews` and `.../subjectaccessreviews`: the review with
+/// its status filled in from [`ApiState::tokens`] and
+/// [`ApiState::metrics_readers`], as the real API server answers.
+pub async fn review(state: &Mutex<ApiState>, request: Request<Incoming>) -> Response<Body> {
+    let path = request.uri().path().to_owned();
+    let Ok(body) = request.into_body().collect().await else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
+    };
+    let Ok(mut object) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON",
+        );
+    };
+    let mut state = state.lock().unwrap();
+    state.reviews.push(object.clone());
+    if state.forbidden {
+        return status(
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "tokenreviews.authentication.k8s.io is forbidden: User \"system:serviceaccount:ergon:ergon\" \
+             cannot create resource \"tokenreviews\"",
+        );
+    }
+    match path.as_str() {
+        "/apis/authentication.k8s.io/v1/tokenreviews" => {
+            let token = object["spec"]["token"].as_str().unwrap_or_default();
+            object["status"] = match state.tokens.get(token) {
+                Some(user) => json!({"authenticated": true, "user": {"username": user,
+                    "uid": format!("uid-{user}"), "groups": ["system:serviceaccounts",
+                    "system:authenticated"]}}),
+                None => json!({"authenticated": false, "error": "invalid bearer token"}),
+            };
+        }
+        "/apis/authorization.k8s.io/v1/subjectaccessreviews" => {
+            let spec = &object["spec"];
+            let allowed = spec["nonResourceAttributes"]["path"] == "/metrics"
+                && spec["nonResourceAttributes"]["verb"] == "get"
+                && spec["user"]
+                    .as_str()
+                    .is_some_and(|user| state.metrics_readers.contains(user));
+            object["status"] = if allowed {
+                json!({"allowed": true, "reason": "RBAC: allowed by ClusterRoleBinding"})
+            } else {
+                json!({"allowed": false, "reason": ""})
+            };
+        }
+        _ => {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
+        }
+    }
+    json_response(StatusCode::CREATED, &object)
 }
 
 pub fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
