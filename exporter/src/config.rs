@@ -81,6 +81,15 @@ pub struct Cli {
     #[arg(long, env = "ERGON_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
 
+    /// Cgroup paths the kubelet makes its `kubepods` cgroup in, comma-separated
+    /// (default `/`, the kubelet's own default). Only cgroups laid out there
+    /// as the kubelet lays them out are pods: a pod-shaped tree elsewhere
+    /// (a user's delegated subtree) is billed to where it is. Nested setups:
+    /// `/kubelet.slice` (kind, seen from its node),
+    /// `/system.slice/docker-*.scope/kubelet.slice` (kind from the host).
+    #[arg(long, env = "ERGON_KUBELET_CGROUP_ROOT", value_delimiter = ',')]
+    pub kubelet_cgroup_root: Vec<String>,
+
     /// How CPU usage is collected.
     #[arg(long, env = "ERGON_PROBE", value_enum, default_value_t = ProbeMode::Auto)]
     pub probe: ProbeMode,
@@ -325,6 +334,11 @@ impl Cli {
 }
 
 impl Cli {
+    /// `--kubelet-cgroup-root`, checked.
+    pub fn kubelet_cgroup_roots(&self) -> Result<crate::workload::KubeletCgroupRoots, String> {
+        crate::workload::KubeletCgroupRoots::parse(&self.kubelet_cgroup_root)
+    }
+
     /// `--idle-watts package=20,dram=3` as (domain, watts) pairs.
     pub fn idle_watts(&self) -> Result<Vec<(crate::units::Domain, crate::units::Watts)>, String> {
         self.idle_watts

@@ -25,6 +25,7 @@ fn exporter_args(rapl: &FakeRapl, api: &Api, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec![
         rapl.host_sys_arg(),
         format!("--cgroup-root={}", support::cgroup2_root().display()),
+        support::kubelet_cgroup_root_arg(),
         "--meter=rapl".into(),
         // A fixed idle power, so the active part is known from the first
         // interval (the learned minimum needs a warm-up).
@@ -35,21 +36,6 @@ fn exporter_args(rapl: &FakeRapl, api: &Api, extra: &[&str]) -> Vec<String> {
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     args
-}
-
-/// Waits until `check` holds on a scrape, or fails with the last scrape.
-fn eventually(exporter: &ExporterProcess, what: &str, check: impl Fn(&Metrics) -> bool) -> Metrics {
-    for _ in 0..100 {
-        let metrics = exporter.metrics();
-        if check(&metrics) {
-            return metrics;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!(
-        "{what}: not reached; last scrape: {:?}",
-        exporter.metrics().samples
-    );
 }
 
 #[test]
@@ -173,9 +159,7 @@ fn exited_pods_keep_their_energy_and_restarts_never_lower_a_counter() {
     );
     let args = exporter_args(&rapl, &api, &[&checkpoint_arg, "--retention=6s"]);
     let mut exporter = ExporterProcess::start(ERGON.as_ref(), &args);
-    eventually(&exporter, "the short pod has energy", |m| {
-        pod_energy(m, &short) > 0.0
-    });
+    exporter.eventually("the short pod has energy", |m| pod_energy(m, &short) > 0.0);
 
     // Its processes exit and its cgroup goes: the final value stays.
     short.stop();
@@ -218,11 +202,9 @@ fn exited_pods_keep_their_energy_and_restarts_never_lower_a_counter() {
     }
 
     // After the retention window the exited pod is dropped; the live one stays.
-    eventually(
-        &exporter,
-        "the exited pod is dropped after retention",
-        |m| pod_energy(m, &short) == 0.0 && pod_energy(m, &long) > 0.0,
-    );
+    exporter.eventually("the exited pod is dropped after retention", |m| {
+        pod_energy(m, &short) == 0.0 && pod_energy(m, &long) > 0.0
+    });
 }
 
 #[test]
@@ -232,7 +214,7 @@ fn an_api_outage_keeps_uids_flowing_and_names_come_back() {
     let known = TestPod::start("vehicle-pipeline", "grafana-6b7c", 1);
     let mut api = Api::start(&[&known]);
     let exporter = ExporterProcess::start(ERGON.as_ref(), &exporter_args(&rapl, &api, &[]));
-    eventually(&exporter, "the known pod is named", |m| {
+    exporter.eventually("the known pod is named", |m| {
         m.select("ergon_pod_energy_joules_total", &[("pod", "grafana-6b7c")])
             .next()
             .is_some()
@@ -241,9 +223,7 @@ fn an_api_outage_keeps_uids_flowing_and_names_come_back() {
     api.stop();
     // A pod that starts during the outage is counted under its uid.
     let late = TestPod::start("vehicle-pipeline", "mlflow-5f4d", 1);
-    let during = eventually(&exporter, "the new pod counted by uid", |m| {
-        pod_energy(m, &late) > 0.0
-    });
+    let during = exporter.eventually("the new pod counted by uid", |m| pod_energy(m, &late) > 0.0);
     let unnamed = during
         .select(
             "ergon_pod_energy_joules_total",
@@ -258,7 +238,7 @@ fn an_api_outage_keeps_uids_flowing_and_names_come_back() {
 
     api.state.lock().unwrap().put(late.api_object());
     api.restart();
-    eventually(&exporter, "names come back with the API", |m| {
+    exporter.eventually("names come back with the API", |m| {
         m.select("ergon_pod_energy_joules_total", &[("pod", "mlflow-5f4d")])
             .next()
             .is_some()

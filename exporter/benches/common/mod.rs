@@ -518,10 +518,17 @@ pub fn memory_kib(pid: u32) -> (u64, u64) {
 
 impl Exporter {
     pub fn start() -> Exporter {
-        let args: Vec<String> = ["--meter=model", "--interval=5s", "--log=warn"]
-            .iter()
-            .map(|a| (*a).to_owned())
-            .collect();
+        // The pods live under this run's slice, which is their kubelet root.
+        let kubelet_root = format!("--kubelet-cgroup-root=/{SLICE_PREFIX}*.slice");
+        let args: Vec<String> = [
+            "--meter=model",
+            "--interval=5s",
+            "--log=warn",
+            kubelet_root.as_str(),
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
         Exporter {
             process: support::ExporterProcess::start(Path::new(env!("CARGO_BIN_EXE_ergon")), &args),
         }

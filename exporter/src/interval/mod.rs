@@ -50,6 +50,8 @@ pub struct Settings {
     pub checkpoint: Option<PathBuf>,
     pub host_proc: PathBuf,
     pub cgroup_root: PathBuf,
+    /// Where the kubelet makes pod cgroups (`--kubelet-cgroup-root`).
+    pub kubelet_roots: crate::workload::KubeletCgroupRoots,
     /// Where to write the online model fit, if anywhere.
     pub model_fit_output: Option<PathBuf>,
 }
@@ -162,7 +164,8 @@ impl Loop {
             probe,
             meters,
             resolver: CgroupResolver::new(settings.cgroup_root.clone())
-                .with_retention(settings.retention),
+                .with_retention(settings.retention)
+                .with_kubelet_roots(settings.kubelet_roots.clone()),
             pods,
             settings,
             idle,

@@ -10,7 +10,7 @@ pub mod cgroup;
 pub mod kube;
 pub mod resolver;
 
-pub use self::cgroup::{QosClass, Runtime, Workload, classify};
+pub use self::cgroup::{KubeletCgroupRoots, QosClass, Runtime, Workload, classify, classify_under};
 pub use self::kube::{
     ApiSource, ConnectionState, PodDirectory, PodMeta, PodWatcher, PodWatcherConfig,
 };

@@ -29,7 +29,7 @@ use std::os::unix::fs::{DirEntryExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::cgroup::{Workload, classify};
+use super::cgroup::{KubeletCgroupRoots, Workload, classify_under};
 
 /// Default for how long a vanished cgroup stays resolvable.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(15 * 60);
@@ -84,6 +84,7 @@ pub struct CgroupResolver {
     last_walk: Option<Instant>,
     min_rescan_interval: Duration,
     retention: Duration,
+    kubelet_roots: KubeletCgroupRoots,
 }
 
 impl CgroupResolver {
@@ -96,7 +97,15 @@ impl CgroupResolver {
             last_walk: None,
             min_rescan_interval: DEFAULT_MIN_RESCAN_INTERVAL,
             retention: DEFAULT_RETENTION,
+            kubelet_roots: KubeletCgroupRoots::default(),
         }
+    }
+
+    /// Where the kubelet makes pod cgroups (see [`KubeletCgroupRoots`]);
+    /// cgroups shaped like pods anywhere else are not pods.
+    pub fn with_kubelet_roots(mut self, roots: KubeletCgroupRoots) -> Self {
+        self.kubelet_roots = roots;
+        self
     }
 
     pub fn with_min_rescan_interval(mut self, interval: Duration) -> Self {
@@ -212,7 +221,7 @@ impl CgroupResolver {
             Some(known) if known.path == path => known.vanished_at = None,
             // New, or an id the kernel handed to a new cgroup.
             _ => {
-                let workload = classify(&path);
+                let workload = classify_under(&path, &self.kubelet_roots);
                 self.by_id.insert(
                     cgroup_id,
                     ResolvedCgroup {

@@ -32,6 +32,17 @@ pub fn cgroup2_root() -> PathBuf {
         .expect("tests need a cgroup v2 hierarchy (unified or hybrid)")
 }
 
+/// The kubelet cgroup root the fixtures' pods sit under (`CgroupGuard::pod`,
+/// `pod_shaped`): a test slice, never the host's real `/kubepods*`. The
+/// exporter counts pods only under the kubelet's root, so a test that wants
+/// its fixtures named as pods passes [`kubelet_cgroup_root_arg`].
+pub const KUBELET_CGROUP_ROOT: &str = "/ergontest.slice";
+
+/// `--kubelet-cgroup-root=` for the fixtures' pods.
+pub fn kubelet_cgroup_root_arg() -> String {
+    format!("--kubelet-cgroup-root={KUBELET_CGROUP_ROOT}")
+}
+
 /// A cgroup directory (and its missing parents) that is removed on drop.
 pub struct CgroupGuard {
     pub path: PathBuf,
@@ -325,6 +336,22 @@ impl ExporterProcess {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Scrapes until `check` holds (for up to 10 s), or fails naming `what`
+    /// with the last scrape.
+    pub fn eventually(&self, what: &str, check: impl Fn(&Metrics) -> bool) -> Metrics {
+        for _ in 0..100 {
+            let metrics = self.metrics();
+            if check(&metrics) {
+                return metrics;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "{what}: not reached; last scrape: {:?}",
+            self.metrics().samples
+        );
     }
 }
 
