@@ -38,7 +38,9 @@
 //! `kernel` (the root cgroup: kernel threads and anything never moved),
 //! `init.scope`, `system.slice/<unit>` (a unit's sub-cgroups collapse into the
 //! unit, so per-process scopes do not explode label cardinality),
-//! `user.slice` (all users together:
+//! `system.slice/transient` (every transient unit systemd-run or logind makes,
+//! `run-*.scope`, `run-u123.service`, `session-*.scope`: each would otherwise
+//! be a new series that lives once), `user.slice` (all users together:
 //! per-user series would grow without bound on shared nodes), `kubepods`
 //! (QoS-level cgroups above any pod, and misshapen names under the kubelet's
 //! root), and `other` for everything else.
@@ -328,10 +330,24 @@ fn classify_system(components: &[&str]) -> Workload {
         [] => Workload::system("kernel"),
         ["init.scope", ..] => Workload::system("init.scope"),
         ["system.slice"] => Workload::system("system.slice"),
+        ["system.slice", unit, ..] if is_transient_unit(unit) => {
+            Workload::system("system.slice/transient")
+        }
         ["system.slice", unit, ..] => Workload::system(&format!("system.slice/{unit}")),
         ["user.slice", ..] => Workload::system("user.slice"),
         _ => Workload::system("other"),
     }
+}
+
+/// Units made on the fly, one per command or login, whose names never
+/// repeat: `systemd-run` (`run-u123.service`, `run-r<hex>.scope`,
+/// `run-p<pid>-i<n>.scope`) and logind (`session-3.scope`).
+fn is_transient_unit(unit: &str) -> bool {
+    let Some((name, kind)) = unit.rsplit_once('.') else {
+        return false;
+    };
+    matches!(kind, "scope" | "service" | "timer" | "socket")
+        && (name.starts_with("run-") || name.starts_with("session-"))
 }
 
 /// Pod uids are UUIDs, or for static pods the 32-hex-digit config hash: 32
@@ -693,6 +709,45 @@ mod tests {
                 "{error}"
             );
         }
+    }
+
+    #[test]
+    fn transient_units_fold_into_one_bucket_per_slice() {
+        for unit in [
+            "run-u123.service",
+            "run-r0a1b2c3d4e5f60718293a4b5c6d7e8f9.scope",
+            "run-p4242-i4243.scope",
+            "session-17.scope",
+            "run-docker-runtime\\x2drunc-moby-abc.mount.scope",
+        ] {
+            assert_eq!(
+                classify(&format!("/system.slice/{unit}")),
+                bucket("system.slice/transient"),
+                "{unit}"
+            );
+            assert_eq!(
+                classify(&format!("/system.slice/{unit}/sub")),
+                bucket("system.slice/transient"),
+                "{unit}"
+            );
+        }
+        // Sessions and user units stay in the one user bucket.
+        assert_eq!(
+            classify("/user.slice/user-1000.slice/session-3.scope"),
+            bucket("user.slice")
+        );
+        // Named services keep their own series.
+        for unit in ["runner.service", "sessiond.service", "containerd.service"] {
+            assert_eq!(
+                classify(&format!("/system.slice/{unit}")),
+                bucket(&format!("system.slice/{unit}"))
+            );
+        }
+        // 10,000 transient units make one series.
+        let buckets: std::collections::HashSet<Workload> = (0..10_000)
+            .map(|i| classify(&format!("/system.slice/run-u{i}.service")))
+            .collect();
+        assert_eq!(buckets.len(), 1);
     }
 
     #[test]
