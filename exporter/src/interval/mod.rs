@@ -514,7 +514,7 @@ impl Loop {
     fn gpu_weights(&mut self, samples: &[attribute::GpuProcessSample]) -> HashMap<Workload, f64> {
         let mut of_pid = HashMap::new();
         for sample in samples {
-            if let Some(id) = cgroup_id_of_pid(
+            if let Some(id) = crate::workload::cgroup_id_of_pid(
                 &self.settings.host_proc,
                 &self.settings.cgroup_root,
                 sample.pid,
@@ -559,20 +559,6 @@ impl Loop {
         }
         usage
     }
-}
-
-/// The cgroup v2 id of a live process, from `/proc/<pid>/cgroup`.
-fn cgroup_id_of_pid(
-    host_proc: &std::path::Path,
-    cgroup_root: &std::path::Path,
-    pid: u32,
-) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let text = std::fs::read_to_string(host_proc.join(pid.to_string()).join("cgroup")).ok()?;
-    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
-    std::fs::metadata(cgroup_root.join(path.trim_start_matches('/')))
-        .ok()
-        .map(|m| m.ino())
 }
 
 /// The same attribution, summed per pod (what the per-pod ledger takes).

@@ -198,18 +198,10 @@ impl ProcfsProbe {
                 .process_baseline
                 .entry(pid)
                 .or_insert(if first { cpu_ns } else { 0 });
-            let cgroup_id = fs::read_to_string(entry.path().join("cgroup"))
-                .ok()
-                .and_then(|s| {
-                    let rel = s
-                        .lines()
-                        .find_map(|l| l.strip_prefix("0::"))?
-                        .trim()
-                        .to_owned();
-                    fs::metadata(self.cgroup_root.join(rel.trim_start_matches('/'))).ok()
-                })
-                .map(|m| m.ino())
-                .unwrap_or(0);
+            // Also from inside a cgroup namespace (see workload::pid_cgroup).
+            let cgroup_id =
+                crate::workload::cgroup_id_of_pid(&self.host_proc, &self.cgroup_root, pid)
+                    .unwrap_or(0);
             let usage = self.processes.entry(pid).or_default();
             usage.counters.cpu_ns = cpu_ns.saturating_sub(base);
             usage.cgroup_id = cgroup_id;

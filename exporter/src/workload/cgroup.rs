@@ -30,7 +30,8 @@
 //! (`user.slice`, the unit, `other`). Anything below a real container's
 //! cgroup (a container that makes its own sub-cgroups, even ones shaped like
 //! pods) is that container's. A path with `..` (a process seen from another
-//! cgroup namespace) is never a pod: callers resolve it first.
+//! cgroup namespace) is never a pod: callers resolve it first
+//! ([`super::pid_cgroup`]).
 //! The same layout appears in the cgroup v1 `cpuacct` hierarchy, so v1 paths
 //! classify the same way.
 //!
