@@ -33,6 +33,7 @@ pub const MODEL_FIT_WATTS: &str = "ergon_model_fit_watts_per_cpu";
 pub const MODEL_FIT_RMSE: &str = "ergon_model_fit_rmse_watts";
 pub const MODEL_FIT_SAMPLES: &str = "ergon_model_fit_samples";
 pub const UNKNOWN_POD_CGROUPS: &str = "ergon_unknown_pod_cgroups";
+pub const PROBE_SKIPPED: &str = "ergon_probe_skipped_total";
 pub const KEPLER_CONTAINER: &str = "kepler_container_joules_total";
 pub const KEPLER_NODE: &str = "kepler_node_platform_joules_total";
 
@@ -171,6 +172,12 @@ pub fn catalogue() -> Vec<Family> {
             &[],
         ),
         Family::new(
+            PROBE_SKIPPED,
+            "Cgroups (kind=cgroup, with their subtree: their CPU time stays with the parent) and processes (kind=process) the procfs probe left out of a sample because they could not be read: reason=permission|name_too_long|unparsable|io.",
+            Counter,
+            &["kind", "reason"],
+        ),
+        Family::new(
             UNKNOWN_POD_CGROUPS,
             "Pod uids in the kubelet's cgroups that the Kubernetes API does not list for this node: billed by uid, left unnamed. Present only once the pod list has synced; above 0 for long, something made pod cgroups the kubelet does not know.",
             Gauge,
@@ -282,6 +289,12 @@ pub(super) fn build(measure: &Loop) -> Report {
         }
     }
 
+    if let Some((_, usage)) = &measure.previous {
+        for ((kind, reason), count) in &usage.skipped {
+            family(&mut families, PROBE_SKIPPED)
+                .push(vec![(*kind).into(), (*reason).into()], *count as f64);
+        }
+    }
     // Before the first full list every pod is unknown: no figure then.
     if measure.pods.connection().synced {
         family(&mut families, UNKNOWN_POD_CGROUPS).push(vec![], f64::from(unknown_pods));
@@ -442,6 +455,7 @@ mod tests {
             MODEL_FIT_WATTS,
             MODEL_FIT_RMSE,
             MODEL_FIT_SAMPLES,
+            PROBE_SKIPPED,
             UNKNOWN_POD_CGROUPS,
             KEPLER_CONTAINER,
             KEPLER_NODE,

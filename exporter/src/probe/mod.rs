@@ -131,6 +131,10 @@ pub struct UsageSnapshot {
     /// Number of new cgroup keys that went to the overflow bucket.
     pub overflowed_cgroup_keys: u64,
     pub overflowed_process_keys: u64,
+    /// Cgroups and processes left out of a sample because they could not be
+    /// read, per (kind, reason), cumulative (procfs probe only; see
+    /// [`procfs`]).
+    pub skipped: std::collections::BTreeMap<(&'static str, &'static str), u64>,
 }
 
 impl UsageSnapshot {
