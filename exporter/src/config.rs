@@ -77,7 +77,8 @@ pub struct Cli {
     pub host_proc: PathBuf,
 
     /// The cgroup v2 mount. Default: <host-sys>/fs/cgroup, or its `unified`
-    /// subdirectory on hybrid hosts.
+    /// subdirectory on hybrid hosts (also taken when this names a hybrid
+    /// host's v1 /sys/fs/cgroup).
     #[arg(long, env = "ERGON_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
 
@@ -325,11 +326,14 @@ impl Cli {
         }
     }
 
+    /// The cgroup2 mount: `--cgroup-root` (its `unified` sub-directory when
+    /// it names a hybrid host's v1 tmpfs), else detected under `--host-sys`.
     pub fn cgroup_root(&self) -> PathBuf {
-        self.cgroup_root.clone().unwrap_or_else(|| {
-            crate::probe::find_cgroup2_root(&self.host_sys)
-                .unwrap_or_else(|| self.host_sys.join("fs/cgroup"))
-        })
+        match &self.cgroup_root {
+            Some(given) => crate::probe::cgroup2_within(given).unwrap_or_else(|| given.clone()),
+            None => crate::probe::find_cgroup2_root(&self.host_sys)
+                .unwrap_or_else(|| self.host_sys.join("fs/cgroup")),
+        }
     }
 }
 
@@ -498,6 +502,27 @@ mod tests {
         .to_string();
         assert!(err.contains("missing.yaml"), "{err}");
     }
+    #[test]
+    fn cgroup_root_finds_cgroup2_on_hybrid_hosts() {
+        let host_sys = tempfile::tempdir().unwrap();
+        let cgroup = host_sys.path().join("fs/cgroup");
+        std::fs::create_dir_all(cgroup.join("cpuacct")).unwrap();
+        std::fs::create_dir_all(cgroup.join("unified")).unwrap();
+        std::fs::write(cgroup.join("unified/cgroup.controllers"), "").unwrap();
+        let sys = format!("--host-sys={}", host_sys.path().display());
+        // Detected under --host-sys.
+        let cli = Cli::load_from(&args(&["ergon", &sys]), |_| false).unwrap();
+        assert_eq!(cli.cgroup_root(), cgroup.join("unified"));
+        // The v1 tmpfs passed as the root (as the chart did): its cgroup2.
+        let given = format!("--cgroup-root={}", cgroup.display());
+        let cli = Cli::load_from(&args(&["ergon", &given]), |_| false).unwrap();
+        assert_eq!(cli.cgroup_root(), cgroup.join("unified"));
+        // A unified host: the root itself.
+        std::fs::write(cgroup.join("cgroup.controllers"), "").unwrap();
+        let cli = Cli::load_from(&args(&["ergon", &sys]), |_| false).unwrap();
+        assert_eq!(cli.cgroup_root(), cgroup);
+    }
+
     #[test]
     fn idle_watts_and_meters_are_checked() {
         let cli = Cli::load_from(
