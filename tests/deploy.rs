@@ -2480,6 +2480,7 @@ fn live_dashboards_and_rules_return_data_from_a_real_exporter() {
     exporter_command.args([
         rapl.host_sys_arg(),
         format!("--cgroup-root={}", ergon_testkit::cgroup2_root().display()),
+        ergon_testkit::kubelet_cgroup_root_arg(),
         "--meter=rapl".into(),
         "--idle-watts=package=15".into(),
         "--interval=1s".into(),

@@ -87,9 +87,19 @@ pub struct Cli {
     pub host_proc: PathBuf,
 
     /// The cgroup v2 mount. Default: <host-sys>/fs/cgroup, or its `unified`
-    /// subdirectory on hybrid hosts.
+    /// subdirectory on hybrid hosts (also taken when this names a hybrid
+    /// host's v1 /sys/fs/cgroup).
     #[arg(long, env = "ERGON_CGROUP_ROOT")]
     pub cgroup_root: Option<PathBuf>,
+
+    /// Cgroup paths the kubelet makes its `kubepods` cgroup in, comma-separated
+    /// (default `/`, the kubelet's own default). Only cgroups laid out there
+    /// as the kubelet lays them out are pods: a pod-shaped tree elsewhere
+    /// (a user's delegated subtree) is billed to where it is. Nested setups:
+    /// `/kubelet.slice` (kind, seen from its node),
+    /// `/system.slice/docker-*.scope/kubelet.slice` (kind from the host).
+    #[arg(long, env = "ERGON_KUBELET_CGROUP_ROOT", value_delimiter = ',')]
+    pub kubelet_cgroup_root: Vec<String>,
 
     /// How CPU usage is collected.
     #[arg(long, env = "ERGON_PROBE", value_enum, default_value_t = ProbeMode::Auto)]
@@ -414,15 +424,23 @@ impl Cli {
         }
     }
 
+    /// The cgroup2 mount: `--cgroup-root` (its `unified` sub-directory when
+    /// it names a hybrid host's v1 tmpfs), else detected under `--host-sys`.
     pub fn cgroup_root(&self) -> PathBuf {
-        self.cgroup_root.clone().unwrap_or_else(|| {
-            crate::probe::find_cgroup2_root(&self.host_sys)
-                .unwrap_or_else(|| self.host_sys.join("fs/cgroup"))
-        })
+        match &self.cgroup_root {
+            Some(given) => crate::probe::cgroup2_within(given).unwrap_or_else(|| given.clone()),
+            None => crate::probe::find_cgroup2_root(&self.host_sys)
+                .unwrap_or_else(|| self.host_sys.join("fs/cgroup")),
+        }
     }
 }
 
 impl Cli {
+    /// `--kubelet-cgroup-root`, checked.
+    pub fn kubelet_cgroup_roots(&self) -> Result<crate::workload::KubeletCgroupRoots, String> {
+        crate::workload::KubeletCgroupRoots::parse(&self.kubelet_cgroup_root)
+    }
+
     /// `--idle-watts package=20,dram=3` as (domain, watts) pairs.
     pub fn idle_watts(&self) -> Result<Vec<(crate::units::Domain, crate::units::Watts)>, String> {
         self.idle_watts
@@ -658,6 +676,27 @@ mod tests {
         assert!(cli.authorize_metrics);
         assert_eq!(cli.unhealthy_after_failed_intervals, 5);
         assert!(Cli::try_parse_from(["ergon", "--unhealthy-after-failed-intervals=0"]).is_err());
+    }
+
+    #[test]
+    fn cgroup_root_finds_cgroup2_on_hybrid_hosts() {
+        let host_sys = tempfile::tempdir().unwrap();
+        let cgroup = host_sys.path().join("fs/cgroup");
+        std::fs::create_dir_all(cgroup.join("cpuacct")).unwrap();
+        std::fs::create_dir_all(cgroup.join("unified")).unwrap();
+        std::fs::write(cgroup.join("unified/cgroup.controllers"), "").unwrap();
+        let sys = format!("--host-sys={}", host_sys.path().display());
+        // Detected under --host-sys.
+        let cli = Cli::load_from(&args(&["ergon", &sys]), |_| false).unwrap();
+        assert_eq!(cli.cgroup_root(), cgroup.join("unified"));
+        // The v1 tmpfs passed as the root (as the chart did): its cgroup2.
+        let given = format!("--cgroup-root={}", cgroup.display());
+        let cli = Cli::load_from(&args(&["ergon", &given]), |_| false).unwrap();
+        assert_eq!(cli.cgroup_root(), cgroup.join("unified"));
+        // A unified host: the root itself.
+        std::fs::write(cgroup.join("cgroup.controllers"), "").unwrap();
+        let cli = Cli::load_from(&args(&["ergon", &sys]), |_| false).unwrap();
+        assert_eq!(cli.cgroup_root(), cgroup);
     }
 
     #[test]

@@ -22,6 +22,7 @@ fn main() -> anyhow::Result<()> {
     }
     let idle_watts = cli.idle_watts().map_err(anyhow::Error::msg)?;
     let meter_config = cli.meter_config().map_err(anyhow::Error::msg)?;
+    let kubelet_roots = cli.kubelet_cgroup_roots().map_err(anyhow::Error::msg)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -60,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         checkpoint: cli.usable_checkpoint_path(),
         host_proc: cli.host_proc.clone(),
         cgroup_root: cli.cgroup_root(),
+        kubelet_roots,
         model_fit_output: cli.model_fit_output.clone(),
     };
     let published = Published::default();

@@ -11,7 +11,7 @@ use std::process::{Child, Command};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use ergon::workload::resolver::cgroup2_mount_point;
-use ergon::workload::{CgroupResolver, QosClass, Runtime, Workload};
+use ergon::workload::{CgroupResolver, KubeletCgroupRoots, QosClass, Runtime, Workload};
 
 const UID: &str = "0f9e8d7c-6b5a-4948-8776-655443322110";
 const CONTAINER_ID: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
@@ -116,6 +116,11 @@ fn kernel_cgroup_id(path: &Path) -> u64 {
     u64::from_ne_bytes(handle.f_handle)
 }
 
+/// The test's own kubelet root: its prefix directory under the mount.
+fn kubelet_root(prefix: &str) -> KubeletCgroupRoots {
+    KubeletCgroupRoots::parse(&[format!("/{prefix}")]).unwrap()
+}
+
 #[test]
 fn resolves_real_pod_cgroups_by_kernel_id() {
     let mount = mount();
@@ -142,7 +147,7 @@ fn resolves_real_pod_cgroups_by_kernel_id() {
     let cgroup_id = kernel_cgroup_id(tree.leaf());
     assert_eq!(cgroup_id, std::fs::metadata(tree.leaf()).unwrap().ino());
 
-    let mut resolver = CgroupResolver::new(mount.clone());
+    let mut resolver = CgroupResolver::new(mount.clone()).with_kubelet_roots(kubelet_root(&prefix));
     let resolved = resolver
         .resolve(cgroup_id)
         .expect("the new cgroup resolves")
@@ -192,10 +197,11 @@ fn resolves_real_pod_cgroups_by_kernel_id() {
 #[test]
 fn a_cgroup_created_later_is_found_by_the_rescan() {
     let mount = mount();
-    let mut resolver =
-        CgroupResolver::new(mount.clone()).with_min_rescan_interval(std::time::Duration::ZERO);
-    resolver.refresh().unwrap();
     let prefix = unique_prefix();
+    let mut resolver = CgroupResolver::new(mount.clone())
+        .with_min_rescan_interval(std::time::Duration::ZERO)
+        .with_kubelet_roots(kubelet_root(&prefix));
+    resolver.refresh().unwrap();
     let tree = CgroupTree::create(
         &mount,
         &format!("{prefix}/kubepods/besteffort/pod{UID}/{CONTAINER_ID}"),
@@ -220,4 +226,42 @@ fn a_cgroup_created_later_is_found_by_the_rescan() {
             bucket: "other".into()
         }
     );
+}
+
+#[test]
+fn a_pod_forged_in_a_delegated_subtree_is_not_that_pod() {
+    let mount = mount();
+    let prefix = unique_prefix();
+    // The genuine pod under the kubelet's root, and the same layout made by
+    // a user in their own delegated subtree, each with a real process.
+    let mut genuine = CgroupTree::create(
+        &mount,
+        &format!("{prefix}/kubepods/burstable/pod{UID}/{CONTAINER_ID}"),
+    );
+    let forger = unique_prefix();
+    let forged_relative = format!(
+        "{forger}/user.slice/user-4242.slice/user@4242.service/app.slice/kubepods/burstable/pod{UID}/{CONTAINER_ID}"
+    );
+    let mut forged = CgroupTree::create(&mount, &forged_relative);
+    for tree in [&mut genuine, &mut forged] {
+        let child = Command::new("sleep").arg("60").spawn().unwrap();
+        std::fs::write(tree.leaf().join("cgroup.procs"), child.id().to_string()).unwrap();
+        tree.children.push(child);
+    }
+    let mut resolver = CgroupResolver::new(mount.clone()).with_kubelet_roots(kubelet_root(&prefix));
+    assert_eq!(
+        resolver
+            .resolve(kernel_cgroup_id(genuine.leaf()))
+            .unwrap()
+            .workload,
+        Workload::Container {
+            pod_uid: UID.into(),
+            container_id: CONTAINER_ID.into(),
+            runtime: Runtime::Unidentified,
+            qos: QosClass::Burstable,
+        }
+    );
+    let forged_cgroup = resolver.resolve(kernel_cgroup_id(forged.leaf())).unwrap();
+    assert_eq!(forged_cgroup.path, format!("/{forged_relative}"));
+    assert_eq!(forged_cgroup.workload.pod_uid(), None, "{forged_cgroup:?}");
 }

@@ -21,7 +21,6 @@
 
 pub use ergon_testkit as support;
 
-use std::ffi::CString;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -189,13 +188,7 @@ pub fn pause(length: Duration) {
 /// Call it from the main thread: the death signal follows the thread that
 /// forked.
 pub fn spawn_in(cgroup: &Path, mut cmd: Command) -> Child {
-    let procs = CString::new(
-        cgroup
-            .join("cgroup.procs")
-            .into_os_string()
-            .into_encoded_bytes(),
-    )
-    .expect("cgroup paths have no NUL");
+    let join = support::cgroup_joiner(cgroup);
     // SAFETY: only async-signal-safe calls (prctl, open, write, close) run
     // between fork and exec.
     unsafe {
@@ -203,16 +196,7 @@ pub fn spawn_in(cgroup: &Path, mut cmd: Command) -> Child {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            libc::close(fd);
-            if written != 1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
+            join()
         });
     }
     cmd.stdin(Stdio::null())
@@ -518,10 +502,17 @@ pub fn memory_kib(pid: u32) -> (u64, u64) {
 
 impl Exporter {
     pub fn start() -> Exporter {
-        let args: Vec<String> = ["--meter=model", "--interval=5s", "--log=warn"]
-            .iter()
-            .map(|a| (*a).to_owned())
-            .collect();
+        // The pods live under this run's slice, which is their kubelet root.
+        let kubelet_root = format!("--kubelet-cgroup-root=/{SLICE_PREFIX}*.slice");
+        let args: Vec<String> = [
+            "--meter=model",
+            "--interval=5s",
+            "--log=warn",
+            kubelet_root.as_str(),
+        ]
+        .iter()
+        .map(|a| (*a).to_owned())
+        .collect();
         Exporter {
             process: support::ExporterProcess::start(Path::new(env!("CARGO_BIN_EXE_ergon")), &args),
         }

@@ -8,12 +8,12 @@
 //! what it remembers between intervals: which cgroups were already gone.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::attribute::{self, Usage};
 use crate::probe::{CgroupCounters, UsageSnapshot};
-use crate::workload::{CgroupResolver, Workload};
+use crate::workload::{CgroupResolver, KubeletCgroupRoots, Workload, cgroup_id_of_pid};
 
 use super::{GPU_UNKNOWN_PROCESS_BUCKET, OVERFLOW_BUCKET};
 
@@ -92,10 +92,13 @@ impl Grouping {
         cgroup_root: PathBuf,
         host_proc: PathBuf,
         retention: Duration,
+        kubelet_roots: KubeletCgroupRoots,
         per_process: bool,
     ) -> Grouping {
         Grouping {
-            resolver: CgroupResolver::new(cgroup_root.clone()).with_retention(retention),
+            resolver: CgroupResolver::new(cgroup_root.clone())
+                .with_retention(retention)
+                .with_kubelet_roots(kubelet_roots),
             last_refresh: Instant::now(),
             gone_before: HashSet::new(),
             host_proc,
@@ -227,14 +230,4 @@ impl Grouping {
         self.gone_before = gone_now;
         settled
     }
-}
-
-/// The cgroup v2 id of a live process, from `/proc/<pid>/cgroup`.
-fn cgroup_id_of_pid(host_proc: &Path, cgroup_root: &Path, pid: u32) -> Option<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let text = std::fs::read_to_string(host_proc.join(pid.to_string()).join("cgroup")).ok()?;
-    let path = text.lines().find_map(|l| l.strip_prefix("0::"))?.trim();
-    std::fs::metadata(cgroup_root.join(path.trim_start_matches('/')))
-        .ok()
-        .map(|m| m.ino())
 }

@@ -71,6 +71,8 @@ pub struct Settings {
     pub checkpoint: Option<PathBuf>,
     pub host_proc: PathBuf,
     pub cgroup_root: PathBuf,
+    /// Where the kubelet makes pod cgroups (`--kubelet-cgroup-root`).
+    pub kubelet_roots: crate::workload::KubeletCgroupRoots,
     /// Where to write the online model fit, if anywhere.
     pub model_fit_output: Option<PathBuf>,
 }
@@ -161,6 +163,7 @@ impl Loop {
                 settings.cgroup_root.clone(),
                 settings.host_proc.clone(),
                 settings.retention,
+                settings.kubelet_roots.clone(),
                 settings.per_process,
             ),
             metering: Metering::new(meters, idle, cpus, cpu_model),

@@ -42,6 +42,8 @@ pub const PROBE_RUNS: &str = "ergon_probe_runs_total";
 pub const MODEL_FIT_WATTS: &str = "ergon_model_fit_watts_per_cpu";
 pub const MODEL_FIT_RMSE: &str = "ergon_model_fit_rmse_watts";
 pub const MODEL_FIT_SAMPLES: &str = "ergon_model_fit_samples";
+pub const UNKNOWN_POD_CGROUPS: &str = "ergon_unknown_pod_cgroups";
+pub const PROBE_SKIPPED: &str = "ergon_probe_skipped_total";
 pub const KEPLER_CONTAINER: &str = "kepler_container_joules_total";
 pub const KEPLER_NODE: &str = "kepler_node_platform_joules_total";
 pub const CHECKPOINT_REJECTED: &str = "ergon_checkpoint_rejected_total";
@@ -178,6 +180,18 @@ pub fn catalogue() -> Vec<Family> {
         Family::new(
             MODEL_FIT_SAMPLES,
             "Intervals the online model fit has seen.",
+            Gauge,
+            &[],
+        ),
+        Family::new(
+            PROBE_SKIPPED,
+            "Cgroups (kind=cgroup, with their subtree: their CPU time stays with the parent) and processes (kind=process) the procfs probe left out of a sample because they could not be read: reason=permission|name_too_long|unparsable|io.",
+            Counter,
+            &["kind", "reason"],
+        ),
+        Family::new(
+            UNKNOWN_POD_CGROUPS,
+            "Pod uids in the kubelet's cgroups that the Kubernetes API does not list for this node: billed by uid, left unnamed. Present only once the pod list has synced; above 0 for long, something made pod cgroups the kubelet does not know.",
             Gauge,
             &[],
         ),
@@ -354,7 +368,13 @@ pub(super) fn build(measure: &Loop) -> Report {
     cpu.push(vec!["busy".into()], state.busy_ns as f64 / 1e9);
     cpu.push(vec!["idle".into()], state.idle_ns as f64 / 1e9);
 
+    let mut unknown_pods = 0;
     for (uid, counters) in state.pods.workloads() {
+        // Names stay with the counter once known; a uid the API never
+        // described on this node stays unnamed and is counted.
+        if counters.names.is_none() {
+            unknown_pods += 1;
+        }
         let (namespace, name, _) = names_of(&counters.names);
         for (domain, joules) in &counters.energy {
             family(&mut families, POD_ENERGY).push(
@@ -367,6 +387,17 @@ pub(super) fn build(measure: &Loop) -> Report {
                 joules.total().0,
             );
         }
+    }
+
+    if let Some((_, usage)) = &measure.previous {
+        for ((kind, reason), count) in &usage.skipped {
+            family(&mut families, PROBE_SKIPPED)
+                .push(vec![(*kind).into(), (*reason).into()], *count as f64);
+        }
+    }
+    // Before the first full list every pod is unknown: no figure then.
+    if measure.pods.connection().synced {
+        family(&mut families, UNKNOWN_POD_CGROUPS).push(vec![], f64::from(unknown_pods));
     }
 
     let source = measure.metering.primary_source();
@@ -515,6 +546,8 @@ mod tests {
             MODEL_FIT_WATTS,
             MODEL_FIT_RMSE,
             MODEL_FIT_SAMPLES,
+            PROBE_SKIPPED,
+            UNKNOWN_POD_CGROUPS,
             KEPLER_CONTAINER,
             KEPLER_NODE,
             CHECKPOINT_REJECTED,

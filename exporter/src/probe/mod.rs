@@ -100,9 +100,16 @@ impl ProbeConfig {
 /// The cgroup v2 hierarchy under a host `/sys`: `fs/cgroup` on a unified
 /// host, `fs/cgroup/unified` on a hybrid (v1 + v2) one.
 pub fn find_cgroup2_root(host_sys: &Path) -> Option<PathBuf> {
-    ["fs/cgroup", "fs/cgroup/unified"]
-        .iter()
-        .map(|dir| host_sys.join(dir))
+    cgroup2_within(&host_sys.join("fs/cgroup"))
+}
+
+/// `dir` if it is a cgroup2 hierarchy, else its `unified` sub-directory if
+/// that is one. On a hybrid host `/sys/fs/cgroup` is the tmpfs of the v1
+/// controllers and cgroup2 sits at `unified`: a `--cgroup-root` (or a
+/// chart) naming the former means the latter.
+pub fn cgroup2_within(dir: &Path) -> Option<PathBuf> {
+    [dir.to_path_buf(), dir.join("unified")]
+        .into_iter()
         .find(|dir| dir.join("cgroup.controllers").exists())
 }
 
@@ -131,6 +138,10 @@ pub struct UsageSnapshot {
     /// Number of new cgroup keys that went to the overflow bucket.
     pub overflowed_cgroup_keys: u64,
     pub overflowed_process_keys: u64,
+    /// Cgroups and processes left out of a sample because they could not be
+    /// read, per (kind, reason), cumulative (procfs probe only; see
+    /// [`procfs`]).
+    pub skipped: std::collections::BTreeMap<(&'static str, &'static str), u64>,
 }
 
 impl UsageSnapshot {

@@ -9,9 +9,21 @@
 //!
 //! Only cgroup v2 is read: its `cpu.stat` exists in every cgroup whether or
 //! not the cpu controller is enabled (the hybrid test machines rely on that).
+//!
+//! One cgroup that cannot be read (`EACCES`, a path longer than `PATH_MAX`,
+//! a `cpu.stat` without `usage_usec`) is skipped with its subtree, never the
+//! whole sample: its usage is in its parent's, so it lands on the parent,
+//! neither lost nor counted twice; when it becomes readable again it starts
+//! from a fresh baseline for the same reason. Each skip is counted in
+//! `ergon_probe_skipped_total{kind,reason}` and the first of each kind and
+//! reason is logged with its path. Only the root cgroup and `/proc/stat` are
+//! required. Processes (`--per-process`) that cannot be read are skipped and
+//! counted the same way, and a process that has exited leaves the probe's
+//! tables at the next sample: a node's pid churn must not grow them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -30,12 +42,40 @@ pub struct ProcfsProbe {
     process_baseline: HashMap<u32, u64>,
     processes: HashMap<u32, ProcessUsage>,
     first_sample_done: bool,
+    process_baselines_taken: bool,
+    /// Cgroups skipped at the previous sample, by path: baselined afresh
+    /// when readable again (their usage meanwhile went to the parent).
+    skipped_paths: HashSet<PathBuf>,
+    skipped: BTreeMap<(&'static str, &'static str), u64>,
+}
+
+/// A cgroup or process left out of a sample.
+struct Skip {
+    kind: &'static str,
+    path: PathBuf,
+    error: ProbeError,
+}
+
+impl Skip {
+    /// `permission`, `name_too_long`, `unparsable` or `io`.
+    fn reason(&self) -> &'static str {
+        match &self.error {
+            ProbeError::Parse { .. } => "unparsable",
+            ProbeError::Io { source, .. } => match source.raw_os_error() {
+                Some(libc::EACCES | libc::EPERM) => "permission",
+                Some(libc::ENAMETOOLONG) => "name_too_long",
+                _ => "io",
+            },
+            _ => "io",
+        }
+    }
 }
 
 struct CgroupReading {
     id: u64,
     parent: Option<u64>,
     usage_ns: u64,
+    path: PathBuf,
 }
 
 impl ProcfsProbe {
@@ -63,6 +103,9 @@ impl ProcfsProbe {
             process_baseline: HashMap::new(),
             processes: HashMap::new(),
             first_sample_done: false,
+            process_baselines_taken: false,
+            skipped_paths: HashSet::new(),
+            skipped: BTreeMap::new(),
         };
         let stat = probe.cgroup_root.join("cpu.stat");
         if !stat.exists() {
@@ -85,12 +128,16 @@ impl ProcfsProbe {
 
     pub fn sample(&mut self) -> Result<UsageSnapshot, ProbeError> {
         let mut readings = Vec::new();
-        walk(&self.cgroup_root, None, &mut readings)?;
+        let mut skips = Vec::new();
+        walk(&self.cgroup_root, None, &mut readings, &mut skips)?;
 
         let mut deltas: HashMap<u64, i128> = HashMap::with_capacity(readings.len());
         for r in &readings {
             let delta = match self.last_usage.get(&r.id) {
                 Some(&prev) => r.usage_ns as i128 - prev as i128,
+                // Readable again after it (or an ancestor) was skipped: its
+                // usage meanwhile is in the parent's already.
+                None if self.skipped_paths.iter().any(|p| r.path.starts_with(p)) => 0,
                 // A cgroup created since the last sample: all of its usage is new.
                 None if self.first_sample_done => r.usage_ns as i128,
                 None => 0,
@@ -115,6 +162,10 @@ impl ProcfsProbe {
             counted.cpu_ns += slice;
         }
         self.first_sample_done = true;
+        self.skipped_paths = skips.iter().map(|skip| skip.path.clone()).collect();
+        for skip in skips {
+            self.count_skip(skip);
+        }
 
         let (idle_ns, busy_ns) = self.read_cpu_times()?;
         let (base_idle, base_busy) = *self.cpu_baseline.get_or_insert((idle_ns, busy_ns));
@@ -126,8 +177,34 @@ impl ProcfsProbe {
             processes: self.processes.clone(),
             idle_ns: idle_ns.saturating_sub(base_idle),
             busy_ns: busy_ns.saturating_sub(base_busy),
+            skipped: self.skipped.clone(),
             ..Default::default()
         })
+    }
+
+    fn count_skip(&mut self, skip: Skip) {
+        let reason = skip.reason();
+        let count = self.skipped.entry((skip.kind, reason)).or_default();
+        *count += 1;
+        // The first of each kind and reason is worth a warning; the rest
+        // are in the counter (one unreadable cgroup would warn every interval).
+        if *count == 1 {
+            tracing::warn!(
+                "skipping unreadable {} {} (counted in ergon_probe_skipped_total{{kind=\"{}\",reason=\"{reason}\"}}; \
+                 its CPU time stays with its parent cgroup): {}",
+                skip.kind,
+                skip.path.display(),
+                skip.kind,
+                skip.error
+            );
+        } else {
+            tracing::debug!(
+                "skipping unreadable {} {}: {}",
+                skip.kind,
+                skip.path.display(),
+                skip.error
+            );
+        }
     }
 
     pub fn forget(&mut self, cgroup_ids: &[u64], pids: &[u32]) {
@@ -173,11 +250,18 @@ impl ProcfsProbe {
         Ok((idle * self.ns_per_tick, busy * self.ns_per_tick))
     }
 
+    /// Reads every process's CPU time. The tables are rebuilt from what
+    /// `/proc` lists now, so an exited pid's baseline and labels go with it
+    /// (and a reused pid starts from zero, as the new process does).
     fn read_processes(&mut self) {
         let Ok(entries) = fs::read_dir(&self.host_proc) else {
             return;
         };
-        let first = self.process_baseline.is_empty() && self.processes.is_empty();
+        let first = !self.process_baselines_taken;
+        self.process_baselines_taken = true;
+        let mut baselines = HashMap::with_capacity(self.process_baseline.len());
+        let mut processes = HashMap::with_capacity(self.processes.len());
+        let mut skips = Vec::new();
         for entry in entries.flatten() {
             let Some(pid) = entry
                 .file_name()
@@ -186,35 +270,71 @@ impl ProcfsProbe {
             else {
                 continue;
             };
-            // Processes exit while we read: a missing file is not an error.
-            let Some((comm, ticks)) = fs::read_to_string(entry.path().join("stat"))
-                .ok()
-                .and_then(|s| parse_pid_stat(&s))
-            else {
+            let stat_path = entry.path().join("stat");
+            let text = match fs::read_to_string(&stat_path) {
+                Ok(text) => text,
+                // Processes exit while we read: a missing file is not an error.
+                Err(e)
+                    if matches!(e.kind(), io::ErrorKind::NotFound)
+                        || e.raw_os_error() == Some(libc::ESRCH) =>
+                {
+                    continue;
+                }
+                Err(source) => {
+                    skips.push(Skip {
+                        kind: "process",
+                        path: stat_path.clone(),
+                        error: ProbeError::Io {
+                            path: stat_path,
+                            source,
+                        },
+                    });
+                    continue;
+                }
+            };
+            let Some((comm, ticks)) = parse_pid_stat(&text) else {
+                skips.push(Skip {
+                    kind: "process",
+                    path: stat_path.clone(),
+                    error: ProbeError::Parse {
+                        path: stat_path,
+                        detail: "not the `pid (comm) state ...` line of proc_pid_stat(5)".into(),
+                    },
+                });
                 continue;
             };
             let cpu_ns = ticks * self.ns_per_tick;
-            let base = *self
+            let base = self
                 .process_baseline
-                .entry(pid)
-                .or_insert(if first { cpu_ns } else { 0 });
-            let cgroup_id = fs::read_to_string(entry.path().join("cgroup"))
-                .ok()
-                .and_then(|s| {
-                    let rel = s
-                        .lines()
-                        .find_map(|l| l.strip_prefix("0::"))?
-                        .trim()
-                        .to_owned();
-                    fs::metadata(self.cgroup_root.join(rel.trim_start_matches('/'))).ok()
-                })
-                .map(|m| m.ino())
-                .unwrap_or(0);
-            let usage = self.processes.entry(pid).or_default();
-            usage.counters.cpu_ns = cpu_ns.saturating_sub(base);
-            usage.cgroup_id = cgroup_id;
-            usage.comm = comm;
+                .get(&pid)
+                .copied()
+                .unwrap_or(if first { cpu_ns } else { 0 });
+            baselines.insert(pid, base);
+            let cgroup_id =
+                crate::workload::cgroup_id_of_pid(&self.host_proc, &self.cgroup_root, pid)
+                    .unwrap_or(0);
+            processes.insert(
+                pid,
+                ProcessUsage {
+                    counters: CgroupCounters {
+                        cpu_ns: cpu_ns.saturating_sub(base),
+                        ..Default::default()
+                    },
+                    cgroup_id,
+                    comm,
+                },
+            );
         }
+        self.process_baseline = baselines;
+        self.processes = processes;
+        for skip in skips {
+            self.count_skip(skip);
+        }
+    }
+
+    /// Processes the probe holds a baseline or usage for (for tests of churn).
+    pub fn tracked_processes(&self) -> usize {
+        self.process_baseline.len().max(self.processes.len())
     }
 }
 
@@ -238,29 +358,81 @@ fn read(path: &Path) -> Result<String, ProbeError> {
     })
 }
 
-fn walk(dir: &Path, parent: Option<u64>, out: &mut Vec<CgroupReading>) -> Result<(), ProbeError> {
-    let meta = match fs::metadata(dir) {
-        Ok(meta) => meta,
+/// Reads `dir` and its subtree into `out`. An unreadable cgroup below the
+/// root is skipped with its subtree (see the module docs); the root must be
+/// readable.
+fn walk(
+    dir: &Path,
+    parent: Option<u64>,
+    out: &mut Vec<CgroupReading>,
+    skips: &mut Vec<Skip>,
+) -> Result<(), ProbeError> {
+    let (id, usage_ns) = match read_cgroup(dir) {
+        Ok(Some(reading)) => reading,
         // Removed while we walked.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && parent.is_some() => return Ok(()),
-        Err(source) => {
+        Ok(None) if parent.is_some() => return Ok(()),
+        Ok(None) => {
             return Err(ProbeError::Io {
                 path: dir.to_owned(),
-                source,
+                source: io::Error::from(io::ErrorKind::NotFound),
             });
         }
+        Err(error) if parent.is_some() => {
+            skips.push(Skip {
+                kind: "cgroup",
+                path: dir.to_owned(),
+                error,
+            });
+            return Ok(());
+        }
+        Err(error) => return Err(error),
     };
-    let id = meta.ino();
+    out.push(CgroupReading {
+        id,
+        parent,
+        usage_ns,
+        path: dir.to_owned(),
+    });
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            // Its children's time stays in its own usage: on this cgroup.
+            skips.push(Skip {
+                kind: "cgroup",
+                path: dir.to_owned(),
+                error: ProbeError::Io {
+                    path: dir.to_owned(),
+                    source,
+                },
+            });
+            return Ok(());
+        }
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            walk(&entry.path(), Some(id), out, skips)?;
+        }
+    }
+    Ok(())
+}
+
+/// A cgroup's id and `usage_usec` (in ns); `None` if it is gone.
+fn read_cgroup(dir: &Path) -> Result<Option<(u64, u64)>, ProbeError> {
+    let io_error = |path: &Path, source| ProbeError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = match fs::metadata(dir) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(io_error(dir, source)),
+    };
     let stat_path = dir.join("cpu.stat");
     let text = match fs::read_to_string(&stat_path) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && parent.is_some() => return Ok(()),
-        Err(source) => {
-            return Err(ProbeError::Io {
-                path: stat_path,
-                source,
-            });
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(io_error(&stat_path, source)),
     };
     let usage_usec = text
         .lines()
@@ -270,20 +442,7 @@ fn walk(dir: &Path, parent: Option<u64>, out: &mut Vec<CgroupReading>) -> Result
             path: stat_path.clone(),
             detail: "no numeric `usage_usec` line".into(),
         })?;
-    out.push(CgroupReading {
-        id,
-        parent,
-        usage_ns: usage_usec * 1000,
-    });
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Ok(());
-    };
-    for entry in entries.flatten() {
-        if entry.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-            walk(&entry.path(), Some(id), out)?;
-        }
-    }
-    Ok(())
+    Ok(Some((meta.ino(), usage_usec * 1000)))
 }
 
 #[cfg(test)]
@@ -333,12 +492,136 @@ mod tests {
         assert_eq!(snap.cgroups[&id("")].cpu_ns, 500_000);
         assert_eq!(snap.cgroups[&id("a")].cpu_ns, 200_000);
         assert_eq!(snap.cgroups[&id("a/b")].cpu_ns, 300_000);
-        // A counter that read garbage is reported with its path.
+        // A counter that reads garbage is skipped with its subtree and
+        // counted; its time (and b's) lands on the root, the rest goes on.
         fs::write(root.path().join("a/cpu.stat"), "usage_usec lots\n").unwrap();
-        let err = probe.sample().unwrap_err().to_string();
-        assert!(
-            err.contains("a/cpu.stat") && err.contains("usage_usec"),
-            "{err}"
+        write("", 3000); // +1000
+        write("a/b", 900); // +100, inside a's +500 that cannot be read
+        let snap = probe
+            .sample()
+            .expect("one bad cgroup does not stop the sample");
+        assert_eq!(snap.cgroups[&id("")].cpu_ns, 500_000 + 1_000_000);
+        assert_eq!(snap.cgroups[&id("a")].cpu_ns, 200_000);
+        assert_eq!(snap.cgroups[&id("a/b")].cpu_ns, 300_000);
+        assert_eq!(snap.skipped[&("cgroup", "unparsable")], 1);
+        // Readable again: a and b start from fresh baselines, so what the
+        // root already took is not counted a second time.
+        write("a", 1700);
+        write("a/b", 1000);
+        let snap = probe.sample().unwrap();
+        assert_eq!(snap.cgroups[&id("")].cpu_ns, 1_500_000);
+        assert_eq!(snap.cgroups[&id("a")].cpu_ns, 200_000);
+        assert_eq!(snap.cgroups[&id("a/b")].cpu_ns, 300_000);
+        // And counted from there on.
+        write("", 3100);
+        write("a", 1760);
+        write("a/b", 1050);
+        let snap = probe.sample().unwrap();
+        assert_eq!(snap.cgroups[&id("")].cpu_ns, 1_540_000);
+        assert_eq!(snap.cgroups[&id("a")].cpu_ns, 210_000);
+        assert_eq!(snap.cgroups[&id("a/b")].cpu_ns, 350_000);
+        assert_eq!(snap.skipped[&("cgroup", "unparsable")], 1);
+    }
+
+    fn fixture(root: &Path, proc_dir: &Path, per_process: bool) -> ProbeConfig {
+        fs::write(root.join("cpu.stat"), "usage_usec 1000\n").unwrap();
+        fs::write(proc_dir.join("stat"), "cpu  1 0 1 10 0 0 0 0 0 0\n").unwrap();
+        ProbeConfig {
+            cgroup_root: root.to_owned(),
+            host_proc: proc_dir.to_owned(),
+            per_process,
+            ..ProbeConfig::local()
+        }
+    }
+
+    /// Makes `depth` nested directories named `name`, each with a
+    /// `cpu.stat`, below `base`, through directory handles (the full path
+    /// may exceed PATH_MAX, which no path-based call accepts).
+    fn deep_tree(base: &Path, name: &str, depth: usize) {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &[u8]| std::ffi::CString::new(p).unwrap();
+        let name_c = c(name.as_bytes());
+        let stat_c = c(b"cpu.stat");
+        // SAFETY: plain syscalls on descriptors this function owns.
+        unsafe {
+            let mut dir = libc::open(c(base.as_os_str().as_bytes()).as_ptr(), libc::O_DIRECTORY);
+            assert!(dir >= 0);
+            for _ in 0..depth {
+                assert_eq!(libc::mkdirat(dir, name_c.as_ptr(), 0o755), 0);
+                let next = libc::openat(dir, name_c.as_ptr(), libc::O_DIRECTORY);
+                assert!(next >= 0);
+                libc::close(dir);
+                dir = next;
+                let file =
+                    libc::openat(dir, stat_c.as_ptr(), libc::O_WRONLY | libc::O_CREAT, 0o644);
+                assert!(file >= 0);
+                let text = b"usage_usec 5\n";
+                assert_eq!(
+                    libc::write(file, text.as_ptr().cast(), text.len()),
+                    text.len() as isize
+                );
+                libc::close(file);
+            }
+            libc::close(dir);
+        }
+    }
+
+    #[test]
+    fn a_path_longer_than_path_max_is_skipped_and_counted() {
+        let root = tempfile::tempdir().unwrap();
+        let proc_dir = tempfile::tempdir().unwrap();
+        let config = fixture(root.path(), proc_dir.path(), false);
+        fs::create_dir(root.path().join("healthy")).unwrap();
+        fs::write(root.path().join("healthy/cpu.stat"), "usage_usec 10\n").unwrap();
+        // 20 levels of 250 bytes: about 5,000 bytes, over PATH_MAX (4096).
+        deep_tree(root.path(), &"d".repeat(250), 20);
+        let mut probe = ProcfsProbe::start(&config, None).expect("the sample goes on");
+        fs::write(root.path().join("healthy/cpu.stat"), "usage_usec 30\n").unwrap();
+        let snap = probe.sample().unwrap();
+        let healthy = fs::metadata(root.path().join("healthy")).unwrap().ino();
+        assert_eq!(snap.cgroups[&healthy].cpu_ns, 20_000);
+        // One skip per sample (the start's and this one): the first level
+        // too deep, with its subtree.
+        assert_eq!(
+            snap.skipped[&("cgroup", "name_too_long")],
+            2,
+            "{:?}",
+            snap.skipped
         );
+    }
+
+    #[test]
+    fn exited_processes_leave_the_probes_tables() {
+        let root = tempfile::tempdir().unwrap();
+        let proc_dir = tempfile::tempdir().unwrap();
+        let config = fixture(root.path(), proc_dir.path(), true);
+        let write_pid = |pid: u32| {
+            let dir = proc_dir.path().join(pid.to_string());
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(
+                dir.join("stat"),
+                format!("{pid} (worker) S 1 1 1 0 -1 0 0 0 0 0 3 2 0 0 20 0 1 0 1 0 0"),
+            )
+            .unwrap();
+            fs::write(dir.join("cgroup"), "0::/\n").unwrap();
+        };
+        write_pid(1);
+        let mut probe = ProcfsProbe::start(&config, None).unwrap();
+        // Pid churn: 2,000 processes that each live for one sample.
+        for pid in 100..2_100 {
+            write_pid(pid);
+            let snap = probe.sample().unwrap();
+            assert!(snap.processes.contains_key(&pid));
+            fs::remove_dir_all(proc_dir.path().join(pid.to_string())).unwrap();
+        }
+        let snap = probe.sample().unwrap();
+        assert_eq!(snap.processes.len(), 1, "only pid 1 lives");
+        assert_eq!(probe.tracked_processes(), 1);
+        // A process whose stat is unreadable garbage is skipped and counted.
+        write_pid(7);
+        fs::write(proc_dir.path().join("7/stat"), "garbage").unwrap();
+        let snap = probe.sample().unwrap();
+        assert!(!snap.processes.contains_key(&7));
+        assert_eq!(snap.skipped[&("process", "unparsable")], 1);
     }
 }

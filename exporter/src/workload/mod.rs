@@ -8,10 +8,12 @@
 
 pub mod cgroup;
 pub mod kube;
+pub mod pid_cgroup;
 pub mod resolver;
 
-pub use self::cgroup::{QosClass, Runtime, Workload, classify};
+pub use self::cgroup::{KubeletCgroupRoots, QosClass, Runtime, Workload, classify, classify_under};
 pub use self::kube::{
     ApiSource, ConnectionState, PodDirectory, PodMeta, PodWatcher, PodWatcherConfig,
 };
+pub use self::pid_cgroup::cgroup_id_of_pid;
 pub use self::resolver::{CgroupResolver, ResolvedCgroup};

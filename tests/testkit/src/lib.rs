@@ -32,6 +32,17 @@ pub fn cgroup2_root() -> PathBuf {
         .expect("tests need a cgroup v2 hierarchy (unified or hybrid)")
 }
 
+/// The kubelet cgroup root the fixtures' pods sit under (`CgroupGuard::pod`,
+/// `pod_shaped`): a test slice, never the host's real `/kubepods*`. The
+/// exporter counts pods only under the kubelet's root, so a test that wants
+/// its fixtures named as pods passes [`kubelet_cgroup_root_arg`].
+pub const KUBELET_CGROUP_ROOT: &str = "/ergontest.slice";
+
+/// `--kubelet-cgroup-root=` for the fixtures' pods.
+pub fn kubelet_cgroup_root_arg() -> String {
+    format!("--kubelet-cgroup-root={KUBELET_CGROUP_ROOT}")
+}
+
 /// A cgroup directory (and its missing parents) that is removed on drop.
 pub struct CgroupGuard {
     pub path: PathBuf,
@@ -132,6 +143,28 @@ pub fn unique_uid(tag: &str) -> String {
     format!("{:08x}-{tag:0>4}-4000-8000-{:012x}", n as u32, n)
 }
 
+/// For a `pre_exec` hook: moves the child into `cgroup` before it execs,
+/// so none of its CPU time lands elsewhere. The returned function only
+/// opens, writes and closes (async-signal-safe, no allocation).
+pub fn cgroup_joiner(cgroup: &Path) -> impl Fn() -> std::io::Result<()> + Send + Sync + 'static {
+    let procs = CString::new(cgroup.join("cgroup.procs").to_str().unwrap()).unwrap();
+    move || {
+        // SAFETY: a NUL-terminated path and a one-byte buffer.
+        unsafe {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if written != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A busy-looping child started directly inside a cgroup (it joins before
 /// exec, so none of its CPU time lands elsewhere). Killed on drop.
 pub struct BusyChild {
@@ -156,22 +189,14 @@ impl BusyChild {
             libc::CPU_SET(cpu, &mut set);
             set
         });
-        let procs = CString::new(cgroup.join("cgroup.procs").to_str().unwrap()).unwrap();
+        let join = cgroup_joiner(cgroup);
         let mut cmd = Command::new("/bin/sh");
         cmd.args(["-c", "while :; do :; done"]);
-        // SAFETY: only async-signal-safe calls (open, write, close) run
-        // between fork and exec.
+        // SAFETY: only async-signal-safe calls (open, write, close,
+        // sched_setaffinity) run between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
-                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-                libc::close(fd);
-                if written != 1 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                join()?;
                 if let Some(set) = &affinity
                     && libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) != 0
                 {

@@ -66,6 +66,7 @@ pub fn exporter_args(rapl: &crate::FakeRapl, api: &KubeApi) -> Vec<String> {
     vec![
         rapl.host_sys_arg(),
         format!("--cgroup-root={}", crate::cgroup2_root().display()),
+        crate::kubelet_cgroup_root_arg(),
         "--meter=rapl".into(),
         "--idle-watts=package=10".into(),
         format!("--kube-api={}", api.url()),
