@@ -7,6 +7,7 @@
 //! (non-estimate) package meters.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use crate::attribute::{self, DomainEnergy, IdleEstimator};
 use crate::meter::model::ModelFit;
@@ -21,6 +22,12 @@ pub(super) struct Metering {
     fit: OnlineFit,
     cpus: u32,
     cpu_model: String,
+    /// When the meters were last read. Each interval's length for the meters
+    /// is the time between two reads, stamped at the read itself, not the
+    /// probe's interval: the two end a few milliseconds apart, more under
+    /// load, and dividing one's energy by the other's length would show as
+    /// power that was never drawn.
+    read_at: Option<Instant>,
 }
 
 /// What the meters measured in one interval.
@@ -32,6 +39,8 @@ pub(super) struct Measurement {
     pub gpu_processes: Option<Vec<attribute::GpuProcessSample>>,
     /// For the gauges: power, which meters answered, which estimate.
     pub last: LastInterval,
+    /// Time between this read of the meters and the previous one.
+    pub elapsed: Nanos,
 }
 
 impl Metering {
@@ -47,6 +56,7 @@ impl Metering {
             fit: OnlineFit::new(),
             cpus,
             cpu_model,
+            read_at: None,
         }
     }
 
@@ -60,18 +70,27 @@ impl Metering {
         for meter in &mut self.meters {
             let _ = meter.sample(&ctx);
         }
+        self.read_at = Some(Instant::now());
     }
 
     /// The energy of the interval that just ended, per meter and domain,
     /// with its idle estimate. A meter that fails is reported down and
     /// skipped; the others still count.
-    pub fn measure(&mut self, elapsed: Nanos, utilisation: Option<f64>) -> Measurement {
+    pub fn measure(&mut self, utilisation: Option<f64>) -> Measurement {
+        let now = Instant::now();
+        let elapsed = self
+            .read_at
+            .map_or(Nanos(0), |then| Nanos((now - then).as_nanos() as u64));
+        self.read_at = Some(now);
         let ctx = MeterContext {
             elapsed,
             cpu_utilisation: utilisation,
             cpus: self.cpus,
         };
-        let mut measurement = Measurement::default();
+        let mut measurement = Measurement {
+            elapsed,
+            ..Measurement::default()
+        };
         for meter in &mut self.meters {
             let source = meter.source();
             let last = &mut measurement.last;

@@ -128,7 +128,7 @@ pub struct Loop {
     settings: Settings,
     state: State,
     last: LastInterval,
-    previous: Option<(Instant, UsageSnapshot)>,
+    previous: Option<UsageSnapshot>,
     checkpoint: Option<crate::checkpoint::Checkpoint>,
     intervals: u64,
     kernel: String,
@@ -193,17 +193,15 @@ impl Loop {
                 return Err(format!("sampling the probe failed: {e}"));
             }
         };
-        let now = Instant::now();
-        let Some((then, before)) = self.previous.take() else {
+        let Some(before) = self.previous.take() else {
             self.metering.take_baselines();
-            self.previous = Some((now, usage));
+            self.previous = Some(usage);
             report::publish_restored(self, published);
             return Ok(());
         };
-        let elapsed = Nanos((now - then).as_nanos() as u64);
         let mono = Nanos(crate::units::monotonic_ns());
-        self.account(&before, &usage, elapsed, mono);
-        self.previous = Some((now, usage));
+        self.account(&before, &usage, mono);
+        self.previous = Some(usage);
         self.intervals += 1;
         report::remember_names(&mut self.state, &self.pods);
         // Saved before publishing: whatever a scrape saw is in the
@@ -218,15 +216,9 @@ impl Loop {
     }
 
     /// Stages 2–6 of one interval, between two snapshots of the probe.
-    fn account(
-        &mut self,
-        before: &UsageSnapshot,
-        now: &UsageSnapshot,
-        elapsed: Nanos,
-        mono: Nanos,
-    ) {
+    fn account(&mut self, before: &UsageSnapshot, now: &UsageSnapshot, mono: Nanos) {
         let usage = self.grouping.group(before, now);
-        let measurement = self.metering.measure(elapsed, usage.cpu.utilisation());
+        let measurement = self.metering.measure(usage.cpu.utilisation());
         let idle_weights = self.idle_weights(&usage);
         let gpu_weights = measurement
             .gpu_processes
@@ -241,7 +233,7 @@ impl Loop {
         self.state.book(&attributions, &usage, mono);
         self.last = measurement.last;
         if self.kepler_node.is_some() {
-            let seconds = elapsed.as_secs_f64();
+            let seconds = measurement.elapsed.as_secs_f64();
             self.last.kepler = Some(kepler::KeplerInterval::new(&attributions, &usage, seconds));
         }
         self.forget_the_dead(&usage, now, mono);

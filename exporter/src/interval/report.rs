@@ -389,7 +389,7 @@ pub(super) fn build(measure: &Loop) -> Report {
         }
     }
 
-    if let Some((_, usage)) = &measure.previous {
+    if let Some(usage) = &measure.previous {
         for ((kind, reason), count) in &usage.skipped {
             family(&mut families, PROBE_SKIPPED)
                 .push(vec![(*kind).into(), (*reason).into()], *count as f64);
