@@ -96,6 +96,8 @@ fn metrics_need_a_token_allowed_to_get_metrics_and_fail_closed_without_the_api()
 
     let none = scrape(port, None);
     assert_eq!(status_of(&none), 401, "{none}");
+    // Refused clients are disconnected: they keep no scraper slot.
+    assert!(none.to_lowercase().contains("connection: close"), "{none}");
     assert!(
         none.to_lowercase().contains("www-authenticate: bearer"),
         "{none}"

@@ -243,7 +243,8 @@ fn metrics(shared: &Shared) -> Reply {
     response
 }
 
-/// `/metrics` for a client `auth` allows; 401, 403 or 503 otherwise.
+/// `/metrics` for a client `auth` allows; 401, 403 or 503 otherwise, with
+/// the connection closed so that a refused client keeps no scraper slot.
 async fn authorized_metrics(
     request: &Request<Incoming>,
     auth: &Authorizer,
@@ -253,8 +254,8 @@ async fn authorized_metrics(
         .headers()
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
-    match auth.check(token).await {
-        Decision::Allowed => metrics(shared),
+    let refused = match auth.check(token).await {
+        Decision::Allowed => return metrics(shared),
         Decision::Unauthenticated(why) => {
             let mut response = reply(
                 StatusCode::UNAUTHORIZED,
@@ -284,7 +285,8 @@ async fn authorized_metrics(
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             response
         }
-    }
+    };
+    closing(refused)
 }
 
 async fn respond(request: Request<Incoming>, slot: &ScrapeSlot, shared: &Shared) -> Reply {
