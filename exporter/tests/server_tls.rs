@@ -153,20 +153,20 @@ fn the_binary_serves_https_with_the_tls_flags_and_refuses_a_missing_file() {
         format!("--tls-key-file={}", key.display()),
     ]);
     let started = Instant::now();
-    let metrics = loop {
-        match curl(exporter.port, "/metrics", &cert) {
-            Ok((200, body)) if body.contains("ergon_last_successful_interval") => break body,
-            _ if started.elapsed() > Duration::from_secs(20) => {
-                panic!("no HTTPS scrape from the binary within 20 s")
-            }
-            _ => std::thread::sleep(Duration::from_millis(100)),
-        }
-    };
+    while !matches!(curl(exporter.port, "/readyz", &cert), Ok((200, _))) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the binary was not ready over HTTPS within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, metrics) = curl(exporter.port, "/metrics", &cert).unwrap();
+    assert_eq!(status, 200);
     assert!(
-        metrics.contains("process_resident_memory_bytes"),
+        metrics.contains("ergon_probe_info{mode=\"procfs\"")
+            && metrics.contains("ergon_last_successful_interval_timestamp_seconds"),
         "{metrics}"
     );
-    assert_eq!(curl(exporter.port, "/readyz", &cert).unwrap().0, 200);
     drop(exporter);
 
     let missing = dir.path().join("missing.crt");
