@@ -118,7 +118,7 @@ const PROMETHEUS_SYNTHETIC_METRICS: [&str; 5] = [
 /// The exporter's metric catalogue as the contract lists it. Dashboards and
 /// rules may use only these (checked statically); the end-to-end test checks
 /// them against the real `/metrics`.
-const EXPORTER_METRICS: [&str; 20] = [
+const EXPORTER_METRICS: [&str; 21] = [
     "ergon_node_energy_joules_total",
     "ergon_node_power_watts",
     "ergon_node_cpu_seconds_total",
@@ -136,6 +136,7 @@ const EXPORTER_METRICS: [&str; 20] = [
     "ergon_probe_overflow_cpu_seconds_total",
     "ergon_probe_run_time_seconds_total",
     "ergon_probe_runs_total",
+    "ergon_last_successful_interval_timestamp_seconds",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
     // Kept last: the only compat name listed in the contract; dashboards
@@ -1297,6 +1298,106 @@ fn least_privilege_variant_drops_privileged_mode() {
 }
 
 #[test]
+fn hardened_variant_adds_tls_auth_rbac_and_a_network_policy_the_default_does_not() {
+    let hardened = helm_template(Some(&chart_dir().join("ci/hardened-values.yaml")));
+    let pod = &find(&hardened, "DaemonSet", "ergon").object["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for flag in [
+        "--tls-cert-file=/var/run/ergon/tls/tls.crt",
+        "--tls-key-file=/var/run/ergon/tls/tls.key",
+        "--authorize-metrics",
+    ] {
+        assert!(args.contains(&flag), "{flag} missing from {args:?}");
+    }
+    // A directory mount (no subPath): the kubelet updates a renewed Secret.
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "tls")
+        .expect("the TLS Secret is mounted");
+    assert_eq!(mount["mountPath"], "/var/run/ergon/tls");
+    assert!(mount.get("subPath").is_none());
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "ergon-metrics-tls")
+    );
+    assert_eq!(container["livenessProbe"]["httpGet"]["scheme"], "HTTPS");
+    assert_eq!(container["readinessProbe"]["httpGet"]["scheme"], "HTTPS");
+    let endpoint = &find(&hardened, "ServiceMonitor", "ergon").object["spec"]["endpoints"][0];
+    assert_eq!(endpoint["scheme"], "https");
+    assert!(endpoint["bearerTokenFile"].is_string());
+
+    let review_rules = |objects: &[Rendered]| -> Vec<Value> {
+        find(objects, "ClusterRole", "ergon").object["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|rule| {
+                rule["resources"][0]
+                    .as_str()
+                    .is_some_and(|r| r.ends_with("reviews"))
+            })
+            .cloned()
+            .collect()
+    };
+    assert_eq!(
+        review_rules(&hardened),
+        vec![
+            json!({"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}),
+            json!({"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]}),
+        ]
+    );
+    let reader = find(&hardened, "ClusterRole", "ergon-metrics-reader");
+    assert_eq!(
+        reader.object["rules"],
+        json!([{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}])
+    );
+
+    let policy = &find(&hardened, "NetworkPolicy", "ergon").object["spec"];
+    assert_eq!(policy["policyTypes"], json!(["Ingress"]));
+    assert_eq!(
+        policy["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "ergon"
+    );
+    let ingress = policy["ingress"].as_array().unwrap();
+    assert_eq!(
+        ingress.len(),
+        1,
+        "one rule: the scrapers, to the metrics port"
+    );
+    assert_eq!(
+        ingress[0]["ports"],
+        json!([{"port": "metrics", "protocol": "TCP"}])
+    );
+    assert_eq!(
+        ingress[0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "prometheus"
+    );
+
+    // Off by default: none of it.
+    let default = helm_template(None);
+    assert!(review_rules(&default).is_empty());
+    assert!(
+        !default
+            .iter()
+            .any(|o| o.kind() == "NetworkPolicy" || o.name() == "ergon-metrics-reader")
+    );
+    let args = &find(&default, "DaemonSet", "ergon").object["spec"]["template"]["spec"]["containers"]
+        [0]["args"];
+    assert!(!args.to_string().contains("--tls") && !args.to_string().contains("--authorize"));
+}
+
+#[test]
 fn daemonset_mounts_host_paths_read_only_and_tolerates_every_taint() {
     let objects = helm_template(None);
     let pod = &find(&objects, "DaemonSet", "ergon").object["spec"]["template"]["spec"];
@@ -1436,6 +1537,7 @@ fn rules_have_the_promised_records_and_alerts() {
         "ErgonExporterDown",
         "ErgonMeterDown",
         "ErgonProbeFellBackToProcfs",
+        "ErgonMeasurementStalled",
     ] {
         assert!(
             names.contains(expected),

@@ -2,23 +2,14 @@
 //! configured number of failed intervals, says why, and recovers; the
 //! liveness gauge stops advancing meanwhile.
 
-use ergon_testkit as support;
+mod server_support;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{Metrics, free_port, http_get};
-
-/// Kills the exporter on drop, also when an assertion fails.
-struct Exporter(std::process::Child);
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use ergon_testkit::{Metrics, http_get};
+use server_support::Binary;
 
 fn get(port: u16, path: &str) -> (u16, String) {
     let answer = http_get(port, path).unwrap_or_default();
@@ -53,36 +44,16 @@ fn wait_for(port: u16, path: &str, want: u16, within: Duration) -> (u16, String,
 
 #[test]
 fn healthz_fails_after_three_failed_intervals_says_why_and_recovers() {
-    // A cgroup tree of one cgroup that the procfs probe reads; renaming it
-    // away makes every sample fail as a vanished cgroup mount would.
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("cgroup");
-    let away = dir.path().join("cgroup.away");
-    std::fs::create_dir(&root).unwrap();
-    std::fs::write(
-        root.join("cpu.stat"),
-        "usage_usec 1000\nuser_usec 600\nsystem_usec 400\n",
-    )
-    .unwrap();
-
-    let port = free_port();
-    let mut exporter = Exporter(
-        Command::new(env!("CARGO_BIN_EXE_ergon"))
-            .arg(format!("--listen=127.0.0.1:{port}"))
-            .args(["--probe=procfs", "--meter=model", "--interval=200ms"])
-            .arg(format!("--cgroup-root={}", root.display()))
-            .arg("--unhealthy-after-failed-intervals=3")
-            .env("ERGON_LOG", "warn")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting ergon"),
-    );
+    // The procfs probe reads a one-cgroup tree; renaming it away makes
+    // every sample fail as a vanished cgroup mount would.
+    let mut exporter = Binary::spawn(&["--unhealthy-after-failed-intervals=3".into()]);
+    let port = exporter.port;
+    let root = exporter.cgroups.path().to_owned();
+    let away = root.with_extension("away");
     let log = Arc::new(Mutex::new(String::new()));
     {
         let log = log.clone();
-        let stderr = exporter.0.stderr.take().unwrap();
+        let stderr = exporter.child.stderr.take().unwrap();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 log.lock()
@@ -111,12 +82,15 @@ fn healthz_fails_after_three_failed_intervals_says_why_and_recovers() {
         "unhealthy after {failed_after:?}, before three 200 ms intervals"
     );
     assert!(
-        why.contains("3 intervals") && why.contains("cgroup") && why.contains("sampling"),
+        why.contains("3 intervals")
+            && why.contains(&root.display().to_string())
+            && why.contains("sampling"),
         "{why}"
     );
     let logged = log.lock().unwrap().clone();
     assert!(
-        logged.contains("/healthz fails from now on") && logged.contains("cgroup"),
+        logged.contains("/healthz fails from now on")
+            && logged.contains(&root.display().to_string()),
         "{logged}"
     );
     // The gauge shows when measurement stopped.

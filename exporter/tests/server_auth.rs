@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use ergon::export::{Authorizer, ServerOptions};
 use ergon_testkit::kube_api::{ApiState, FakeApiServer};
 use meter_support::CapturedLogs;
-use server_support::{TestServer, raw_request, report_of_pods, status_of};
+use server_support::{Binary, TestServer, raw_request, report_of_pods, status_of};
 
 /// Everything logged by this test binary (the server logs on its own
 /// thread, so `capture_logs`' thread-local subscriber would miss it).
@@ -42,9 +42,12 @@ fn scrape(port: u16, token: Option<&str>) -> String {
     .expect("an answer")
 }
 
-#[test]
-fn metrics_need_a_token_allowed_to_get_metrics_and_fail_closed_without_the_api() {
-    let log = log();
+/// The loopback API server, knowing `tokens` (token, user) and allowing
+/// `readers` to get /metrics, on its own runtime.
+fn fake_api(
+    tokens: &[(&str, &str)],
+    readers: &[&str],
+) -> (tokio::runtime::Runtime, FakeApiServer, Arc<Mutex<ApiState>>) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -53,26 +56,34 @@ fn metrics_need_a_token_allowed_to_get_metrics_and_fail_closed_without_the_api()
     let state = Arc::new(Mutex::new(ApiState::default()));
     {
         let mut state = state.lock().unwrap();
-        state.tokens.insert(
-            "prometheus-token".into(),
-            "system:serviceaccount:monitoring:prometheus".into(),
-        );
-        state.tokens.insert(
-            "intruder-token".into(),
-            "system:serviceaccount:default:intruder".into(),
-        );
-        state.tokens.insert(
-            "late-token".into(),
-            "system:serviceaccount:monitoring:late".into(),
-        );
-        state
-            .metrics_readers
-            .insert("system:serviceaccount:monitoring:prometheus".into());
-        state
-            .metrics_readers
-            .insert("system:serviceaccount:monitoring:late".into());
+        for (token, user) in tokens {
+            state.tokens.insert(token.to_string(), user.to_string());
+        }
+        for reader in readers {
+            state.metrics_readers.insert(reader.to_string());
+        }
     }
-    let mut api = runtime.block_on(FakeApiServer::start(state.clone()));
+    let api = runtime.block_on(FakeApiServer::start(state.clone()));
+    (runtime, api, state)
+}
+
+#[test]
+fn metrics_need_a_token_allowed_to_get_metrics_and_fail_closed_without_the_api() {
+    let log = log();
+    let (runtime, mut api, state) = fake_api(
+        &[
+            (
+                "prometheus-token",
+                "system:serviceaccount:monitoring:prometheus",
+            ),
+            ("intruder-token", "system:serviceaccount:default:intruder"),
+            ("late-token", "system:serviceaccount:monitoring:late"),
+        ],
+        &[
+            "system:serviceaccount:monitoring:prometheus",
+            "system:serviceaccount:monitoring:late",
+        ],
+    );
     let client = runtime.block_on(async {
         kube::Client::try_from(kube::Config::new(api.url().parse().unwrap())).unwrap()
     });
@@ -85,6 +96,8 @@ fn metrics_need_a_token_allowed_to_get_metrics_and_fail_closed_without_the_api()
 
     let none = scrape(port, None);
     assert_eq!(status_of(&none), 401, "{none}");
+    // Refused clients are disconnected: they keep no scraper slot.
+    assert!(none.to_lowercase().contains("connection: close"), "{none}");
     assert!(
         none.to_lowercase().contains("www-authenticate: bearer"),
         "{none}"
@@ -162,4 +175,39 @@ fn metrics_need_a_token_allowed_to_get_metrics_and_fail_closed_without_the_api()
     );
     drop(server);
     drop(runtime);
+}
+
+#[test]
+fn the_binary_authorizes_scrapes_with_the_configured_api_and_refuses_to_start_without_one() {
+    let (_runtime, api, _) = fake_api(&[("scraper-token", "prometheus")], &["prometheus"]);
+    let exporter = Binary::spawn(&[
+        "--authorize-metrics".into(),
+        format!("--kube-api={}", api.url()),
+    ]);
+    let started = Instant::now();
+    loop {
+        let answer = raw_request(
+            exporter.port,
+            b"GET /metrics HTTP/1.1\r\nHost: e\r\nAuthorization: Bearer scraper-token\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        );
+        if answer.as_deref().is_some_and(|a| status_of(a) == 200) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no authorized scrape from the binary: {answer:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let anonymous = scrape(exporter.port, None);
+    assert_eq!(status_of(&anonymous), 401, "{anonymous}");
+    drop(exporter);
+    drop(api);
+
+    let (ok, stderr) = Binary::spawn(&["--authorize-metrics".into()]).exit();
+    assert!(
+        !ok && stderr.contains("--authorize-metrics") && stderr.contains("--kube-api"),
+        "{stderr}"
+    );
 }

@@ -234,13 +234,12 @@ fn only_get_and_head_on_known_paths_and_no_bodies() {
 #[test]
 fn idle_and_trickling_connections_are_closed() {
     let options = ServerOptions {
-        idle_timeout: Duration::from_millis(500),
         header_read_timeout: Duration::from_millis(800),
         ..ServerOptions::default()
     };
     let server = TestServer::start(report_of_pods(2), options);
     use std::io::{Read, Write};
-    // Silent after connecting: closed after the idle limit.
+    // Silent after connecting: closed after the header read timeout.
     let mut silent = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
     silent
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -250,6 +249,26 @@ fn idle_and_trickling_connections_are_closed() {
     assert_eq!(silent.read(&mut buffer).unwrap_or(0), 0);
     let took = opened.elapsed();
     assert!(took < Duration::from_secs(3), "{took:?}");
+
+    // Kept alive after a request, then silent: closed after the same limit.
+    let mut kept = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: e\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let answered = Instant::now();
+    loop {
+        match kept.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => answer.extend_from_slice(&buffer[..n]),
+        }
+    }
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    let idle = answered.elapsed();
+    assert!(
+        idle >= Duration::from_millis(700) && idle < Duration::from_secs(3),
+        "a kept-alive connection idle for {idle:?}"
+    );
 
     // A head trickled a byte every 200 ms never completes in time.
     let mut trickle = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();

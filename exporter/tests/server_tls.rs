@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ergon::export::{ServerOptions, TlsFiles, tls_acceptor};
-use server_support::{TestServer, report_of_pods};
+use server_support::{Binary, TestServer, report_of_pods};
 
 /// A self-signed certificate for 127.0.0.1 (its own CA), written to
 /// `<dir>/<name>.crt` and `<dir>/<name>.key`.
@@ -142,4 +142,38 @@ fn unusable_tls_files_are_refused_at_start_naming_the_file() {
         err.contains("other.key") && err.contains("does not belong"),
         "{err}"
     );
+}
+
+#[test]
+fn the_binary_serves_https_with_the_tls_flags_and_refuses_a_missing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path(), "node");
+    let exporter = Binary::spawn(&[
+        format!("--tls-cert-file={}", cert.display()),
+        format!("--tls-key-file={}", key.display()),
+    ]);
+    let started = Instant::now();
+    while !matches!(curl(exporter.port, "/readyz", &cert), Ok((200, _))) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the binary was not ready over HTTPS within 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, metrics) = curl(exporter.port, "/metrics", &cert).unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("ergon_probe_info{mode=\"procfs\"")
+            && metrics.contains("ergon_last_successful_interval_timestamp_seconds"),
+        "{metrics}"
+    );
+    drop(exporter);
+
+    let missing = dir.path().join("missing.crt");
+    let (ok, stderr) = Binary::spawn(&[
+        format!("--tls-cert-file={}", missing.display()),
+        format!("--tls-key-file={}", key.display()),
+    ])
+    .exit();
+    assert!(!ok && stderr.contains("missing.crt"), "{stderr}");
 }

@@ -2,8 +2,8 @@
 //! deadline on each response's write.
 //!
 //! hyper bounds how long a request head may take to arrive
-//! (`header_read_timeout`) but has no limit on writing a response or on a
-//! kept-alive connection that sends nothing. A client that asks for
+//! (`header_read_timeout`) but has no limit on writing a response, nor on
+//! reads it makes outside a head (a TLS handshake's). A client that asks for
 //! `/metrics` and never reads would otherwise hold its connection, its task
 //! and its buffers for as long as it likes. The limits live on the socket,
 //! under TLS and hyper, so they hold whatever protocol runs above.

@@ -17,8 +17,12 @@
 //!   nothing to keep. So the kubelet's probes are answered while metric
 //!   clients hold every slot, and only the slow clients wait.
 //! - **Time limits.** A request head must arrive within
-//!   [`ServerOptions::header_read_timeout`]; a kept-alive connection that
-//!   sends nothing for [`ServerOptions::idle_timeout`] is closed; a response
+//!   [`ServerOptions::header_read_timeout`]; hyper starts that clock
+//!   whenever a connection waits for a request, so it is also how long a
+//!   kept-alive connection may sit idle (Prometheus then reconnects for its
+//!   next scrape, one handshake per scrape). Any other read that waits
+//!   longer than [`ServerOptions::idle_timeout`] fails (reads hyper does not
+//!   time, such as a TLS handshake's). A response
 //!   not read by the client within [`ServerOptions::write_timeout`] is
 //!   abandoned and its connection closed ([`super::deadlines`]). So a stuck
 //!   client frees its slot after one write timeout at most.
@@ -68,7 +72,8 @@ pub struct ServerOptions {
     pub max_scrapers: usize,
     /// A request head must arrive within this.
     pub header_read_timeout: Duration,
-    /// A kept-alive connection that sends nothing for this long is closed.
+    /// A read (outside a request head, which `header_read_timeout` bounds)
+    /// that waits this long fails and closes the connection.
     pub idle_timeout: Duration,
     /// A response must be read by the client within this, from its first
     /// byte to its last.
@@ -90,9 +95,7 @@ impl Default for ServerOptions {
             // scrapers (HA pairs, an agent), curl and retries.
             max_scrapers: 32,
             header_read_timeout: Duration::from_secs(5),
-            // Above the usual 15-60 s scrape interval, so Prometheus keeps
-            // its connection between scrapes.
-            idle_timeout: Duration::from_secs(90),
+            idle_timeout: Duration::from_secs(30),
             // Prometheus' default scrape timeout: a scrape slower than that
             // has been abandoned by Prometheus anyway.
             write_timeout: Duration::from_secs(10),
@@ -243,7 +246,8 @@ fn metrics(shared: &Shared) -> Reply {
     response
 }
 
-/// `/metrics` for a client `auth` allows; 401, 403 or 503 otherwise.
+/// `/metrics` for a client `auth` allows; 401, 403 or 503 otherwise, with
+/// the connection closed so that a refused client keeps no scraper slot.
 async fn authorized_metrics(
     request: &Request<Incoming>,
     auth: &Authorizer,
@@ -253,8 +257,8 @@ async fn authorized_metrics(
         .headers()
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
-    match auth.check(token).await {
-        Decision::Allowed => metrics(shared),
+    let refused = match auth.check(token).await {
+        Decision::Allowed => return metrics(shared),
         Decision::Unauthenticated(why) => {
             let mut response = reply(
                 StatusCode::UNAUTHORIZED,
@@ -284,7 +288,8 @@ async fn authorized_metrics(
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             response
         }
-    }
+    };
+    closing(refused)
 }
 
 async fn respond(request: Request<Incoming>, slot: &ScrapeSlot, shared: &Shared) -> Reply {

@@ -174,3 +174,75 @@ pub fn chart_memory_limit_bytes() -> u64 {
     };
     number.parse::<u64>().unwrap() * scale
 }
+
+/// A one-cgroup tree the procfs probe reads, so the real binary measures
+/// without eBPF or real cgroups.
+pub fn fake_cgroup_tree() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cpu.stat"),
+        "usage_usec 1000\nuser_usec 600\nsystem_usec 400\n",
+    )
+    .unwrap();
+    dir
+}
+
+/// The real `ergon` binary on a free loopback port with the procfs probe,
+/// the model meter and `extra` flags; killed on drop.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub port: u16,
+    /// The cgroup tree the probe reads (`--cgroup-root`).
+    pub cgroups: tempfile::TempDir,
+}
+
+impl Binary {
+    pub fn spawn(extra: &[String]) -> Binary {
+        let cgroups = fake_cgroup_tree();
+        let port = ergon_testkit::free_port();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ergon"))
+            .arg(format!("--listen=127.0.0.1:{port}"))
+            .args(["--probe=procfs", "--meter=model", "--interval=200ms"])
+            .arg(format!("--cgroup-root={}", cgroups.path().display()))
+            .args(extra)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("ERGON_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting ergon");
+        Binary {
+            child,
+            port,
+            cgroups,
+        }
+    }
+
+    /// Waits for the process to end (at most 20 s); its exit success and
+    /// stderr.
+    pub fn exit(mut self) -> (bool, String) {
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(20) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let mut stderr = String::new();
+                let _ = self
+                    .child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut stderr);
+                return (status.success(), stderr);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("ergon did not exit");
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
