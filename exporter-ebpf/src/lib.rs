@@ -42,6 +42,15 @@ pub const PROG_TRACEPOINT_PREALLOC: &str = "sched_switch_tp_prealloc";
 /// Programs that do nothing, on the same hooks: the benchmark's baseline.
 pub const PROG_EMPTY_TP_BTF: &str = "empty_sched_switch_btf";
 pub const PROG_EMPTY_TRACEPOINT: &str = "empty_sched_switch_tp";
+/// The benchmark's ladder on `tp_btf`, each rung one step more of the
+/// accounting program than the one before (empty → rungs → full program):
+/// + clock read, + cgroup id, + cgroup map lookup/update, + per-CPU state.
+pub const PROG_LADDER_BTF: [(&str, &str); 4] = [
+    ("clock", "ladder_clock_btf"),
+    ("cgroup_id", "ladder_cgroup_id_btf"),
+    ("map_update", "ladder_map_update_btf"),
+    ("cpu_state", "ladder_cpu_state_btf"),
+];
 
 /// What one cgroup (or process, or the overflow bucket) ran on one CPU.
 ///

@@ -113,6 +113,79 @@ mod programs {
         0
     }
 
+    // The benchmark's ladder (`probe_cost`): each rung adds one step of
+    // `account` to the one before, on the same hook, so that one storm
+    // prices every step. Their maps are their own: the rungs never touch
+    // what the exporter reads.
+    #[map]
+    static LADDER_CGROUPS: PerCpuHashMap<u64, CgroupCounters> =
+        PerCpuHashMap::with_max_entries(1024, ON_DEMAND);
+    #[map]
+    static LADDER_CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
+    /// Where a rung stores what it computed, so the compiler keeps the work.
+    #[unsafe(no_mangle)]
+    static mut LADDER_SINK: u64 = 0;
+
+    #[inline(always)]
+    fn sink(value: u64) {
+        // SAFETY: a plain store into the object's .bss; racing rungs on
+        // other CPUs only overwrite a value nobody reads.
+        unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!(LADDER_SINK), value) };
+    }
+
+    #[btf_tracepoint(function = "sched_switch")]
+    pub fn ladder_clock_btf(_ctx: BtfTracePointContext) -> i32 {
+        sink(unsafe { bpf_ktime_get_ns() });
+        0
+    }
+
+    #[btf_tracepoint(function = "sched_switch")]
+    pub fn ladder_cgroup_id_btf(_ctx: BtfTracePointContext) -> i32 {
+        let now = unsafe { bpf_ktime_get_ns() };
+        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        sink(now ^ cgroup_id);
+        0
+    }
+
+    #[inline(always)]
+    fn ladder_map_update(cgroup_id: u64, slice_ns: u64) {
+        let slice = CgroupCounters {
+            cpu_ns: slice_ns,
+            ..CgroupCounters::default()
+        };
+        if let Some(counters) = LADDER_CGROUPS.get_ptr_mut(&cgroup_id) {
+            unsafe { (*counters).add(&slice) };
+        } else {
+            let _ = LADDER_CGROUPS.insert(&cgroup_id, &slice, BPF_ANY as u64);
+        }
+    }
+
+    #[btf_tracepoint(function = "sched_switch")]
+    pub fn ladder_map_update_btf(_ctx: BtfTracePointContext) -> i32 {
+        let now = unsafe { bpf_ktime_get_ns() };
+        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        ladder_map_update(cgroup_id, now & 0xffff);
+        0
+    }
+
+    #[btf_tracepoint(function = "sched_switch")]
+    pub fn ladder_cpu_state_btf(_ctx: BtfTracePointContext) -> i32 {
+        let now = unsafe { bpf_ktime_get_ns() };
+        let Some(state) = LADDER_CPU_STATE.get_ptr_mut(0) else {
+            return 0;
+        };
+        // SAFETY: per-CPU slot, preemption off in sched_switch.
+        let state = unsafe { &mut *state };
+        let last = state.last_switch_ns;
+        state.last_switch_ns = now;
+        if last == 0 || now < last {
+            return 0;
+        }
+        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        ladder_map_update(cgroup_id, now - last);
+        0
+    }
+
     #[inline(always)]
     fn global(value: &u32) -> u32 {
         // Globals are patched by the loader; a volatile read stops the

@@ -469,3 +469,19 @@ fn an_exited_process_leaves_the_kernel_map_and_keeps_its_count() {
     probe.forget(&[], &[pid]);
     assert!(!probe.sample().unwrap().processes.contains_key(&pid));
 }
+
+#[test]
+fn every_rung_of_the_benchmark_ladder_passes_the_verifier_and_attaches() {
+    use ergon::probe::ebpf::ReferenceProgram;
+    let _lock = cpu_lock();
+    let host_sys = ProbeConfig::local().host_sys;
+    let mut rungs = vec![ReferenceProgram::empty("tp_btf", &host_sys).unwrap()];
+    for (rung, program) in ergon_ebpf::PROG_LADDER_BTF {
+        let attached = ReferenceProgram::tp_btf(program, &host_sys)
+            .unwrap_or_else(|e| panic!("ladder rung {rung} ({program}): {e}"));
+        rungs.push(attached);
+    }
+    for rung in &rungs {
+        assert!(rung.stats().is_some(), "kernel statistics readable");
+    }
+}

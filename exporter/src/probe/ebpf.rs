@@ -590,6 +590,13 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+fn load_reference_object() -> Result<Ebpf, ProbeError> {
+    EbpfLoader::new()
+        .btf(None)
+        .load(EBPF_OBJECT)
+        .map_err(|e| ProbeError::Load(error_chain(&e)))
+}
+
 /// Forwards aya-log records from the kernel programs into `tracing`.
 pub struct LogToTracing;
 
@@ -610,56 +617,55 @@ impl log::Log for LogToTracing {
     fn flush(&self) {}
 }
 
-/// The benchmark's baseline: a program that does nothing, loaded on the same
-/// hook as the accounting program, so that `bpf_stats` of both can be
-/// compared under the same context-switch storm.
-pub struct EmptyProgram {
+/// A benchmark's reference program, loaded on the same hook as the
+/// accounting program so that `bpf_stats` of both can be compared under the
+/// same context-switch storm: the empty program (the baseline), or a rung
+/// of the ladder (`ergon_ebpf::PROG_LADDER_BTF`).
+pub struct ReferenceProgram {
     bpf: Ebpf,
     name: &'static str,
 }
 
-impl EmptyProgram {
-    pub fn attach(
+impl ReferenceProgram {
+    /// The empty program on `hook` ("tp_btf" or "tracepoint").
+    pub fn empty(
         hook: &'static str,
         host_sys: &std::path::Path,
-    ) -> Result<EmptyProgram, ProbeError> {
-        let mut bpf = EbpfLoader::new()
-            .btf(None)
-            .load(EBPF_OBJECT)
+    ) -> Result<ReferenceProgram, ProbeError> {
+        if hook == "tp_btf" {
+            return ReferenceProgram::tp_btf(ergon_ebpf::PROG_EMPTY_TP_BTF, host_sys);
+        }
+        let mut bpf = load_reference_object()?;
+        let program: &mut TracePoint = bpf
+            .program_mut(ergon_ebpf::PROG_EMPTY_TRACEPOINT)
+            .ok_or_else(|| ProbeError::Load("empty tracepoint program missing".into()))?
+            .try_into()
             .map_err(|e| ProbeError::Load(error_chain(&e)))?;
-        let name = if hook == "tp_btf" {
-            let btf = Btf::parse_file(
-                host_sys.join("kernel/btf/vmlinux"),
-                aya::Endianness::default(),
-            )
+        program
+            .load()
             .map_err(|e| ProbeError::Load(error_chain(&e)))?;
-            let program: &mut BtfTracePoint = bpf
-                .program_mut(ergon_ebpf::PROG_EMPTY_TP_BTF)
-                .ok_or_else(|| ProbeError::Load("empty tp_btf program missing".into()))?
-                .try_into()
-                .map_err(|e| ProbeError::Load(error_chain(&e)))?;
-            program
-                .load("sched_switch", &btf)
-                .map_err(|e| ProbeError::Load(error_chain(&e)))?;
-            program
-                .attach()
-                .map_err(|e| ProbeError::Attach(error_chain(&e)))?;
-            ergon_ebpf::PROG_EMPTY_TP_BTF
-        } else {
-            let program: &mut TracePoint = bpf
-                .program_mut(ergon_ebpf::PROG_EMPTY_TRACEPOINT)
-                .ok_or_else(|| ProbeError::Load("empty tracepoint program missing".into()))?
-                .try_into()
-                .map_err(|e| ProbeError::Load(error_chain(&e)))?;
-            program
-                .load()
-                .map_err(|e| ProbeError::Load(error_chain(&e)))?;
-            program
-                .attach("sched", "sched_switch")
-                .map_err(|e| ProbeError::Attach(error_chain(&e)))?;
-            ergon_ebpf::PROG_EMPTY_TRACEPOINT
-        };
-        Ok(EmptyProgram { bpf, name })
+        program
+            .attach("sched", "sched_switch")
+            .map_err(|e| ProbeError::Attach(error_chain(&e)))?;
+        Ok(ReferenceProgram {
+            bpf,
+            name: ergon_ebpf::PROG_EMPTY_TRACEPOINT,
+        })
+    }
+
+    /// The `tp_btf` program `name` of the object, attached on its own.
+    pub fn tp_btf(
+        name: &'static str,
+        host_sys: &std::path::Path,
+    ) -> Result<ReferenceProgram, ProbeError> {
+        let mut bpf = load_reference_object()?;
+        let btf = Btf::parse_file(
+            host_sys.join("kernel/btf/vmlinux"),
+            aya::Endianness::default(),
+        )
+        .map_err(|e| ProbeError::Load(error_chain(&e)))?;
+        attach_btf(&mut bpf, &btf, name).map_err(ProbeError::Attach)?;
+        Ok(ReferenceProgram { bpf, name })
     }
 
     /// `(run time, runs)` from the kernel's `bpf_stats`.
