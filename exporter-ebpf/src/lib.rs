@@ -5,14 +5,21 @@
 //! crate so a field added on one side cannot be missed on the other.
 #![no_std]
 
-/// Name of the per-CPU hash map keyed by cgroup v2 id.
+/// Name of the per-CPU hash map keyed by cgroup v2 id, allocated on demand
+/// (`BPF_F_NO_PREALLOC`).
 pub const MAP_CGROUPS: &str = "CGROUPS";
-/// Name of the per-CPU hash map keyed by process (tgid), filled only when
-/// per-process accounting is switched on.
-pub const MAP_PROCESSES: &str = "PROCESSES";
+/// Name of the hash map keyed by thread id, allocated on demand, filled only
+/// when per-process accounting is switched on. Not per-CPU: one thread runs
+/// on one CPU at a time, so its own switch-outs are its value's only writer.
+pub const MAP_THREADS: &str = "THREADS";
+/// The same two maps, preallocated: used with the `*_prealloc` programs on
+/// kernels that refuse (or warn about) run-time allocation in tracing
+/// programs. The pair not in use is loaded with one entry.
+pub const MAP_CGROUPS_PREALLOC: &str = "CGROUPS_PREALLOC";
+pub const MAP_THREADS_PREALLOC: &str = "THREADS_PREALLOC";
 /// Per-CPU array of one [`CgroupCounters`]: what did not fit in `CGROUPS`.
 pub const MAP_CGROUP_OVERFLOW: &str = "CGROUP_OVERFLOW";
-/// Per-CPU array of one [`CgroupCounters`]: what did not fit in `PROCESSES`.
+/// Per-CPU array of one [`CgroupCounters`]: what did not fit in `THREADS`.
 pub const MAP_PROCESS_OVERFLOW: &str = "PROCESS_OVERFLOW";
 /// Per-CPU array of one [`CpuState`].
 pub const MAP_CPU_STATE: &str = "CPU_STATE";
@@ -25,21 +32,36 @@ pub const GLOBAL_PER_PROCESS: &str = "PER_PROCESS";
 /// Global set at load time: bit `i` set means `MAP_PMU[i]` holds counters.
 pub const GLOBAL_PMU_MASK: &str = "PMU_MASK";
 
-/// Program names, as the loader finds them in the object.
+/// Program names, as the loader finds them in the object: the accounting
+/// programs on maps allocated on demand...
 pub const PROG_TP_BTF: &str = "sched_switch_btf";
 pub const PROG_TRACEPOINT: &str = "sched_switch_tp";
+/// ...and the same programs on the preallocated maps (the fallback).
+pub const PROG_TP_BTF_PREALLOC: &str = "sched_switch_btf_prealloc";
+pub const PROG_TRACEPOINT_PREALLOC: &str = "sched_switch_tp_prealloc";
 /// Programs that do nothing, on the same hooks: the benchmark's baseline.
 pub const PROG_EMPTY_TP_BTF: &str = "empty_sched_switch_btf";
 pub const PROG_EMPTY_TRACEPOINT: &str = "empty_sched_switch_tp";
+/// The benchmark's ladder on `tp_btf`, each rung one step more of the
+/// accounting program than the one before (empty → rungs → full program):
+/// + clock read, + cgroup id, + cgroup map lookup/update, + per-CPU state.
+pub const PROG_LADDER_BTF: [(&str, &str); 4] = [
+    ("clock", "ladder_clock_btf"),
+    ("cgroup_id", "ladder_cgroup_id_btf"),
+    ("map_update", "ladder_map_update_btf"),
+    ("cpu_state", "ladder_cpu_state_btf"),
+];
 
 /// What one cgroup (or process, or the overflow bucket) ran on one CPU.
+///
+/// Every byte here is paid `CPUs × entries` times in the per-CPU cgroup map
+/// (192 CPUs × 16,384 entries = 3 MiB per byte), so nothing is kept that
+/// user space does not read: no switch count.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CgroupCounters {
     /// Nanoseconds on the CPU.
     pub cpu_ns: u64,
-    /// Times it was switched out.
-    pub switches: u64,
     /// Hardware counter deltas while it ran (zero where there is no PMU).
     pub cycles: u64,
     pub instructions: u64,
@@ -49,7 +71,6 @@ pub struct CgroupCounters {
 impl CgroupCounters {
     pub fn add(&mut self, other: &CgroupCounters) {
         self.cpu_ns = self.cpu_ns.wrapping_add(other.cpu_ns);
-        self.switches = self.switches.wrapping_add(other.switches);
         self.cycles = self.cycles.wrapping_add(other.cycles);
         self.instructions = self.instructions.wrapping_add(other.instructions);
         self.cache_misses = self.cache_misses.wrapping_add(other.cache_misses);
@@ -59,14 +80,19 @@ impl CgroupCounters {
 /// Length of the kernel's `TASK_COMM_LEN`.
 pub const COMM_LEN: usize = 16;
 
-/// What one process ran on one CPU, and where.
+/// What one thread ran, on all CPUs, and where.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ProcessCounters {
+pub struct ThreadCounters {
     pub counters: CgroupCounters,
-    /// The cgroup the process was in when first seen on this CPU.
+    /// The cgroup the thread was in when last switched out.
     pub cgroup_id: u64,
-    /// Its command name, NUL-padded (never the command line).
+    /// The process (thread group) the thread belongs to.
+    pub tgid: u32,
+    /// Keeps the layout free of padding (`aya::Pod`); always zero.
+    pub reserved: u32,
+    /// The thread's command name when last switched out, NUL-padded (never
+    /// the command line).
     pub comm: [u8; COMM_LEN],
 }
 
@@ -91,6 +117,6 @@ pub struct CpuState {
 mod pod {
     // SAFETY: all are repr(C) integer aggregates without padding.
     unsafe impl aya::Pod for super::CgroupCounters {}
-    unsafe impl aya::Pod for super::ProcessCounters {}
+    unsafe impl aya::Pod for super::ThreadCounters {}
     unsafe impl aya::Pod for super::CpuState {}
 }

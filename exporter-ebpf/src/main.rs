@@ -6,36 +6,60 @@
 //! whose slice just ended, and no `task_struct` field has to be read (aya-ebpf
 //! has no CO-RE reads). The slice is `now - last switch on this CPU`.
 //!
-//! Everything is per-CPU: no two CPUs write one value, so plain `+=` is exact
-//! without atomics (bpfel has no 64-bit atomic add in aya-ebpf). User space
-//! sums the CPUs. When a bounded map is full the slice goes to that map's
-//! overflow bucket, so the totals stay whole.
+//! No value has two writers at once, so plain `+=` is exact without atomics
+//! (bpfel has no 64-bit atomic add in aya-ebpf). Cgroups, whose tasks run on
+//! many CPUs at once, are counted in per-CPU values that user space sums.
+//! Threads are not: a thread runs on one CPU at a time and is switched out
+//! by that CPU with preemption off, so its own switch-outs write its value
+//! one after another (the scheduler's migration barriers order them, as
+//! they order any of the task's own writes). A per-CPU value per thread
+//! would cost `CPUs ×` the memory (402 MB for 32,768 processes on 192
+//! CPUs); one value per thread costs 32,768 × ~150 bytes on any node.
+//! When a bounded map is full the slice goes to that map's overflow bucket,
+//! so the totals stay whole.
+//!
+//! Memory: the hash maps are allocated on demand (`BPF_F_NO_PREALLOC`), so
+//! they cost what is in them, not their bound times the CPU count; user
+//! space also sizes the bounds from a memory budget (see the loader). Since
+//! Linux 6.1 (`bpf_mem_alloc`) run-time allocation is safe in tracing
+//! programs; older kernels warn about it (`WARN_ONCE`) or, with
+//! `PREEMPT_RT`, refuse it, so every program exists twice: on the on-demand
+//! maps and on preallocated twins, and the loader picks one pair.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        bindings::{BPF_ANY, BPF_F_CURRENT_CPU, bpf_perf_event_value},
+        bindings::{BPF_ANY, BPF_F_CURRENT_CPU, BPF_F_NO_PREALLOC, bpf_perf_event_value},
         cty::c_void,
         helpers::{
             bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
             bpf_ktime_get_ns, generated::bpf_perf_event_read_value,
         },
         macros::{btf_tracepoint, map, tracepoint},
-        maps::{PerCpuArray, PerCpuHashMap, PerfEventArray},
+        maps::{HashMap, PerCpuArray, PerCpuHashMap, PerfEventArray},
         programs::{BtfTracePointContext, TracePointContext},
     };
     use aya_log_ebpf::warn;
-    use ergon_ebpf::{CgroupCounters, CpuState, ProcessCounters};
+    use ergon_ebpf::{CgroupCounters, CpuState, ThreadCounters};
 
-    /// Sized by user space at load time (`--max-cgroups`).
+    const ON_DEMAND: u32 = BPF_F_NO_PREALLOC as u32;
+
+    /// Sized by user space at load time (`--max-cgroups` and the memory
+    /// budget).
     #[map]
-    static CGROUPS: PerCpuHashMap<u64, CgroupCounters> = PerCpuHashMap::with_max_entries(4096, 0);
+    static CGROUPS: PerCpuHashMap<u64, CgroupCounters> =
+        PerCpuHashMap::with_max_entries(4096, ON_DEMAND);
     /// Sized by user space at load time (`--max-processes`).
     #[map]
-    static PROCESSES: PerCpuHashMap<u32, ProcessCounters> =
-        PerCpuHashMap::with_max_entries(4096, 0);
+    static THREADS: HashMap<u32, ThreadCounters> = HashMap::with_max_entries(4096, ON_DEMAND);
+    /// The preallocated twins (see the module doc).
+    #[map]
+    static CGROUPS_PREALLOC: PerCpuHashMap<u64, CgroupCounters> =
+        PerCpuHashMap::with_max_entries(1, 0);
+    #[map]
+    static THREADS_PREALLOC: HashMap<u32, ThreadCounters> = HashMap::with_max_entries(1, 0);
     #[map]
     static CGROUP_OVERFLOW: PerCpuArray<CgroupCounters> = PerCpuArray::with_max_entries(1, 0);
     #[map]
@@ -56,13 +80,25 @@ mod programs {
 
     #[btf_tracepoint(function = "sched_switch")]
     pub fn sched_switch_btf(ctx: BtfTracePointContext) -> i32 {
-        account(&ctx);
+        account(&ctx, &CGROUPS, &THREADS);
         0
     }
 
     #[tracepoint(category = "sched", name = "sched_switch")]
     pub fn sched_switch_tp(ctx: TracePointContext) -> u32 {
-        account(&ctx);
+        account(&ctx, &CGROUPS, &THREADS);
+        0
+    }
+
+    #[btf_tracepoint(function = "sched_switch")]
+    pub fn sched_switch_btf_prealloc(ctx: BtfTracePointContext) -> i32 {
+        account(&ctx, &CGROUPS_PREALLOC, &THREADS_PREALLOC);
+        0
+    }
+
+    #[tracepoint(category = "sched", name = "sched_switch")]
+    pub fn sched_switch_tp_prealloc(ctx: TracePointContext) -> u32 {
+        account(&ctx, &CGROUPS_PREALLOC, &THREADS_PREALLOC);
         0
     }
 
@@ -74,6 +110,79 @@ mod programs {
 
     #[tracepoint(category = "sched", name = "sched_switch")]
     pub fn empty_sched_switch_tp(_ctx: TracePointContext) -> u32 {
+        0
+    }
+
+    // The benchmark's ladder (`probe_cost`): each rung adds one step of
+    // `account` to the one before, on the same hook, so that one storm
+    // prices every step. Their maps are their own: the rungs never touch
+    // what the exporter reads.
+    #[map]
+    static LADDER_CGROUPS: PerCpuHashMap<u64, CgroupCounters> =
+        PerCpuHashMap::with_max_entries(1024, ON_DEMAND);
+    #[map]
+    static LADDER_CPU_STATE: PerCpuArray<CpuState> = PerCpuArray::with_max_entries(1, 0);
+    /// Where a rung stores what it computed, so the compiler keeps the work.
+    #[unsafe(no_mangle)]
+    static mut LADDER_SINK: u64 = 0;
+
+    #[inline(always)]
+    fn sink(value: u64) {
+        // SAFETY: a plain store into the object's .bss; racing rungs on
+        // other CPUs only overwrite a value nobody reads.
+        unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!(LADDER_SINK), value) };
+    }
+
+    #[btf_tracepoint(function = "sched_switch")]
+    pub fn ladder_clock_btf(_ctx: BtfTracePointContext) -> i32 {
+        sink(unsafe { bpf_ktime_get_ns() });
+        0
+    }
+
+    #[btf_tracepoint(function = "sched_switch")]
+    pub fn ladder_cgroup_id_btf(_ctx: BtfTracePointContext) -> i32 {
+        let now = unsafe { bpf_ktime_get_ns() };
+        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        sink(now ^ cgroup_id);
+        0
+    }
+
+    #[inline(always)]
+    fn ladder_map_update(cgroup_id: u64, slice_ns: u64) {
+        let slice = CgroupCounters {
+            cpu_ns: slice_ns,
+            ..CgroupCounters::default()
+        };
+        if let Some(counters) = LADDER_CGROUPS.get_ptr_mut(&cgroup_id) {
+            unsafe { (*counters).add(&slice) };
+        } else {
+            let _ = LADDER_CGROUPS.insert(&cgroup_id, &slice, BPF_ANY as u64);
+        }
+    }
+
+    #[btf_tracepoint(function = "sched_switch")]
+    pub fn ladder_map_update_btf(_ctx: BtfTracePointContext) -> i32 {
+        let now = unsafe { bpf_ktime_get_ns() };
+        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        ladder_map_update(cgroup_id, now & 0xffff);
+        0
+    }
+
+    #[btf_tracepoint(function = "sched_switch")]
+    pub fn ladder_cpu_state_btf(_ctx: BtfTracePointContext) -> i32 {
+        let now = unsafe { bpf_ktime_get_ns() };
+        let Some(state) = LADDER_CPU_STATE.get_ptr_mut(0) else {
+            return 0;
+        };
+        // SAFETY: per-CPU slot, preemption off in sched_switch.
+        let state = unsafe { &mut *state };
+        let last = state.last_switch_ns;
+        state.last_switch_ns = now;
+        if last == 0 || now < last {
+            return 0;
+        }
+        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        ladder_map_update(cgroup_id, now - last);
         0
     }
 
@@ -107,7 +216,11 @@ mod programs {
     }
 
     #[inline(always)]
-    fn account<C: aya_ebpf::EbpfContext>(ctx: &C) {
+    fn account<C: aya_ebpf::EbpfContext>(
+        ctx: &C,
+        cgroups: &PerCpuHashMap<u64, CgroupCounters>,
+        threads: &HashMap<u32, ThreadCounters>,
+    ) {
         let now = unsafe { bpf_ktime_get_ns() };
         let Some(state) = CPU_STATE.get_ptr_mut(0) else {
             return;
@@ -151,15 +264,14 @@ mod programs {
 
         let slice = CgroupCounters {
             cpu_ns: slice_ns,
-            switches: 1,
             cycles: pmu_delta[0],
             instructions: pmu_delta[1],
             cache_misses: pmu_delta[2],
         };
         let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-        if let Some(counters) = CGROUPS.get_ptr_mut(&cgroup_id) {
+        if let Some(counters) = cgroups.get_ptr_mut(&cgroup_id) {
             unsafe { (*counters).add(&slice) };
-        } else if CGROUPS.insert(&cgroup_id, &slice, BPF_ANY as u64).is_err() {
+        } else if cgroups.insert(&cgroup_id, &slice, BPF_ANY as u64).is_err() {
             // Map full. Only this CPU writes its slot of a per-CPU element,
             // so BPF_ANY cannot overwrite another CPU's counts.
             if state.overflowed_cgroup_keys == 0 {
@@ -176,25 +288,35 @@ mod programs {
         }
 
         if global(&PER_PROCESS) != 0 {
+            let tid = pid_tgid as u32;
             let tgid = (pid_tgid >> 32) as u32;
-            if let Some(process) = PROCESSES.get_ptr_mut(&tgid) {
+            let known = threads.get_ptr_mut(&tid);
+            if let Some(thread) = known
+                && unsafe { (*thread).tgid } == tgid
+            {
                 // A process is forked in its parent's cgroup and under its
                 // parent's name, then moves and execs: keep what it ran as
                 // last. (Opt-in mode; the comm read costs a few ns.)
                 unsafe {
-                    (*process).counters.add(&slice);
-                    (*process).cgroup_id = cgroup_id;
+                    (*thread).counters.add(&slice);
+                    (*thread).cgroup_id = cgroup_id;
                     if let Ok(comm) = bpf_get_current_comm() {
-                        (*process).comm = comm;
+                        (*thread).comm = comm;
                     }
                 }
             } else {
-                let process = ProcessCounters {
+                // New, or a thread id reused by another process before user
+                // space retired the dead thread's key: that key's counts up
+                // to the last sample are already booked to the old process,
+                // so it restarts from this slice.
+                let thread = ThreadCounters {
                     counters: slice,
                     cgroup_id,
+                    tgid,
+                    reserved: 0,
                     comm: bpf_get_current_comm().unwrap_or([0; 16]),
                 };
-                if PROCESSES.insert(&tgid, &process, BPF_ANY as u64).is_err() {
+                if threads.insert(&tid, &thread, BPF_ANY as u64).is_err() {
                     state.overflowed_process_keys += 1;
                     if let Some(bucket) = PROCESS_OVERFLOW.get_ptr_mut(0) {
                         unsafe { (*bucket).add(&slice) };

@@ -9,15 +9,25 @@
 //! median of the differences; both hooks (`tp_btf` and the classic
 //! tracepoint) are measured.
 //!
-//! Prints `result probe_cost.<hook>.{ergon_ns,empty_ns,added_ns,switches}`.
-//! Run: `cargo xtask bench` (as root).
+//! On `tp_btf` the same storms also price the probe's anatomy, the way
+//! cloudflare/ebpf_exporter benchmarks empty, simple and complex probes: a
+//! ladder of programs (`ergon_ebpf::PROG_LADDER_BTF`), each one step more of
+//! the accounting program than the last (the empty program, then a clock
+//! read, the cgroup id, the cgroup map's lookup and update, the per-CPU
+//! state, and finally the full program), all attached at once, so each
+//! step's cost is the difference of neighbours in one run.
+//!
+//! Prints `result probe_cost.<hook>.{ergon_ns,empty_ns,added_ns,switches}`
+//! and `result probe_cost.tp_btf.ladder.<rung>_ns` (median of the storms).
+//! Run: `cargo xtask bench` (as root), or alone:
+//! `cargo bench -p ergon --bench probe_cost`.
 
 mod common;
 
 use std::process::Command;
 use std::time::Duration;
 
-use ergon::probe::ebpf::{EbpfProbe, EmptyProgram};
+use ergon::probe::ebpf::{EbpfProbe, ReferenceProgram};
 use ergon::probe::{HookChoice, PmuChoice, ProbeConfig, ProbeMode};
 
 const STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
@@ -80,14 +90,33 @@ fn main() {
         };
         let probe = EbpfProbe::start(&config).expect("loading the probe (run as root)");
         let empty =
-            EmptyProgram::attach(hook, &config.host_sys).expect("loading the empty program");
+            ReferenceProgram::empty(hook, &config.host_sys).expect("loading the empty program");
+        let ladder: Vec<(&str, ReferenceProgram)> = if hook == "tp_btf" {
+            ergon_ebpf::PROG_LADDER_BTF
+                .iter()
+                .map(|(rung, program)| {
+                    let loaded = ReferenceProgram::tp_btf(program, &config.host_sys)
+                        .unwrap_or_else(|e| panic!("loading ladder rung {rung}: {e}"));
+                    (*rung, loaded)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut ladder_ns: Vec<Vec<f64>> = vec![Vec::new(); ladder.len()];
         let _stats = StatsOn::enable();
         let (mut ergon_ns, mut empty_ns, mut added_ns, mut switches) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..STORMS_PER_HOOK {
             common::check_interrupt();
             let (probe_before, empty_before) = (probe.program_stats(), empty.stats());
+            let rungs_before: Vec<_> = ladder.iter().map(|(_, p)| p.stats()).collect();
             storm();
+            for ((rung_ns, (_, program)), before) in
+                ladder_ns.iter_mut().zip(&ladder).zip(rungs_before)
+            {
+                rung_ns.push(ns_per_run(between(before, program.stats())));
+            }
             let ergon = between(probe_before, probe.program_stats());
             let baseline = between(empty_before, empty.stats());
             ergon_ns.push(ns_per_run(ergon));
@@ -117,5 +146,21 @@ fn main() {
             &format!("probe_cost.{hook}.switches"),
             common::median(&switches),
         );
+        if !ladder.is_empty() {
+            common::result(
+                &format!("probe_cost.{hook}.ladder.empty_ns"),
+                common::median(&empty_ns),
+            );
+            for ((rung, _), rung_ns) in ladder.iter().zip(&ladder_ns) {
+                common::result(
+                    &format!("probe_cost.{hook}.ladder.{rung}_ns"),
+                    common::median(rung_ns),
+                );
+            }
+            common::result(
+                &format!("probe_cost.{hook}.ladder.full_ns"),
+                common::median(&ergon_ns),
+            );
+        }
     }
 }

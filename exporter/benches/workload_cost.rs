@@ -32,7 +32,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
-use ergon::probe::ebpf::{EbpfProbe, EmptyProgram};
+use ergon::probe::ebpf::{EbpfProbe, ReferenceProgram};
 use ergon::probe::{ProbeConfig, ProbeMode};
 
 /// Pinned: ~0.6 s per run here.
@@ -166,7 +166,7 @@ fn attach(what: Attach) -> Box<dyn std::any::Any> {
             Box::new(EbpfProbe::start(&config).expect("loading the probe (run as root)"))
         }
         Attach::EmptyProgram => Box::new(
-            EmptyProgram::attach("tp_btf", &config.host_sys)
+            ReferenceProgram::empty("tp_btf", &config.host_sys)
                 .expect("loading the empty program (run as root)"),
         ),
     }

@@ -125,6 +125,18 @@ pub struct Cli {
     #[arg(long, env = "ERGON_MAX_PROCESSES", default_value_t = 32768)]
     pub max_processes: u32,
 
+    /// Most memory the kernel maps may take when full, in MiB. Per-CPU
+    /// values cost once per CPU: on big nodes the cgroup map's bound is
+    /// lowered to fit (logged). Keep the pod's memory limit above this plus
+    /// the exporter's own ~30 MiB peak.
+    #[arg(long, env = "ERGON_MAP_MEMORY_BUDGET_MIB", default_value_t = crate::probe::map_memory::DEFAULT_BUDGET_MIB)]
+    pub map_memory_budget_mib: u64,
+
+    /// How the kernel maps get memory: on-demand (Linux 6.1+), prealloc, or
+    /// auto (on demand where safe, else preallocated).
+    #[arg(long, env = "ERGON_MAP_ALLOCATION", value_enum, default_value_t = crate::probe::MapAllocation::Auto)]
+    pub map_allocation: crate::probe::MapAllocation,
+
     /// Energy meters to use, comma-separated: auto, rapl, rapl-perf, nvml,
     /// model, hwmon. `auto` detects what the node has and uses the model
     /// only where no CPU meter exists.
@@ -366,6 +378,8 @@ impl Cli {
             per_process: self.per_process,
             max_cgroups: self.max_cgroups,
             max_processes: self.max_processes,
+            map_allocation: self.map_allocation,
+            map_memory_budget_bytes: self.map_memory_budget_mib * 1024 * 1024,
             host_proc: self.host_proc.clone(),
             host_sys: self.host_sys.clone(),
             cgroup_root: self.cgroup_root(),

@@ -3,7 +3,8 @@
 use std::path::Path;
 
 use crate::config::Cli;
-use crate::probe::{Probe, ProbeMode};
+use crate::probe::ebpf::EbpfProbe;
+use crate::probe::{Probe, ProbeConfig, ProbeMode, map_memory};
 
 struct Check {
     name: &'static str,
@@ -20,6 +21,78 @@ fn print(checks: &[Check]) {
             println!("      fix: {fix}");
         }
     }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// The kernel maps' memory now (the kernel's own figure) and at worst (every
+/// entry used) on this node and on a 192-CPU one, with and without
+/// `--per-process`: what the pod's memory limit has to hold.
+fn map_memory_checks(probe: &EbpfProbe, config: &ProbeConfig) -> Vec<Check> {
+    let layout = probe.layout();
+    let mut checks = Vec::new();
+    match probe.map_memory() {
+        Ok(maps) => {
+            let total: u64 = maps.iter().map(|m| m.bytes).sum();
+            let mut largest: Vec<_> = maps.iter().filter(|m| m.bytes >= 64 * 1024).collect();
+            largest.sort_by_key(|m| std::cmp::Reverse(m.bytes));
+            let parts: Vec<String> = largest
+                .iter()
+                .map(|m| format!("{} {}", m.name, mib(m.bytes)))
+                .collect();
+            checks.push(Check {
+                name: "map memory",
+                ok: total <= layout.budget_bytes,
+                detail: format!(
+                    "{} now, kernel's memlock figure ({}); maps {}",
+                    mib(total),
+                    if parts.is_empty() {
+                        "no map over 64 KiB".into()
+                    } else {
+                        parts.join(", ")
+                    },
+                    layout.allocated.name()
+                ),
+                fix: Some("raise --map-memory-budget-mib and the pod's memory limit".into()),
+            });
+        }
+        Err(e) => checks.push(Check {
+            name: "map memory",
+            ok: false,
+            detail: format!("not readable: {e}"),
+            fix: Some("/proc/self/fdinfo must be readable".into()),
+        }),
+    }
+    for cpus in [layout.possible_cpus, map_memory::BIG_NODE_CPUS] {
+        let projection: Vec<String> = [(false, "default"), (true, "--per-process")]
+            .iter()
+            .map(|(per_process, label)| {
+                let bounds = config.map_bounds(*per_process, cpus, layout.allocated);
+                format!(
+                    "{label}: cgroups ≤ {} → {}",
+                    bounds.cgroups,
+                    mib(bounds.full_bytes)
+                )
+            })
+            .collect();
+        checks.push(Check {
+            name: if cpus == layout.possible_cpus {
+                "maps worst, here"
+            } else {
+                "maps worst, 192"
+            },
+            ok: true,
+            detail: format!(
+                "{cpus} CPUs, every entry used: {} (budget {})",
+                projection.join("; "),
+                mib(layout.budget_bytes)
+            ),
+            fix: None,
+        });
+    }
+    checks
 }
 
 pub fn run(cli: &Cli) -> anyhow::Result<()> {
@@ -59,12 +132,17 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
         config.mode = ProbeMode::Ebpf;
     }
     match Probe::start(&config) {
-        Ok(probe) => checks.push(Check {
-            name: "probe",
-            ok: true,
-            detail: probe.info().to_string(),
-            fix: None,
-        }),
+        Ok(probe) => {
+            checks.push(Check {
+                name: "probe",
+                ok: true,
+                detail: probe.info().to_string(),
+                fix: None,
+            });
+            if let Probe::Ebpf(ebpf) = &probe {
+                checks.extend(map_memory_checks(ebpf, &config));
+            }
+        }
         Err(e) => checks.push(Check {
             name: "probe",
             ok: false,

@@ -242,3 +242,246 @@ fn classic_tracepoint_counts_like_tp_btf() {
     let err = relative_error(counted as f64, charged.as_nanos() as f64);
     assert!(err < 0.05, "tracepoint counted {counted} ns vs {charged:?}");
 }
+
+/// `bytes_memlock` of every BPF map on the machine, by map id, as bpftool
+/// reads it from the kernel.
+fn bpftool_memlock() -> std::collections::HashMap<u32, u64> {
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "show", "-j"])
+        .output()
+        .expect("bpftool is installed by `cargo xtask setup` (Debian package bpftool)");
+    assert!(out.status.success(), "bpftool map show: {out:?}");
+    let maps: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    maps.iter()
+        .map(|m| {
+            (
+                m["id"].as_u64().unwrap() as u32,
+                m["bytes_memlock"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The keys of a `u32`-keyed map, from bpftool's dump of it.
+fn bpftool_u32_keys(map_id: u32) -> Vec<u32> {
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "dump", "id", &map_id.to_string(), "-j"])
+        .output()
+        .expect("running bpftool");
+    assert!(out.status.success(), "bpftool map dump: {out:?}");
+    let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    entries
+        .iter()
+        .map(|e| {
+            let bytes: Vec<u8> = e["key"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| {
+                    u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap()
+                })
+                .collect();
+            u32::from_le_bytes(bytes[..4].try_into().unwrap())
+        })
+        .collect()
+}
+
+fn ebpf(probe: &Probe) -> &ergon::probe::ebpf::EbpfProbe {
+    match probe {
+        Probe::Ebpf(p) => p,
+        Probe::Procfs(_) => panic!("expected the eBPF probe"),
+    }
+}
+
+fn map_bytes(probe: &Probe, name: &str) -> (u32, u64) {
+    let maps = probe.map_memory().unwrap();
+    let map = maps
+        .iter()
+        .find(|m| m.name == name)
+        .unwrap_or_else(|| panic!("no map {name} in {maps:?}"));
+    (map.map_id, map.bytes)
+}
+
+#[test]
+fn reported_map_memory_is_the_kernels_and_stays_small_with_per_process() {
+    let _lock = cpu_lock();
+    let config = ProbeConfig {
+        mode: ProbeMode::Ebpf,
+        per_process: true,
+        ..ProbeConfig::local()
+    };
+    let mut probe = Probe::start(&config).unwrap();
+    let cgroup = CgroupGuard::pod_shaped("memlock");
+    std::thread::sleep(Duration::from_millis(20));
+    let child = BusyChild::spawn_in(&cgroup.path);
+    std::thread::sleep(Duration::from_millis(50));
+    child.stop();
+    flush_cpus();
+    probe.sample().unwrap();
+    // Without a sample in between, entries are only added (by the kernel),
+    // so a map's true figure at bpftool's read lies between two reads.
+    let reported = probe.map_memory().unwrap();
+    let kernel = bpftool_memlock();
+    let again = probe.map_memory().unwrap();
+    assert!(reported.len() >= 8, "every map of the object: {reported:?}");
+    for (map, later) in reported.iter().zip(&again) {
+        let by_bpftool = kernel[&map.map_id];
+        assert!(
+            map.bytes <= by_bpftool && by_bpftool <= later.bytes,
+            "map {} (id {}): exporter says {} then {} bytes, bpftool {by_bpftool}",
+            map.name,
+            map.map_id,
+            map.bytes,
+            later.bytes
+        );
+    }
+    let unchanged = reported
+        .iter()
+        .zip(&again)
+        .filter(|(a, b)| a.bytes == b.bytes)
+        .count();
+    assert!(
+        unchanged >= 8,
+        "most maps hold still: {reported:?} {again:?}"
+    );
+    // Observed before: 9.4 MB with --per-process on 2 CPUs (16,384 cgroups
+    // and 32,768 processes preallocated, per CPU). On demand, the maps cost
+    // what is in them.
+    let total: u64 = reported.iter().map(|m| m.bytes).sum();
+    assert!(
+        total < 2 * 1024 * 1024,
+        "kernel maps take {total} bytes at start: {reported:?}"
+    );
+    assert_eq!(
+        ebpf(&probe).layout().allocated,
+        ergon::probe::map_memory::Allocated::OnDemand
+    );
+}
+
+#[test]
+fn on_demand_map_memory_follows_the_kernels_formula() {
+    use ergon::probe::map_memory::{Allocated, cgroup_shape, hash_map_bytes};
+    let _lock = cpu_lock();
+    let mut probe = start(ProbeMode::Ebpf);
+    let cpus = ebpf(&probe).layout().possible_cpus;
+    // The count can change between a sample and the read: retry until a
+    // read falls between two samples that agree.
+    for _ in 0..20 {
+        let before = probe.sample().unwrap().cgroups.len();
+        let (_, bytes) = map_bytes(&probe, ergon_ebpf::MAP_CGROUPS);
+        let after = probe.sample().unwrap().cgroups.len();
+        if before == after {
+            let bound = ebpf(&probe).layout().bounds.cgroups as u64;
+            let expected = hash_map_bytes(
+                cgroup_shape(),
+                bound,
+                before as u64,
+                cpus,
+                Allocated::OnDemand,
+            );
+            assert_eq!(bytes, expected, "{before} cgroups on {cpus} CPUs");
+            return;
+        }
+    }
+    panic!("the cgroup map never held still for a read");
+}
+
+#[test]
+fn forced_preallocation_fallback_counts_like_on_demand() {
+    use ergon::probe::map_memory::{Allocated, MapAllocation, cgroup_shape, hash_map_bytes};
+    let _lock = cpu_lock();
+    let config = ProbeConfig {
+        mode: ProbeMode::Ebpf,
+        map_allocation: MapAllocation::Prealloc,
+        max_cgroups: 1024,
+        ..ProbeConfig::local()
+    };
+    let mut probe = Probe::start(&config).unwrap();
+    let layout = ebpf(&probe).layout().clone();
+    assert_eq!(layout.allocated, Allocated::Prealloc);
+    // Preallocated: the full bound is charged from the start, and the
+    // kernel's figure is the formula's.
+    let (_, bytes) = map_bytes(&probe, ergon_ebpf::MAP_CGROUPS_PREALLOC);
+    assert_eq!(
+        bytes,
+        hash_map_bytes(
+            cgroup_shape(),
+            1024,
+            0,
+            layout.possible_cpus,
+            Allocated::Prealloc
+        )
+    );
+    let cgroup = CgroupGuard::pod_shaped("prealloc");
+    std::thread::sleep(Duration::from_millis(20));
+    let before = cgroup_ns(&mut probe, cgroup.id());
+    let child = BusyChild::spawn_in(&cgroup.path);
+    std::thread::sleep(Duration::from_millis(300));
+    let charged = child.stop();
+    flush_cpus();
+    let counted = cgroup_ns(&mut probe, cgroup.id()) - before;
+    let err = relative_error(counted as f64, charged.as_nanos() as f64);
+    assert!(
+        err < 0.05,
+        "preallocated maps: counted {counted} ns, kernel charged {charged:?}"
+    );
+}
+
+#[test]
+fn an_exited_process_leaves_the_kernel_map_and_keeps_its_count() {
+    let _lock = cpu_lock();
+    let config = ProbeConfig {
+        mode: ProbeMode::Ebpf,
+        per_process: true,
+        ..ProbeConfig::local()
+    };
+    let mut probe = Probe::start(&config).unwrap();
+    let (threads_id, _) = map_bytes(&probe, ergon_ebpf::MAP_THREADS);
+    let cgroup = CgroupGuard::pod_shaped("exit");
+    std::thread::sleep(Duration::from_millis(20));
+    let child = BusyChild::spawn_in(&cgroup.path);
+    let pid = child.pid();
+    std::thread::sleep(Duration::from_millis(200));
+    flush_cpus();
+    probe.sample().unwrap();
+    assert!(
+        bpftool_u32_keys(threads_id).contains(&pid),
+        "live process in the map"
+    );
+    let charged = child.stop();
+    flush_cpus();
+    // Two samples find it gone; the second retires its key.
+    probe.sample().unwrap();
+    let snapshot = probe.sample().unwrap();
+    assert!(
+        !bpftool_u32_keys(threads_id).contains(&pid),
+        "exited process {pid} still in the kernel map"
+    );
+    let kept = &snapshot.processes[&pid];
+    let err = relative_error(kept.counters.cpu_ns as f64, charged.as_nanos() as f64);
+    assert!(
+        err < 0.05,
+        "retired process kept {} ns, kernel charged {charged:?}",
+        kept.counters.cpu_ns
+    );
+    assert_eq!(kept.cgroup_id, cgroup.id());
+    // The loop forgets it after retention: then it is gone for good.
+    probe.forget(&[], &[pid]);
+    assert!(!probe.sample().unwrap().processes.contains_key(&pid));
+}
+
+#[test]
+fn every_rung_of_the_benchmark_ladder_passes_the_verifier_and_attaches() {
+    use ergon::probe::ebpf::ReferenceProgram;
+    let _lock = cpu_lock();
+    let host_sys = ProbeConfig::local().host_sys;
+    let mut rungs = vec![ReferenceProgram::empty("tp_btf", &host_sys).unwrap()];
+    for (rung, program) in ergon_ebpf::PROG_LADDER_BTF {
+        let attached = ReferenceProgram::tp_btf(program, &host_sys)
+            .unwrap_or_else(|e| panic!("ladder rung {rung} ({program}): {e}"));
+        rungs.push(attached);
+    }
+    for rung in &rungs {
+        assert!(rung.stats().is_some(), "kernel statistics readable");
+    }
+}

@@ -140,6 +140,28 @@ fn rows(r: &Results) -> Result<Vec<Row>> {
             met: Some(added < 120.0),
         });
     }
+    // The probe's anatomy: each rung's ns per run and what it adds over the
+    // rung below, all from the same storms.
+    let mut below = get(r, "probe_cost.tp_btf.ladder.empty_ns")?;
+    let mut steps = vec![format!("empty {below:.0} ns")];
+    for (rung, label) in [
+        ("clock", "clock read"),
+        ("cgroup_id", "cgroup id"),
+        ("map_update", "map lookup/update"),
+        ("cpu_state", "per-CPU state"),
+        ("full", "full program"),
+    ] {
+        let ns = get(r, &format!("probe_cost.tp_btf.ladder.{rung}_ns"))?;
+        steps.push(format!("{label} {ns:.0} ns ({:+.0})", ns - below));
+        below = ns;
+    }
+    rows.push(Row {
+        measure: "1. Probe anatomy, `tp_btf` ladder (bpf_stats, each rung adds one step)".into(),
+        result: steps.join(" → "),
+        baseline: "every rung attached in the same storms; median of 3".into(),
+        target: "—".into(),
+        met: None,
+    });
     let pairs = get(r, "workload_cost.pairs")?;
     // The empty program's row is a reference (what any sched_switch
     // program costs), not Ergon's figure: no target.

@@ -8,6 +8,8 @@
 //! - `lint`   fmt check + clippy
 //! - `bench`  setup + the benchmarks of BENCHMARKS.md: one table, printed
 //!   and written into BENCHMARKS.md (see [`bench`])
+//! - `soak`   churn soak: short-lived cgroups and processes beside steady
+//!   pods against the real exporter, bounded by `--seconds` (see [`soak`])
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -202,6 +204,57 @@ fn test(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask soak [--seconds N] [--per-second R] [--release]`: the churn
+/// test of `exporter/tests/churn.rs` at full size. Defaults: 120 s at 83.4
+/// new cgroups (and processes) per second, 10,000 in all, beside 200 steady
+/// pods. Its last line, `soak result: …`, holds the figures BENCHMARKS.md
+/// records. Needs root (cgroups, eBPF).
+fn soak(args: &[String]) -> Result<()> {
+    let mut seconds: u64 = 120;
+    let mut per_second: f64 = 10_000.0 / 120.0;
+    let mut release = false;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| {
+            args.next()
+                .with_context(|| format!("{name} needs a value, e.g. `{name} 120`"))
+        };
+        match arg.as_str() {
+            "--seconds" => {
+                let text = value("--seconds")?;
+                seconds = text
+                    .parse()
+                    .with_context(|| format!("--seconds {text}: expected whole seconds"))?;
+            }
+            "--per-second" => {
+                let text = value("--per-second")?;
+                per_second = text.parse().with_context(|| {
+                    format!("--per-second {text}: expected new cgroups per second")
+                })?;
+            }
+            "--release" => release = true,
+            other => bail!(
+                "soak: unknown argument `{other}`; use --seconds N, --per-second R, --release"
+            ),
+        }
+    }
+    if seconds < 20 {
+        bail!("soak: --seconds {seconds} leaves no time after the warm-up; use 20 or more");
+    }
+    if !is_root() {
+        bail!("the soak creates cgroups and loads eBPF: run it as root");
+    }
+    let mut cmd = cargo();
+    cmd.args(["test", "-p", "ergon", "--test", "churn"]);
+    if release {
+        cmd.arg("--release");
+    }
+    cmd.args(["--", "--nocapture", "--test-threads=1"])
+        .env("ERGON_SOAK_SECONDS", seconds.to_string())
+        .env("ERGON_SOAK_CGROUPS_PER_SECOND", per_second.to_string());
+    run(&mut cmd)
+}
+
 fn lint() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
@@ -239,8 +292,9 @@ fn main() -> Result<()> {
             )
         }
         "bench" => bench::run_all(&rest),
+        "soak" => soak(&rest),
         other => bail!(
-            "unknown command `{other}`; use one of: setup, build, run, test, lint, bench \
+            "unknown command `{other}`; use one of: setup, build, run, test, lint, bench, soak \
              (e.g. `cargo xtask test`)"
         ),
     }

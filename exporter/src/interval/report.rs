@@ -39,6 +39,7 @@ pub const RESIDUAL: &str = "ergon_attribution_residual_joules_total";
 pub const PROBE_OVERFLOW_SECONDS: &str = "ergon_probe_overflow_cpu_seconds_total";
 pub const PROBE_RUN_TIME: &str = "ergon_probe_run_time_seconds_total";
 pub const PROBE_RUNS: &str = "ergon_probe_runs_total";
+pub const PROBE_MAP_MEMORY: &str = "ergon_probe_map_memory_bytes";
 pub const MODEL_FIT_WATTS: &str = "ergon_model_fit_watts_per_cpu";
 pub const MODEL_FIT_RMSE: &str = "ergon_model_fit_rmse_watts";
 pub const MODEL_FIT_SAMPLES: &str = "ergon_model_fit_samples";
@@ -164,6 +165,12 @@ pub fn catalogue() -> Vec<Family> {
             "Runs of the accounting program, one per context switch (needs kernel.bpf_stats_enabled=1).",
             Counter,
             &[],
+        ),
+        Family::new(
+            PROBE_MAP_MEMORY,
+            "Kernel memory of each of the probe's BPF maps, as the kernel reports it (memlock in /proc/<pid>/fdinfo); charged to the exporter's memory cgroup since Linux 5.11.",
+            Gauge,
+            &["map"],
         ),
         Family::new(
             MODEL_FIT_WATTS,
@@ -512,6 +519,15 @@ pub(super) fn build(measure: &Loop) -> Report {
         family(&mut families, PROBE_RUN_TIME).push(vec![], run_time.as_secs_f64());
         family(&mut families, PROBE_RUNS).push(vec![], runs as f64);
     }
+    match measure.probe.map_memory() {
+        Ok(maps) => {
+            let gauge = family(&mut families, PROBE_MAP_MEMORY);
+            for map in maps {
+                gauge.push(vec![map.name], map.bytes as f64);
+            }
+        }
+        Err(e) => tracing::debug!("map memory not readable: {e}"),
+    }
     if let Some(node) = &measure.kepler_node {
         kepler::push(&mut families, measure, node);
     }
@@ -543,6 +559,7 @@ mod tests {
             PROBE_OVERFLOW_SECONDS,
             PROBE_RUN_TIME,
             PROBE_RUNS,
+            PROBE_MAP_MEMORY,
             MODEL_FIT_WATTS,
             MODEL_FIT_RMSE,
             MODEL_FIT_SAMPLES,

@@ -6,17 +6,21 @@
 //! `tracepoint/sched/sched_switch` is used. fentry/kprobes are not needed,
 //! which matters on locked-down kernels where they are refused.
 
-use std::os::fd::OwnedFd;
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 use ergon_ebpf::{
     CgroupCounters, CpuState, GLOBAL_PER_PROCESS, GLOBAL_PMU_MASK, MAP_CGROUP_OVERFLOW,
-    MAP_CGROUPS, MAP_CPU_STATE, MAP_PMU, MAP_PROCESS_OVERFLOW, MAP_PROCESSES, PROG_TP_BTF,
-    PROG_TRACEPOINT, ProcessCounters,
+    MAP_CGROUPS, MAP_CGROUPS_PREALLOC, MAP_CPU_STATE, MAP_PMU, MAP_PROCESS_OVERFLOW, MAP_THREADS,
+    MAP_THREADS_PREALLOC, PROG_TP_BTF, PROG_TP_BTF_PREALLOC, PROG_TRACEPOINT,
+    PROG_TRACEPOINT_PREALLOC, ThreadCounters,
 };
 
+use super::map_memory::{self, Allocated, MapAllocation, MapMemory};
 use super::{
     HookChoice, ProbeConfig, ProbeError, ProbeInfo, ProcessUsage, UsageSnapshot, comm_to_string,
     pmu,
@@ -26,16 +30,77 @@ use super::{
 pub static EBPF_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ergon-ebpf"));
 
+/// The programs and maps of one allocation variant (see `exporter-ebpf`).
+struct Variant {
+    tp_btf: &'static str,
+    tracepoint: &'static str,
+    cgroups: &'static str,
+    threads: &'static str,
+    /// The other variant's maps, loaded with one entry.
+    unused: [&'static str; 2],
+}
+
+impl Variant {
+    fn of(allocated: Allocated) -> Variant {
+        match allocated {
+            Allocated::OnDemand => Variant {
+                tp_btf: PROG_TP_BTF,
+                tracepoint: PROG_TRACEPOINT,
+                cgroups: MAP_CGROUPS,
+                threads: MAP_THREADS,
+                unused: [MAP_CGROUPS_PREALLOC, MAP_THREADS_PREALLOC],
+            },
+            Allocated::Prealloc => Variant {
+                tp_btf: PROG_TP_BTF_PREALLOC,
+                tracepoint: PROG_TRACEPOINT_PREALLOC,
+                cgroups: MAP_CGROUPS_PREALLOC,
+                threads: MAP_THREADS_PREALLOC,
+                unused: [MAP_CGROUPS, MAP_THREADS],
+            },
+        }
+    }
+}
+
+/// How the maps were sized and allocated, for logs, `ergon doctor` and the
+/// tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub allocated: Allocated,
+    pub bounds: map_memory::MapBounds,
+    /// Possible CPUs: what per-CPU values are paid for.
+    pub possible_cpus: u64,
+    pub budget_bytes: u64,
+}
+
+/// Per-process bookkeeping on top of the thread map: threads are summed per
+/// process, and the keys of exited threads are removed from the kernel map
+/// promptly while their counts stay in their process's total.
+#[derive(Default)]
+struct ThreadBook {
+    /// Counts of removed thread keys, per process (tgid), with the process's
+    /// last labels: part of the process's total until the loop forgets it.
+    retired: HashMap<u32, ProcessUsage>,
+    /// Thread ids found without `/proc/<tid>` at the previous sample.
+    dead_before: HashSet<u32>,
+    /// Thread ids per process at the last sample (for `forget`).
+    threads_of: HashMap<u32, Vec<u32>>,
+}
+
 pub struct EbpfProbe {
     info: ProbeInfo,
+    layout: MapLayout,
     // Keeps the programs attached and the maps alive.
     bpf: Ebpf,
     cgroups: PerCpuHashMap<MapData, u64, CgroupCounters>,
-    processes: PerCpuHashMap<MapData, u32, ProcessCounters>,
+    threads: aya::maps::HashMap<MapData, u32, ThreadCounters>,
     cgroup_overflow: PerCpuArray<MapData, CgroupCounters>,
     process_overflow: PerCpuArray<MapData, CgroupCounters>,
     cpu_state: PerCpuArray<MapData, CpuState>,
     logger: Option<aya_log::EbpfLogger<LogToTracing>>,
+    /// Every map of the object with its fd, whichever part holds it.
+    map_fds: Vec<(String, i32)>,
+    host_proc: PathBuf,
+    book: ThreadBook,
     _pmu_fds: Vec<OwnedFd>,
 }
 
@@ -46,18 +111,124 @@ fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> ProbeError {
     }
 }
 
+/// The map data behind any kind of map (every variant holds one).
+fn map_data(map: &aya::maps::Map) -> &MapData {
+    use aya::maps::Map::*;
+    match map {
+        Array(d)
+        | ArrayOfMaps(d)
+        | BloomFilter(d)
+        | CgroupArray(d)
+        | CgroupStorage(d)
+        | CgrpStorage(d)
+        | CpuMap(d)
+        | DevMap(d)
+        | DevMapHash(d)
+        | HashMap(d)
+        | HashOfMaps(d)
+        | InodeStorage(d)
+        | LpmTrie(d)
+        | LruHashMap(d)
+        | PerCpuArray(d)
+        | PerCpuCgroupStorage(d)
+        | PerCpuHashMap(d)
+        | PerCpuLruHashMap(d)
+        | PerfEventArray(d)
+        | ProgramArray(d)
+        | Queue(d)
+        | ReusePortSockArray(d)
+        | RingBuf(d)
+        | SockHash(d)
+        | SockMap(d)
+        | SkStorage(d)
+        | Stack(d)
+        | StackTraceMap(d)
+        | Unsupported(d)
+        | XskMap(d) => d,
+    }
+}
+
+fn kernel_release(host_proc: &Path) -> Option<(u32, u32)> {
+    std::fs::read_to_string(host_proc.join("sys/kernel/osrelease"))
+        .ok()
+        .and_then(|text| map_memory::kernel_version(&text))
+}
+
 impl EbpfProbe {
+    /// Loads and attaches the accounting programs. With
+    /// [`MapAllocation::Auto`], a kernel that refuses the programs on maps
+    /// allocated on demand gets the preallocated variant, logged once.
     pub fn start(config: &ProbeConfig) -> Result<EbpfProbe, ProbeError> {
+        let kernel = kernel_release(&config.host_proc);
+        let allocated = match config.map_allocation {
+            MapAllocation::OnDemand => Allocated::OnDemand,
+            MapAllocation::Prealloc => Allocated::Prealloc,
+            MapAllocation::Auto => {
+                let chosen = map_memory::auto_allocation(kernel);
+                if chosen == Allocated::Prealloc {
+                    let release = kernel.map_or("of unknown release".into(), |(major, minor)| {
+                        format!("{major}.{minor}")
+                    });
+                    tracing::info!(
+                        "kernel {release} predates safe run-time allocation in tracing \
+                         programs (6.1): kernel maps are preallocated"
+                    );
+                }
+                chosen
+            }
+        };
+        match EbpfProbe::start_with(config, allocated, kernel) {
+            // A refusal of BPF as such (EPERM) is not about allocation.
+            Err(e)
+                if config.map_allocation == MapAllocation::Auto
+                    && allocated == Allocated::OnDemand
+                    && !super::is_permission_error(&e) =>
+            {
+                tracing::warn!(
+                    "the kernel refused the probe on maps allocated on demand ({e}); using \
+                     preallocated maps (their full size is charged from the start; see \
+                     ergon_probe_map_memory_bytes)"
+                );
+                EbpfProbe::start_with(config, Allocated::Prealloc, kernel)
+            }
+            result => result,
+        }
+    }
+
+    fn start_with(
+        config: &ProbeConfig,
+        allocated: Allocated,
+        kernel: Option<(u32, u32)>,
+    ) -> Result<EbpfProbe, ProbeError> {
         let cpus = aya::util::online_cpus()
             .map_err(|(path, e)| ProbeError::Load(format!("reading {path}: {e}")))?;
+        let possible_cpus = aya::util::nr_cpus()
+            .map_err(|(path, e)| ProbeError::Load(format!("reading {path}: {e}")))?
+            as u64;
+        let variant = Variant::of(allocated);
+        let bounds = config.map_bounds(config.per_process, possible_cpus, allocated);
+        if bounds.cgroups_lowered {
+            tracing::warn!(
+                "cgroup map bound lowered from {} to {} so that the kernel maps fit the \
+                 {} MiB budget on {possible_cpus} possible CPUs (per-CPU values); cgroups beyond \
+                 it are counted in the overflow bucket. Raise --map-memory-budget-mib, and the \
+                 pod's memory limit with it, to keep more apart",
+                config.max_cgroups,
+                bounds.cgroups,
+                config.map_memory_budget_bytes / (1024 * 1024)
+            );
+        }
+        raise_memlock_if_needed(kernel, bounds.full_bytes);
+        let layout = MapLayout {
+            allocated,
+            bounds,
+            possible_cpus,
+            budget_bytes: config.map_memory_budget_bytes,
+        };
+
         let events = pmu::open(config.pmu, &cpus);
         let mask = events.mask();
         let per_process: u32 = config.per_process.into();
-        let max_processes = if config.per_process {
-            config.max_processes.max(1)
-        } else {
-            1
-        };
 
         // The programs read no kernel struct (no CO-RE relocations), so no
         // relocation against kernel BTF is needed. (aya 0.14's
@@ -66,12 +237,19 @@ impl EbpfProbe {
         // BENCHMARKS.md.)
         let mut bpf = EbpfLoader::new()
             .btf(None)
-            .map_max_entries(MAP_CGROUPS, config.max_cgroups.max(1))
-            .map_max_entries(MAP_PROCESSES, max_processes)
+            .map_max_entries(variant.cgroups, bounds.cgroups)
+            .map_max_entries(variant.threads, bounds.threads)
+            .map_max_entries(variant.unused[0], 1)
+            .map_max_entries(variant.unused[1], 1)
             .override_global(GLOBAL_PER_PROCESS, &per_process, true)
             .override_global(GLOBAL_PMU_MASK, &mask, true)
             .load(EBPF_OBJECT)
             .map_err(|e| ProbeError::Load(error_chain(&e)))?;
+        // Before anything takes a map out of `bpf`: fds stay what they are.
+        let map_fds = bpf
+            .maps()
+            .map(|(name, map)| (name.to_owned(), map_data(map).fd().as_fd().as_raw_fd()))
+            .collect();
 
         let logger = match aya_log::EbpfLogger::init_with_logger(&mut bpf, LogToTracing) {
             Ok(logger) => Some(logger),
@@ -100,10 +278,10 @@ impl EbpfProbe {
             }
         }
 
-        let hook = attach(&mut bpf, config)?;
+        let hook = attach(&mut bpf, config, &variant)?;
 
-        let cgroups = take_map(&mut bpf, MAP_CGROUPS)?;
-        let processes = take_map(&mut bpf, MAP_PROCESSES)?;
+        let cgroups = take_map(&mut bpf, variant.cgroups)?;
+        let threads = take_map(&mut bpf, variant.threads)?;
         let cgroup_overflow = take_map(&mut bpf, MAP_CGROUP_OVERFLOW)?;
         let process_overflow = take_map(&mut bpf, MAP_PROCESS_OVERFLOW)?;
         let cpu_state = take_map(&mut bpf, MAP_CPU_STATE)?;
@@ -118,16 +296,27 @@ impl EbpfProbe {
             pmu: events.kind,
             fallback_reason: None,
         };
-        tracing::info!("eBPF probe attached: {info}");
+        tracing::info!(
+            "eBPF probe attached: {info}; maps {} (cgroups ≤ {}, threads ≤ {}, at most {} KiB \
+             on {possible_cpus} possible CPUs)",
+            allocated.name(),
+            bounds.cgroups,
+            bounds.threads,
+            bounds.full_bytes / 1024
+        );
         Ok(EbpfProbe {
             info,
+            layout,
             bpf,
             cgroups,
-            processes,
+            threads,
             cgroup_overflow,
             process_overflow,
             cpu_state,
             logger,
+            map_fds,
+            host_proc: config.host_proc.clone(),
+            book: ThreadBook::default(),
             _pmu_fds: pmu_fds,
         })
     }
@@ -136,12 +325,42 @@ impl EbpfProbe {
         &self.info
     }
 
+    pub fn layout(&self) -> &MapLayout {
+        &self.layout
+    }
+
+    /// Memory of every map of the probe, as the kernel reports it
+    /// (`memlock:` of `/proc/self/fdinfo/<fd>`).
+    pub fn map_memory(&self) -> Result<Vec<MapMemory>, ProbeError> {
+        let fdinfo = Path::new("/proc/self/fdinfo");
+        self.map_fds
+            .iter()
+            .map(|(name, fd)| {
+                let read =
+                    map_memory::read_fdinfo(fdinfo, *fd).map_err(|source| ProbeError::Io {
+                        path: fdinfo.join(fd.to_string()),
+                        source,
+                    })?;
+                let (map_id, bytes) = read.ok_or_else(|| ProbeError::Parse {
+                    path: fdinfo.join(fd.to_string()),
+                    detail: format!("no map_id/memlock lines for map {name}"),
+                })?;
+                Ok(MapMemory {
+                    name: name.clone(),
+                    map_id,
+                    bytes,
+                })
+            })
+            .collect()
+    }
+
     /// The loaded accounting program's kernel statistics (`run_time_ns`,
     /// `run_cnt`); both stay zero unless `kernel.bpf_stats_enabled` is on.
     pub fn program_stats(&self) -> Option<(std::time::Duration, u64)> {
+        let variant = Variant::of(self.layout.allocated);
         let name = match self.info.hook {
-            "tp_btf" => PROG_TP_BTF,
-            _ => PROG_TRACEPOINT,
+            "tp_btf" => variant.tp_btf,
+            _ => variant.tracepoint,
         };
         let info = match self.bpf.program(name)? {
             aya::programs::Program::BtfTracePoint(p) => p.info().ok()?,
@@ -160,18 +379,7 @@ impl EbpfProbe {
             let (cgroup_id, per_cpu) = entry.map_err(map_err(MAP_CGROUPS))?;
             snapshot.cgroups.insert(cgroup_id, sum(per_cpu.iter()));
         }
-        for entry in self.processes.iter() {
-            let (tgid, per_cpu) = entry.map_err(map_err(MAP_PROCESSES))?;
-            let mut usage = ProcessUsage::default();
-            for value in per_cpu.iter() {
-                usage.counters.add(&value.counters);
-                if usage.cgroup_id == 0 && value.cgroup_id != 0 {
-                    usage.cgroup_id = value.cgroup_id;
-                    usage.comm = comm_to_string(&value.comm);
-                }
-            }
-            snapshot.processes.insert(tgid, usage);
-        }
+        snapshot.processes = self.sample_processes()?;
         let overflow = self
             .cgroup_overflow
             .get(&0, 0)
@@ -192,14 +400,101 @@ impl EbpfProbe {
         Ok(snapshot)
     }
 
+    /// Threads summed per process, plus what retired threads left. A thread
+    /// found without `/proc/<tid>` at two samples in a row has had its final
+    /// switch-out counted (it leaves `/proc` just before its last switch):
+    /// its count moves to `retired` and its key leaves the kernel map, so
+    /// exited threads never fill it.
+    fn sample_processes(&mut self) -> Result<HashMap<u32, ProcessUsage>, ProbeError> {
+        let mut processes: HashMap<u32, ProcessUsage> = self.book.retired.clone();
+        let mut threads_of: HashMap<u32, Vec<u32>> = HashMap::new();
+        let mut dead_now = HashSet::new();
+        let mut retire = Vec::new();
+        for entry in self.threads.iter() {
+            let (tid, thread) = entry.map_err(map_err(MAP_THREADS))?;
+            let usage = processes.entry(thread.tgid).or_default();
+            usage.counters.add(&thread.counters);
+            // The main thread names the process; any thread until it is seen.
+            if tid == thread.tgid || usage.cgroup_id == 0 {
+                usage.cgroup_id = thread.cgroup_id;
+                usage.comm = comm_to_string(&thread.comm);
+            }
+            threads_of.entry(thread.tgid).or_default().push(tid);
+            if !self.host_proc.join(tid.to_string()).exists() {
+                if self.book.dead_before.contains(&tid) {
+                    retire.push((tid, thread));
+                } else {
+                    dead_now.insert(tid);
+                }
+            }
+        }
+        for (tid, thread) in retire {
+            let retired = self.book.retired.entry(thread.tgid).or_default();
+            retired.counters.add(&thread.counters);
+            let labels = &processes[&thread.tgid];
+            retired.cgroup_id = labels.cgroup_id;
+            retired.comm = labels.comm.clone();
+            // Gone already is fine: the count was read above and is kept.
+            let _ = self.threads.remove(&tid);
+        }
+        self.book.dead_before = dead_now;
+        self.book.threads_of = threads_of;
+        Ok(processes)
+    }
+
     pub fn forget(&mut self, cgroup_ids: &[u64], pids: &[u32]) {
         for id in cgroup_ids {
             // A key that is already gone is fine: forgetting is idempotent.
             let _ = self.cgroups.remove(id);
         }
         for pid in pids {
-            let _ = self.processes.remove(pid);
+            self.book.retired.remove(pid);
+            for tid in self.book.threads_of.remove(pid).unwrap_or_default() {
+                let _ = self.threads.remove(&tid);
+            }
         }
+    }
+}
+
+/// Before Linux 5.11 map memory counts against `RLIMIT_MEMLOCK`: raise the
+/// soft limit (and the hard one, where allowed) to the maps' worst case.
+fn raise_memlock_if_needed(kernel: Option<(u32, u32)>, needed_bytes: u64) {
+    let Some(kernel) = kernel else { return };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0 {
+        return;
+    }
+    // Headroom for the small maps and the programs themselves.
+    let needed = needed_bytes + 4 * 1024 * 1024;
+    let Some(target) = map_memory::memlock_limit_needed(kernel, limit.rlim_cur, needed) else {
+        return;
+    };
+    let raised = libc::rlimit {
+        rlim_cur: target,
+        rlim_max: limit.rlim_max.max(target),
+    };
+    // SAFETY: valid pointer to an initialised rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raised) } == 0 {
+        tracing::info!(
+            "kernel {}.{} charges BPF maps to RLIMIT_MEMLOCK: raised it from {} to {target} bytes",
+            kernel.0,
+            kernel.1,
+            limit.rlim_cur
+        );
+    } else {
+        tracing::warn!(
+            "kernel {}.{} charges BPF maps to RLIMIT_MEMLOCK ({} bytes) and raising it to \
+             {target} failed ({}): give the exporter CAP_SYS_RESOURCE or `ulimit -l {}`",
+            kernel.0,
+            kernel.1,
+            limit.rlim_cur,
+            std::io::Error::last_os_error(),
+            target / 1024
+        );
     }
 }
 
@@ -220,7 +515,11 @@ fn take_map<V: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     V::try_from(map).map_err(map_err(name))
 }
 
-fn attach(bpf: &mut Ebpf, config: &ProbeConfig) -> Result<&'static str, ProbeError> {
+fn attach(
+    bpf: &mut Ebpf,
+    config: &ProbeConfig,
+    variant: &Variant,
+) -> Result<&'static str, ProbeError> {
     let btf_path = config.host_sys.join("kernel/btf/vmlinux");
     let try_btf = match config.hook {
         HookChoice::Tracepoint => false,
@@ -230,7 +529,7 @@ fn attach(bpf: &mut Ebpf, config: &ProbeConfig) -> Result<&'static str, ProbeErr
     if try_btf {
         let attached = Btf::parse_file(&btf_path, aya::Endianness::default())
             .map_err(|e| format!("parsing {}: {e}", btf_path.display()))
-            .and_then(|btf| attach_btf(bpf, &btf));
+            .and_then(|btf| attach_btf(bpf, &btf, variant.tp_btf));
         match attached {
             Ok(()) => return Ok("tp_btf"),
             Err(e) if config.hook == HookChoice::TpBtf => return Err(ProbeError::Attach(e)),
@@ -244,9 +543,10 @@ fn attach(bpf: &mut Ebpf, config: &ProbeConfig) -> Result<&'static str, ProbeErr
             btf_path.display()
         );
     }
+    let name = variant.tracepoint;
     let program: &mut TracePoint = bpf
-        .program_mut(PROG_TRACEPOINT)
-        .ok_or_else(|| ProbeError::Load(format!("program {PROG_TRACEPOINT} missing")))?
+        .program_mut(name)
+        .ok_or_else(|| ProbeError::Load(format!("program {name} missing")))?
         .try_into()
         .map_err(|e| ProbeError::Load(error_chain(&e)))?;
     program
@@ -261,10 +561,10 @@ fn attach(bpf: &mut Ebpf, config: &ProbeConfig) -> Result<&'static str, ProbeErr
     Ok("tracepoint")
 }
 
-fn attach_btf(bpf: &mut Ebpf, btf: &Btf) -> Result<(), String> {
+fn attach_btf(bpf: &mut Ebpf, btf: &Btf, name: &str) -> Result<(), String> {
     let program: &mut BtfTracePoint = bpf
-        .program_mut(PROG_TP_BTF)
-        .ok_or_else(|| format!("program {PROG_TP_BTF} missing"))?
+        .program_mut(name)
+        .ok_or_else(|| format!("program {name} missing"))?
         .try_into()
         .map_err(|e| error_chain(&e))?;
     program
@@ -290,6 +590,13 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+fn load_reference_object() -> Result<Ebpf, ProbeError> {
+    EbpfLoader::new()
+        .btf(None)
+        .load(EBPF_OBJECT)
+        .map_err(|e| ProbeError::Load(error_chain(&e)))
+}
+
 /// Forwards aya-log records from the kernel programs into `tracing`.
 pub struct LogToTracing;
 
@@ -310,56 +617,55 @@ impl log::Log for LogToTracing {
     fn flush(&self) {}
 }
 
-/// The benchmark's baseline: a program that does nothing, loaded on the same
-/// hook as the accounting program, so that `bpf_stats` of both can be
-/// compared under the same context-switch storm.
-pub struct EmptyProgram {
+/// A benchmark's reference program, loaded on the same hook as the
+/// accounting program so that `bpf_stats` of both can be compared under the
+/// same context-switch storm: the empty program (the baseline), or a rung
+/// of the ladder (`ergon_ebpf::PROG_LADDER_BTF`).
+pub struct ReferenceProgram {
     bpf: Ebpf,
     name: &'static str,
 }
 
-impl EmptyProgram {
-    pub fn attach(
+impl ReferenceProgram {
+    /// The empty program on `hook` ("tp_btf" or "tracepoint").
+    pub fn empty(
         hook: &'static str,
         host_sys: &std::path::Path,
-    ) -> Result<EmptyProgram, ProbeError> {
-        let mut bpf = EbpfLoader::new()
-            .btf(None)
-            .load(EBPF_OBJECT)
+    ) -> Result<ReferenceProgram, ProbeError> {
+        if hook == "tp_btf" {
+            return ReferenceProgram::tp_btf(ergon_ebpf::PROG_EMPTY_TP_BTF, host_sys);
+        }
+        let mut bpf = load_reference_object()?;
+        let program: &mut TracePoint = bpf
+            .program_mut(ergon_ebpf::PROG_EMPTY_TRACEPOINT)
+            .ok_or_else(|| ProbeError::Load("empty tracepoint program missing".into()))?
+            .try_into()
             .map_err(|e| ProbeError::Load(error_chain(&e)))?;
-        let name = if hook == "tp_btf" {
-            let btf = Btf::parse_file(
-                host_sys.join("kernel/btf/vmlinux"),
-                aya::Endianness::default(),
-            )
+        program
+            .load()
             .map_err(|e| ProbeError::Load(error_chain(&e)))?;
-            let program: &mut BtfTracePoint = bpf
-                .program_mut(ergon_ebpf::PROG_EMPTY_TP_BTF)
-                .ok_or_else(|| ProbeError::Load("empty tp_btf program missing".into()))?
-                .try_into()
-                .map_err(|e| ProbeError::Load(error_chain(&e)))?;
-            program
-                .load("sched_switch", &btf)
-                .map_err(|e| ProbeError::Load(error_chain(&e)))?;
-            program
-                .attach()
-                .map_err(|e| ProbeError::Attach(error_chain(&e)))?;
-            ergon_ebpf::PROG_EMPTY_TP_BTF
-        } else {
-            let program: &mut TracePoint = bpf
-                .program_mut(ergon_ebpf::PROG_EMPTY_TRACEPOINT)
-                .ok_or_else(|| ProbeError::Load("empty tracepoint program missing".into()))?
-                .try_into()
-                .map_err(|e| ProbeError::Load(error_chain(&e)))?;
-            program
-                .load()
-                .map_err(|e| ProbeError::Load(error_chain(&e)))?;
-            program
-                .attach("sched", "sched_switch")
-                .map_err(|e| ProbeError::Attach(error_chain(&e)))?;
-            ergon_ebpf::PROG_EMPTY_TRACEPOINT
-        };
-        Ok(EmptyProgram { bpf, name })
+        program
+            .attach("sched", "sched_switch")
+            .map_err(|e| ProbeError::Attach(error_chain(&e)))?;
+        Ok(ReferenceProgram {
+            bpf,
+            name: ergon_ebpf::PROG_EMPTY_TRACEPOINT,
+        })
+    }
+
+    /// The `tp_btf` program `name` of the object, attached on its own.
+    pub fn tp_btf(
+        name: &'static str,
+        host_sys: &std::path::Path,
+    ) -> Result<ReferenceProgram, ProbeError> {
+        let mut bpf = load_reference_object()?;
+        let btf = Btf::parse_file(
+            host_sys.join("kernel/btf/vmlinux"),
+            aya::Endianness::default(),
+        )
+        .map_err(|e| ProbeError::Load(error_chain(&e)))?;
+        attach_btf(&mut bpf, &btf, name).map_err(ProbeError::Attach)?;
+        Ok(ReferenceProgram { bpf, name })
     }
 
     /// `(run time, runs)` from the kernel's `bpf_stats`.

@@ -14,6 +14,7 @@
 //! started, summed over CPUs. Downstream code takes deltas between snapshots.
 
 pub mod ebpf;
+pub mod map_memory;
 mod pmu;
 pub mod procfs;
 
@@ -22,6 +23,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use ergon_ebpf::CgroupCounters;
+pub use map_memory::{MapAllocation, MapMemory};
 
 /// How usage is collected.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -69,8 +71,13 @@ pub struct ProbeConfig {
     pub per_process: bool,
     /// Bound of the cgroup map; keys beyond it go to the overflow bucket.
     pub max_cgroups: u32,
-    /// Bound of the process map.
+    /// Bound of the thread map (per-process accounting).
     pub max_processes: u32,
+    /// How the kernel's hash maps get their memory.
+    pub map_allocation: MapAllocation,
+    /// What the kernel maps may cost at worst (every entry used); the cgroup
+    /// map's bound is lowered to fit it on nodes with many CPUs.
+    pub map_memory_budget_bytes: u64,
     /// Host `/proc` (the procfs fallback reads `stat` and `<pid>/stat`).
     pub host_proc: PathBuf,
     /// Host `/sys` (for BTF and the tracefs mount).
@@ -90,6 +97,8 @@ impl ProbeConfig {
             per_process: false,
             max_cgroups: 16384,
             max_processes: 32768,
+            map_allocation: MapAllocation::Auto,
+            map_memory_budget_bytes: map_memory::DEFAULT_BUDGET_MIB * 1024 * 1024,
             host_proc: PathBuf::from("/proc"),
             cgroup_root: find_cgroup2_root(&host_sys).unwrap_or_else(|| host_sys.join("fs/cgroup")),
             host_sys,
@@ -236,6 +245,14 @@ impl Probe {
         }
     }
 
+    /// Memory of the kernel maps as the kernel reports it; empty for procfs.
+    pub fn map_memory(&self) -> Result<Vec<MapMemory>, ProbeError> {
+        match self {
+            Probe::Ebpf(p) => p.map_memory(),
+            Probe::Procfs(_) => Ok(Vec::new()),
+        }
+    }
+
     /// Drops the counters of cgroups and processes that are gone and whose
     /// final values were already taken, so the bounded maps do not fill.
     pub fn forget(&mut self, cgroup_ids: &[u64], pids: &[u32]) {
@@ -246,12 +263,17 @@ impl Probe {
     }
 }
 
+/// Whether the kernel refused BPF itself (EPERM/EACCES), not one program.
+pub(crate) fn is_permission_error(err: &ProbeError) -> bool {
+    let lower = err.to_string().to_lowercase();
+    lower.contains("operation not permitted") || lower.contains("permission denied")
+}
+
 /// Turns a load failure into the sentence an operator needs: what was
 /// refused and how to allow it.
 fn explain_ebpf_failure(err: &ProbeError) -> String {
     let text = err.to_string();
-    let lower = text.to_lowercase();
-    if lower.contains("operation not permitted") || lower.contains("permission denied") {
+    if is_permission_error(err) {
         format!(
             "{text}. The kernel refused BPF: run the exporter privileged, or with \
              CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN (and without a seccomp profile that blocks bpf())"

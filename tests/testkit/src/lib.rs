@@ -173,16 +173,22 @@ pub struct BusyChild {
 
 impl BusyChild {
     pub fn spawn_in(cgroup: &Path) -> BusyChild {
-        BusyChild::spawn(cgroup, None)
+        BusyChild::spawn(cgroup, None, "while :; do :; done")
+    }
+
+    /// A child running `script` (under `/bin/sh`) instead of a busy loop,
+    /// e.g. `exec sleep 3600` to keep a steady pod's cgroup populated.
+    pub fn spawn_script_in(cgroup: &Path, script: &str) -> BusyChild {
+        BusyChild::spawn(cgroup, None, script)
     }
 
     /// Like [`BusyChild::spawn_in`], pinned to one CPU: busy children that
     /// share one run queue get equal shares, whatever else the machine runs.
     pub fn spawn_pinned(cgroup: &Path, cpu: usize) -> BusyChild {
-        BusyChild::spawn(cgroup, Some(cpu))
+        BusyChild::spawn(cgroup, Some(cpu), "while :; do :; done")
     }
 
-    fn spawn(cgroup: &Path, cpu: Option<usize>) -> BusyChild {
+    fn spawn(cgroup: &Path, cpu: Option<usize>, script: &str) -> BusyChild {
         // SAFETY: cpu_set_t is plain data.
         let affinity = cpu.map(|cpu| unsafe {
             let mut set: libc::cpu_set_t = std::mem::zeroed();
@@ -191,7 +197,7 @@ impl BusyChild {
         });
         let join = cgroup_joiner(cgroup);
         let mut cmd = Command::new("/bin/sh");
-        cmd.args(["-c", "while :; do :; done"]);
+        cmd.args(["-c", script]);
         // SAFETY: only async-signal-safe calls (open, write, close,
         // sched_setaffinity) run between fork and exec.
         unsafe {
