@@ -12,9 +12,12 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::load();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log)
         .with_context(|| format!("--log `{}` is not a valid log filter", cli.log))?;
+    // Colours only on a terminal: in a container's log they are escape codes.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour)
         .init();
 
     if let Some(Command::Doctor) = cli.command {

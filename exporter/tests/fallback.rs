@@ -3,22 +3,11 @@
 
 use ergon_testkit as support;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
-use support::{free_port, http_get};
-
-/// Kills the exporter on drop, also when an assertion fails.
-struct Exporter(std::process::Child);
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::{LoggedChild, free_port, http_get};
 
 #[test]
 fn without_bpf_capabilities_the_exporter_falls_back_and_says_why() {
@@ -34,9 +23,7 @@ fn without_bpf_capabilities_the_exporter_falls_back_and_says_why() {
             "--no-checkpoint",
         ])
         .env("ERGON_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .env("NO_COLOR", "1");
     // CAP_SYS_ADMIN (21), CAP_PERFMON (38), CAP_BPF (39): dropped from the
     // bounding set, so even root cannot hold them after exec.
     // SAFETY: prctl is async-signal-safe and allocates nothing.
@@ -50,24 +37,8 @@ fn without_bpf_capabilities_the_exporter_falls_back_and_says_why() {
             Ok(())
         });
     }
-    let mut exporter = Exporter(command.spawn().expect("starting ergon"));
-    let stderr = exporter.0.stderr.take().unwrap();
-    let (lines_tx, lines_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut log = Vec::new();
-    let fallback_line = loop {
-        match lines_rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) if line.contains("falling back to procfs") => break line,
-            Ok(line) => log.push(line),
-            Err(_) => panic!("no fallback line; log so far:\n{}", log.join("\n")),
-        }
-    };
+    let mut exporter = LoggedChild::spawn(&mut command);
+    let fallback_line = exporter.wait_for_line("falling back to procfs", Duration::from_secs(30));
     assert!(
         fallback_line.contains("CAP_BPF") && fallback_line.contains("privileged"),
         "the fallback line must say why and what to do: {fallback_line}"

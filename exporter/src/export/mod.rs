@@ -218,6 +218,25 @@ pub fn process_registry() -> prometheus::Registry {
     registry
 }
 
+/// The process collector's `process_cpu_seconds_total` is an integer
+/// counter of whole seconds: an exporter that uses a few milliseconds per
+/// scrape showed 0 for hours, and the exporter-health dashboard's CPU panel
+/// stayed empty. It is replaced by [`own_cpu_seconds`].
+const PROCESS_CPU: &str = "process_cpu_seconds_total";
+
+/// User + system CPU time of this process (all threads), in seconds with
+/// microsecond resolution, from `getrusage(RUSAGE_SELF)`.
+pub fn own_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes one plain struct we own.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
 /// A `/metrics` body: the interval's report text, then this scrape's
 /// process metrics.
 ///
@@ -233,9 +252,21 @@ pub fn render(published: &Published, process: &prometheus::Registry) -> MetricsB
     let report = published.text();
     let mut own = Vec::with_capacity(2048);
     let encoder = prometheus::TextEncoder::new();
-    if let Err(e) = prometheus::Encoder::encode(&encoder, &process.gather(), &mut own) {
+    let families: Vec<_> = process
+        .gather()
+        .into_iter()
+        .filter(|family| family.name() != PROCESS_CPU)
+        .collect();
+    if let Err(e) = prometheus::Encoder::encode(&encoder, &families, &mut own) {
         tracing::error!("encoding the process metrics failed: {e}");
     }
+    let mut cpu = format!(
+        "# HELP {PROCESS_CPU} Total user and system CPU time spent in seconds.\n\
+         # TYPE {PROCESS_CPU} counter\n{PROCESS_CPU} "
+    );
+    push_value(&mut cpu, own_cpu_seconds());
+    cpu.push('\n');
+    own.extend_from_slice(cpu.as_bytes());
     report.chain(Bytes::from(own))
 }
 
@@ -254,6 +285,30 @@ mod tests {
     fn joined(body: MetricsBody) -> String {
         let (report, own) = body.into_inner();
         String::from_utf8([report, own].concat()).unwrap()
+    }
+
+    /// A fraction of a second of CPU shows as such, not as 0.
+    #[test]
+    fn process_cpu_seconds_keep_their_fraction() {
+        let process = process_registry();
+        let start = own_cpu_seconds();
+        while own_cpu_seconds() - start < 0.25 {
+            std::hint::black_box((0..1000).sum::<u64>());
+        }
+        let before = own_cpu_seconds();
+        let text = joined(render(&Published::default(), &process));
+        let after = own_cpu_seconds();
+        let reported: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("process_cpu_seconds_total "))
+            .unwrap_or_else(|| panic!("no process_cpu_seconds_total in {text}"))
+            .parse()
+            .unwrap();
+        assert!(
+            (before..=after).contains(&reported),
+            "process_cpu_seconds_total {reported}, getrusage {before}..{after}"
+        );
+        assert_eq!(text.matches("# TYPE process_cpu_seconds_total").count(), 1);
     }
 
     #[test]

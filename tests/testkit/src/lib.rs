@@ -531,3 +531,64 @@ impl Drop for FakeRapl {
         }
     }
 }
+
+/// A process whose stderr is read line by line on a thread; killed and
+/// reaped on drop, also when an assertion fails.
+pub struct LoggedChild {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line read so far.
+    pub log: Vec<String>,
+}
+
+impl LoggedChild {
+    /// Starts `command` with stderr piped (stdout discarded).
+    pub fn spawn(command: &mut Command) -> LoggedChild {
+        use std::io::{BufRead, BufReader};
+        let mut child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {:?}: {e}", command.get_program()));
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        LoggedChild {
+            child,
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    /// The first line containing `needle`, waiting at most `timeout` for
+    /// each line; panics with the log so far when none comes.
+    pub fn wait_for_line(&mut self, needle: &str, timeout: Duration) -> String {
+        loop {
+            match self.lines.recv_timeout(timeout) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no line containing {needle:?}; log so far:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for LoggedChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

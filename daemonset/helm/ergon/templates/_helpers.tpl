@@ -14,6 +14,11 @@
 {{- end -}}
 {{- end -}}
 
+{{/* Cluster-scoped objects: the release's namespace and full name. */}}
+{{- define "ergon.clusterName" -}}
+{{- printf "%s-%s" .Release.Namespace (include "ergon.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "ergon.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "ergon.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
