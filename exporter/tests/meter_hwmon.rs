@@ -2,12 +2,15 @@
 
 mod meter_support;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use ergon::meter::hwmon::HwmonMeter;
-use ergon::meter::{Meter, MeterConfig, MeterContext, MeterError, RaplInterface, detect};
+use ergon::meter::{
+    Meter, MeterConfig, MeterContext, MeterError, RaplInterface, Rejection, detect,
+};
 use ergon::units::{Domain, Joules, Nanos};
-use meter_support::SysFixture;
+use meter_support::{BAD_VALUES, SysFixture, capture_logs, zones_up};
 
 /// Add `class/hwmon/<device>` (a symlink to its device directory, as sysfs has it).
 fn add_chip(root: &Path, device: &str, chip: &str, files: &[(&str, &str)]) {
@@ -123,4 +126,128 @@ fn detect_adds_hwmon_beside_the_cpu_meter() {
     };
     let sources: Vec<&str> = detect(&config).iter().map(|meter| meter.source()).collect();
     assert_eq!(sources, vec!["rapl", "hwmon"]);
+}
+
+fn chip_dir(root: &Path, device: &str) -> std::path::PathBuf {
+    root.join("devices/platform")
+        .join(device)
+        .join("hwmon")
+        .join(device)
+}
+
+#[test]
+fn a_bad_sensor_costs_only_itself_names_the_file_and_comes_back() {
+    for (what, bad) in BAD_VALUES {
+        let fixture = SysFixture::new();
+        add_chip(
+            fixture.path(),
+            "hwmon0",
+            "power_meter",
+            &[
+                ("power1_average", "100000000"),
+                ("power2_average", "50000000"),
+            ],
+        );
+        let power2 = chip_dir(fixture.path(), "hwmon0").join("power2_average");
+        std::fs::write(&power2, bad).unwrap();
+        let (meter, logs) =
+            capture_logs(|| HwmonMeter::open(fixture.path(), &["power_meter".to_string()]));
+        let mut meter = meter.unwrap_or_else(|err| panic!("{what}: {err}"));
+        assert_eq!(
+            zones_up(&meter),
+            BTreeMap::from([
+                ("power_meter-hwmon0-power1".to_string(), true),
+                ("power_meter-hwmon0-power2".to_string(), false)
+            ]),
+            "{what}"
+        );
+        let lines = logs.lines_with(&["WARN", "power2", "power2_average"]);
+        assert_eq!(lines.len(), 1, "{what}: {}", logs.text());
+        assert!(
+            lines[0].contains(&format!("found \"{}\"", ergon::meter::shown(bad))),
+            "{what}: {}",
+            lines[0]
+        );
+        meter.sample(&TWO_SECONDS).unwrap();
+        let sample = meter.sample(&TWO_SECONDS).unwrap();
+        assert_eq!(sample.len(), 1, "{what}: {sample:?}");
+        assert!((sample[0].joules.0 - 200.0).abs() < 1e-9, "{what}");
+
+        // Fixed: read again, from the next interval.
+        std::fs::write(&power2, "50000000\n").unwrap();
+        let sample = meter.sample(&TWO_SECONDS).unwrap();
+        assert_eq!(sample.len(), 2, "{what}: {sample:?}");
+        assert!(zones_up(&meter).iter().all(|(_, up)| *up), "{what}");
+    }
+}
+
+#[test]
+fn a_sensor_that_vanishes_is_down_until_it_comes_back() {
+    let fixture = SysFixture::new();
+    add_chip(
+        fixture.path(),
+        "hwmon0",
+        "power_meter",
+        &[
+            ("power1_average", "100000000"),
+            ("power2_input", "50000000"),
+        ],
+    );
+    let mut meter = HwmonMeter::open(fixture.path(), &["power_meter".to_string()]).unwrap();
+    meter.sample(&TWO_SECONDS).unwrap();
+    let power2 = chip_dir(fixture.path(), "hwmon0").join("power2_input");
+    // A removed device's open sysfs file stops reading (ENODEV); a tmpfs file
+    // keeps its content, so the fixture empties it before removing it.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&power2)
+        .unwrap();
+    std::fs::remove_file(&power2).unwrap();
+    let sample = meter.sample(&TWO_SECONDS).unwrap();
+    assert_eq!(sample.len(), 1, "{sample:?}");
+    let sample = meter.sample(&TWO_SECONDS).unwrap();
+    assert_eq!(sample.len(), 1, "{sample:?}");
+    assert!(!zones_up(&meter)["power_meter-hwmon0-power2"]);
+    std::fs::write(&power2, "50000000\n").unwrap();
+    let sample = meter.sample(&TWO_SECONDS).unwrap();
+    assert_eq!(sample.len(), 2, "{sample:?}");
+    assert!(zones_up(&meter).iter().all(|(_, up)| *up));
+}
+
+#[test]
+fn a_reading_above_the_sensors_limit_or_the_ceiling_is_rejected_and_counted() {
+    let fixture = SysFixture::new();
+    add_chip(
+        fixture.path(),
+        "hwmon0",
+        "power_meter",
+        &[
+            ("power1_average", "70000000"),
+            ("power1_max", "35000000"),
+            ("power2_average", "100000000"),
+        ],
+    );
+    let mut meter = HwmonMeter::open(fixture.path(), &["power_meter".to_string()]).unwrap();
+    meter.sample(&TWO_SECONDS).unwrap();
+    let dir = chip_dir(fixture.path(), "hwmon0");
+    // 9 kW on a 35 W PC's meter (limit 35 W × 2), 300 kW on one without a
+    // limit (platform ceiling 20 kW).
+    std::fs::write(dir.join("power1_average"), "9000000000\n").unwrap();
+    std::fs::write(dir.join("power2_average"), "300000000000\n").unwrap();
+    let (sample, logs) = capture_logs(|| meter.sample(&TWO_SECONDS).unwrap());
+    assert!(sample.is_empty(), "never added: {sample:?}");
+    assert_eq!(meter.health().rejected[&Rejection::AboveMaxPower], 2);
+    assert_eq!(
+        logs.lines_with(&["WARN", "above_max_power"]).len(),
+        2,
+        "{}",
+        logs.text()
+    );
+    // At the limit's headroom exactly: accepted.
+    std::fs::write(dir.join("power1_average"), "70000000\n").unwrap();
+    std::fs::write(dir.join("power2_average"), "100000000\n").unwrap();
+    let sample = meter.sample(&TWO_SECONDS).unwrap();
+    assert_eq!(sample.len(), 2, "{sample:?}");
+    assert!((sample[0].joules.0 - 140.0).abs() < 1e-9, "{sample:?}");
 }

@@ -93,6 +93,8 @@ pub struct LastInterval {
     pub power: BTreeMap<(Domain, &'static str), Watts>,
     pub meter_up: BTreeMap<&'static str, bool>,
     pub estimate_sources: Vec<&'static str>,
+    /// Per meter: zones read or missing, readings rejected so far.
+    pub meter_health: BTreeMap<&'static str, crate::meter::MeterHealth>,
 }
 
 pub struct Loop {
@@ -395,6 +397,7 @@ impl Loop {
                     tracing::warn!("meter {source} failed this interval: {e}");
                 }
             }
+            self.last.meter_health.insert(source, meter.health());
         }
 
         if let Some(utilisation) = utilisation {

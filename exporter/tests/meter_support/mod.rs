@@ -2,12 +2,14 @@
 //! sysfs trees shaped like the kernel's, and a log capture.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use ergon::meter::{Meter, Rejection};
 use tempfile::TempDir;
 
 /// The kernel's range for a 32-bit counter at Intel's 61.035 µJ energy unit.
@@ -95,6 +97,19 @@ impl SysFixture {
             .open(&path)
             .unwrap();
         file.write_all(format!("{energy_uj}\n").as_bytes()).unwrap();
+    }
+
+    /// Overwrite one file of a zone in place with raw bytes (garbage,
+    /// non-UTF-8, …), as a broken driver might present it.
+    pub fn set_zone_file(&self, id: &str, file: &str, content: &[u8]) {
+        let path = self.zone_dir(id).join(file);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(content).unwrap();
     }
 
     pub fn remove_zone(&self, id: &str) {
@@ -201,6 +216,47 @@ impl SysFixture {
         }
         walk(self.path());
     }
+}
+
+/// Values a broken or hostile driver might put in a numeric sysfs file, by
+/// name: none of them is a number a counter or power reading can hold.
+pub const BAD_VALUES: &[(&str, &[u8])] = &[
+    ("garbage", b"garbage\n"),
+    ("empty", b""),
+    ("huge", b"123456789012345678901234567890\n"),
+    ("negative", b"-5\n"),
+    ("non-UTF-8", b"\xff\xfe1\x1b[31m\n"),
+];
+
+/// Zone → whether it was read at the last sample, from a meter's health.
+pub fn zones_up(meter: &dyn Meter) -> BTreeMap<String, bool> {
+    meter
+        .health()
+        .zones
+        .into_iter()
+        .map(|zone| (zone.zone, zone.up))
+        .collect()
+}
+
+/// Why `zone` is down, from a meter's health.
+pub fn reason_of(meter: &dyn Meter, zone: &str) -> String {
+    meter
+        .health()
+        .zones
+        .into_iter()
+        .find(|health| health.zone == zone)
+        .and_then(|health| health.reason)
+        .unwrap_or_else(|| panic!("{zone} has no reason: {:?}", meter.health()))
+}
+
+/// Readings a meter rejected so far for `rejection`.
+pub fn rejected(meter: &dyn Meter, rejection: Rejection) -> u64 {
+    meter
+        .health()
+        .rejected
+        .get(&rejection)
+        .copied()
+        .unwrap_or(0)
 }
 
 /// Log lines captured while a closure runs on this thread.
