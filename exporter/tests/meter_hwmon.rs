@@ -10,7 +10,9 @@ use ergon::meter::{
     Meter, MeterConfig, MeterContext, MeterError, RaplInterface, Rejection, detect,
 };
 use ergon::units::{Domain, Joules, Nanos};
-use meter_support::{BAD_VALUES, SysFixture, capture_logs, zones_up};
+use meter_support::{
+    BAD_VALUES, SysFixture, capture_logs, line_with, run_as_nobody_around, zones_up,
+};
 
 /// Add `class/hwmon/<device>` (a symlink to its device directory, as sysfs has it).
 fn add_chip(root: &Path, device: &str, chip: &str, files: &[(&str, &str)]) {
@@ -250,4 +252,76 @@ fn a_reading_above_the_sensors_limit_or_the_ceiling_is_rejected_and_counted() {
     let sample = meter.sample(&TWO_SECONDS).unwrap();
     assert_eq!(sample.len(), 2, "{sample:?}");
     assert!((sample[0].joules.0 - 140.0).abs() < 1e-9, "{sample:?}");
+}
+
+const PERMISSION_CHANGE_VAR: &str = "ERGON_TEST_HWMON_PERMISSION_FIXTURE";
+
+/// The child half of the test below, run as uid 65534.
+#[test]
+#[ignore = "run as uid 65534 by a_sensor_whose_permission_changes_is_down_until_readable"]
+fn hwmon_permission_child() {
+    let Ok(root) = std::env::var(PERMISSION_CHANGE_VAR) else {
+        eprintln!("hwmon_permission_child only runs as the child of its test");
+        return;
+    };
+    let mut meter =
+        HwmonMeter::open(Path::new(&root), &["power_meter".to_string()]).expect("power1 opens");
+    meter.sample(&TWO_SECONDS).unwrap();
+    let report = |meter: &HwmonMeter, when: &str| {
+        let up = zones_up(meter);
+        let reason = meter
+            .health()
+            .down()
+            .map(|zone| zone.reason.clone().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("; ");
+        println!(
+            "{when}: power1={} power2={} reason={reason}",
+            up["power_meter-hwmon0-power1"], up["power_meter-hwmon0-power2"]
+        );
+    };
+    report(&meter, "BEFORE");
+    meter_support::wait_for_parent();
+    let sample = meter.sample(&TWO_SECONDS).unwrap();
+    report(&meter, "AFTER");
+    println!("AFTER-SENSORS: {}", sample.len());
+}
+
+#[test]
+fn a_sensor_whose_permission_changes_is_down_until_readable() {
+    use std::os::unix::fs::PermissionsExt;
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("needs root to run the reader as another uid; skipped");
+        return;
+    }
+    let fixture = SysFixture::new();
+    add_chip(
+        fixture.path(),
+        "hwmon0",
+        "power_meter",
+        &[
+            ("power1_average", "100000000"),
+            ("power2_average", "50000000"),
+        ],
+    );
+    fixture.make_energy_root_only();
+    let power2 = chip_dir(fixture.path(), "hwmon0").join("power2_average");
+    std::fs::set_permissions(&power2, std::fs::Permissions::from_mode(0o400)).unwrap();
+    let output = run_as_nobody_around(
+        "hwmon_permission_child",
+        PERMISSION_CHANGE_VAR,
+        fixture.path(),
+        || std::fs::set_permissions(&power2, std::fs::Permissions::from_mode(0o444)).unwrap(),
+    );
+    let before = line_with(&output, "BEFORE:");
+    assert!(
+        before.contains("power1=true")
+            && before.contains("power2=false")
+            && before.contains("power2_average")
+            && before.contains("Permission denied"),
+        "{output}"
+    );
+    let after = line_with(&output, "AFTER:");
+    assert!(after.contains("power2=true"), "{output}");
+    assert!(output.contains("AFTER-SENSORS: 2"), "{output}");
 }

@@ -14,7 +14,8 @@ use ergon::meter::{
 };
 use ergon::units::{Domain, Nanos, Watts};
 use meter_support::{
-    BAD_VALUES, INTEL_RANGE_UJ, SysFixture, capture_logs, reason_of, rejected, zones_up,
+    BAD_VALUES, INTEL_RANGE_UJ, SysFixture, capture_logs, line_with, reason_of, rejected,
+    run_as_nobody_around, zones_up,
 };
 
 const CTX: MeterContext = MeterContext {
@@ -699,8 +700,7 @@ fn permission_change_child() {
     let mut meter = RaplMeter::open(std::path::Path::new(&root), 1).expect("other zones open");
     meter.sample(&CTX).unwrap();
     report(&meter, "BEFORE");
-    let mut line = String::new();
-    std::io::stdin().read_line(&mut line).unwrap();
+    meter_support::wait_for_parent();
     let joules = sample_map(&mut meter);
     report(&meter, "AFTER");
     println!("AFTER-ZONES: {:?}", joules.keys().collect::<Vec<_>>());
@@ -708,9 +708,7 @@ fn permission_change_child() {
 
 #[test]
 fn a_zone_whose_permission_changes_is_down_until_readable() {
-    use std::io::{BufRead, BufReader, Write};
     use std::os::unix::fs::PermissionsExt;
-    use std::os::unix::process::CommandExt;
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("needs root to run the reader as another uid; skipped");
         return;
@@ -721,49 +719,20 @@ fn a_zone_whose_permission_changes_is_down_until_readable() {
     for id in ["intel-rapl:0", "intel-rapl:0:0", "intel-rapl:1:0"] {
         std::fs::set_permissions(energy(id), std::fs::Permissions::from_mode(0o444)).unwrap();
     }
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "permission_change_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(PERMISSION_CHANGE_VAR, fixture.path())
-        .uid(65534)
-        .gid(65534)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut lines = Vec::new();
-    let mut line = String::new();
-    while stdout.read_line(&mut line).unwrap() > 0 {
-        // libtest prints the test's name before its output, on the same line.
-        let done = line.contains("BEFORE:");
-        lines.push(std::mem::take(&mut line));
-        if done {
-            break;
-        }
-    }
-    // Made readable (an operator fixes the mode, or a udev rule applies).
-    std::fs::set_permissions(
-        energy("intel-rapl:1"),
-        std::fs::Permissions::from_mode(0o444),
-    )
-    .unwrap();
-    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
-    let status = child.wait().unwrap();
-    let output = format!("{}{rest}", lines.concat());
-    assert!(status.success(), "{output}");
-    let before = output
-        .lines()
-        .find(|line| line.contains("BEFORE:"))
-        .unwrap_or_else(|| panic!("{output}"));
+    let output = run_as_nobody_around(
+        "permission_change_child",
+        PERMISSION_CHANGE_VAR,
+        fixture.path(),
+        // Made readable (an operator fixes the mode, or a udev rule applies).
+        || {
+            std::fs::set_permissions(
+                energy("intel-rapl:1"),
+                std::fs::Permissions::from_mode(0o444),
+            )
+            .unwrap()
+        },
+    );
+    let before = line_with(&output, "BEFORE:");
     assert!(
         before.contains("up=false")
             && before.contains("others_up=true")
@@ -771,10 +740,7 @@ fn a_zone_whose_permission_changes_is_down_until_readable() {
             && before.contains("intel-rapl:1/energy_uj"),
         "{output}"
     );
-    let after = output
-        .lines()
-        .find(|line| line.contains("AFTER:"))
-        .unwrap_or_else(|| panic!("{output}"));
+    let after = line_with(&output, "AFTER:");
     assert!(
         after.contains("up=true") && after.contains("others_up=true"),
         "{output}"

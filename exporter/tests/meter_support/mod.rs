@@ -259,6 +259,70 @@ pub fn rejected(meter: &dyn Meter, rejection: Rejection) -> u64 {
         .unwrap_or(0)
 }
 
+/// Runs the ignored test `child_test` of this test binary as uid/gid 65534
+/// (root ignores file modes), with `fixture_var` set to `fixture`. The child
+/// prints a line containing `BEFORE:`, then waits for a line on stdin
+/// ([`wait_for_parent`]); meanwhile `between` runs here (change a mode). Returns
+/// everything the child printed; panics if it failed.
+pub fn run_as_nobody_around(
+    child_test: &str,
+    fixture_var: &str,
+    fixture: &Path,
+    between: impl FnOnce(),
+) -> String {
+    use std::io::{BufRead, BufReader, Read};
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            child_test,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(fixture_var, fixture)
+        .uid(65534)
+        .gid(65534)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut output = String::new();
+    let mut line = String::new();
+    // libtest prints the test's name before its output, on the same line.
+    while stdout.read_line(&mut line).unwrap() > 0 {
+        let before = line.contains("BEFORE:");
+        output.push_str(&std::mem::take(&mut line));
+        if before {
+            break;
+        }
+    }
+    between();
+    // A child that already failed has closed its stdin: its output says why.
+    let _ = child.stdin.take().unwrap().write_all(b"go\n");
+    stdout.read_to_string(&mut output).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the child failed: {output}");
+    output
+}
+
+/// The child's side of [`run_as_nobody_around`]: wait until the parent has
+/// made its change.
+pub fn wait_for_parent() {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+}
+
+/// The line of `output` containing `marker`.
+pub fn line_with<'a>(output: &'a str, marker: &str) -> &'a str {
+    output
+        .lines()
+        .find(|line| line.contains(marker))
+        .unwrap_or_else(|| panic!("no line with {marker}: {output}"))
+}
+
 /// Log lines captured while a closure runs on this thread.
 #[derive(Clone, Default)]
 pub struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
