@@ -410,3 +410,33 @@ fn a_gpu_whose_name_is_not_utf8_is_still_measured() {
     .unwrap();
     assert_close(joules(&mut meter)["gpu-0"], 1.5);
 }
+
+#[test]
+fn a_gpu_whose_permission_changes_is_down_until_it_answers_again() {
+    // NVML answers NO_PERMISSION when the device node (/dev/nvidiaN) is not
+    // accessible to the exporter, e.g. after a udev or cgroup device rule
+    // changes; the fake returns it for every call on the device.
+    let fake = FakeNvml::build("devices=2\ngpu0.energy_mj=1000\ngpu1.energy_mj=1000\n");
+    let mut meter = fake.open();
+    joules(&mut meter);
+    fake.control("devices=2\ngpu0.energy_mj=2000\ngpu1.energy_mj=2000\ngpu1.no_permission=1\n");
+    let (measured, logs) = capture_logs(|| joules(&mut meter));
+    assert_close(measured["gpu-0"], 1.0);
+    assert!(!measured.contains_key("gpu-1"), "{measured:?}");
+    assert!(!zones_up(&meter)["gpu-1"]);
+    assert!(
+        meter_support::reason_of(&meter, "gpu-1").contains("nvmlDevice"),
+        "{:?}",
+        meter.health()
+    );
+    assert_eq!(
+        logs.lines_with(&["WARN", "gpu-1", "NoPermission"]).len(),
+        1,
+        "{}",
+        logs.text()
+    );
+    // Allowed again: the counter covers the interval it missed.
+    fake.control("devices=2\ngpu0.energy_mj=2000\ngpu1.energy_mj=4000\n");
+    assert_close(joules(&mut meter)["gpu-1"], 3.0);
+    assert!(zones_up(&meter)["gpu-1"]);
+}

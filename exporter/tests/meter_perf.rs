@@ -12,7 +12,7 @@ use ergon::meter::{
     Rejection, detect,
 };
 use ergon::units::{Domain, Nanos, Watts};
-use meter_support::{BAD_VALUES, SysFixture, capture_logs};
+use meter_support::{BAD_VALUES, SysFixture, capture_logs, line_with, run_as_nobody_around};
 
 /// 2^-32 J, what Intel parts report.
 const SCALE: &str = "2.3283064365386962890625e-10";
@@ -317,5 +317,55 @@ fn a_bad_event_description_costs_only_that_event() {
             reason.contains("energy-ram.scale") && !reason.contains('\u{1b}'),
             "{what}: {reason}"
         );
+    }
+}
+
+const UNPRIVILEGED_VAR: &str = "ERGON_TEST_PERF_UNPRIVILEGED_FIXTURE";
+
+/// The child half of the test below, run as uid 65534.
+#[test]
+#[ignore = "run as uid 65534 by without_perfmon_the_error_says_what_is_needed"]
+fn perf_unprivileged_child() {
+    let Ok(root) = std::env::var(UNPRIVILEGED_VAR) else {
+        eprintln!("perf_unprivileged_child only runs as the child of its test");
+        return;
+    };
+    match PerfPowerMeter::open(Path::new(&root)) {
+        Ok(meter) => println!("BEFORE: opened {:?}", meter.zones()),
+        Err(err) => println!("BEFORE: {err}"),
+    }
+    meter_support::wait_for_parent();
+}
+
+#[test]
+fn without_perfmon_the_error_says_what_is_needed() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("needs root to run the reader as another uid; skipped");
+        return;
+    }
+    let fixture = SysFixture::new();
+    write_software_pmu(fixture.path(), "1e-9");
+    fixture.make_energy_root_only();
+    let output = run_as_nobody_around(
+        "perf_unprivileged_child",
+        UNPRIVILEGED_VAR,
+        fixture.path(),
+        || {},
+    );
+    let line = line_with(&output, "BEFORE:");
+    let paranoid: i32 = std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(2);
+    if paranoid > 0 {
+        // CPU-wide events need CAP_PERFMON (or paranoid <= 0).
+        assert!(
+            line.contains("perf_event_open")
+                && line.contains("CAP_PERFMON")
+                && line.contains("powercap"),
+            "{output}"
+        );
+    } else {
+        assert!(line.contains("opened"), "{output}");
     }
 }
