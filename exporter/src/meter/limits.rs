@@ -15,7 +15,9 @@
 //! milliseconds to seconds), spikes above them last milliseconds, and the
 //! loop's clock and the counter's update clock differ by a little. An
 //! interval's average can therefore exceed the limit somewhat, never by
-//! twice. The ceilings are per zone (one socket's package, one GPU), set high
+//! twice. Power limits (`power_limit_uw`) count beside the hardware maxima
+//! (`max_power_uw`) because client parts state their TDP as the maximum
+//! and run at PL2, well above it, for tens of seconds. The ceilings are per zone (one socket's package, one GPU), set high
 //! enough for 2-socket servers and 8-GPU nodes, and still orders of magnitude
 //! below the readings they exist to reject.
 

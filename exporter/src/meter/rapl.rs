@@ -290,8 +290,8 @@ fn open_energy(dir: &Path) -> Result<(PathBuf, File), MeterError> {
 impl RaplMeter {
     /// Open every zone that can be read; the others are logged and listed
     /// as down. Fails when there is no zone, or when none can be read (the
-    /// error is the first zone's: a permission error says how to run the
-    /// exporter).
+    /// error is the first zone's, or the first permission error, which says
+    /// how to run the exporter).
     pub fn open(host_sys: &Path, rescan_every: u32) -> Result<RaplMeter, MeterError> {
         let scan = scan_zones(host_sys)?;
         if scan.zones.is_empty() && scan.broken.is_empty() {
@@ -326,8 +326,13 @@ impl RaplMeter {
                 Ok(open) => meter.zones.push(open),
                 Err(err) => {
                     meter.log.down(&zone, &err);
-                    // A permission error is the one that says what to do.
-                    if !matches!(first_error, Some(MeterError::PermissionDenied { .. })) {
+                    // The first error, unless a later one is a permission
+                    // error: that one says how to run the exporter.
+                    let permission =
+                        |err: &MeterError| matches!(err, MeterError::PermissionDenied { .. });
+                    if first_error.is_none()
+                        || (permission(&err) && !first_error.as_ref().is_some_and(permission))
+                    {
                         first_error = Some(err);
                     }
                 }
