@@ -172,6 +172,15 @@ pub struct Cli {
     #[arg(long, env = "ERGON_IDLE_WATTS", value_delimiter = ',')]
     pub idle_watts: Vec<String>,
 
+    /// The most power one zone of a domain can draw (one socket's package,
+    /// one GPU), e.g. `package=400,dram=100` (watts), where the device states
+    /// no limit of its own. A reading above a zone's maximum is rejected and
+    /// counted in ergon_meter_rejected_readings_total, never added. Defaults,
+    /// generous for 2-socket servers and 8-GPU nodes: package=1000, core=1000,
+    /// uncore=500, dram=500, psys=3000, gpu=2000, platform=20000.
+    #[arg(long, env = "ERGON_MAX_WATTS", value_delimiter = ',')]
+    pub max_watts: Vec<String>,
+
     /// This node's name (for the pod watch); the DaemonSet sets it from the
     /// downward API.
     #[arg(long, env = "NODE_NAME")]
@@ -457,33 +466,7 @@ impl Cli {
 
     /// `--idle-watts package=20,dram=3` as (domain, watts) pairs.
     pub fn idle_watts(&self) -> Result<Vec<(crate::units::Domain, crate::units::Watts)>, String> {
-        self.idle_watts
-            .iter()
-            .filter(|item| !item.trim().is_empty())
-            .map(|item| {
-                let (domain, watts) = item.split_once('=').ok_or_else(|| {
-                    format!("--idle-watts `{item}`: write DOMAIN=WATTS, e.g. package=20")
-                })?;
-                let domain = crate::units::Domain::ALL
-                    .into_iter()
-                    .find(|d| d.as_str() == domain.trim())
-                    .ok_or_else(|| {
-                        format!(
-                            "--idle-watts `{item}`: unknown domain `{domain}` (package, core, \
-                             uncore, dram, psys, gpu, platform)"
-                        )
-                    })?;
-                let watts: f64 = watts
-                    .trim()
-                    .parse()
-                    .ok()
-                    .filter(|w: &f64| w.is_finite() && *w >= 0.0)
-                    .ok_or_else(|| {
-                        format!("--idle-watts `{item}`: `{watts}` is not a non-negative number")
-                    })?;
-                Ok((domain, crate::units::Watts(watts)))
-            })
-            .collect()
+        domain_watts("--idle-watts", &self.idle_watts, 0.0)
     }
 
     /// The meters `--meter` asks for: `auto` detects; a list enables exactly
@@ -496,6 +479,9 @@ impl Cli {
             nvml_library: self.nvml_library.clone(),
             ..MeterConfig::default()
         };
+        for (domain, watts) in domain_watts("--max-watts", &self.max_watts, f64::MIN_POSITIVE)? {
+            config.max_watts.set(domain, watts);
+        }
         if let Some(path) = &self.model_coefficients {
             config.model_overrides =
                 Some(crate::meter::model::load_coefficients(path).map_err(|e| e.to_string())?);
@@ -537,6 +523,46 @@ impl Cli {
         }
         Ok(config)
     }
+}
+
+/// `DOMAIN=WATTS` items of `flag` as (domain, watts) pairs, each at least
+/// `least` watts.
+fn domain_watts(
+    flag: &str,
+    items: &[String],
+    least: f64,
+) -> Result<Vec<(crate::units::Domain, crate::units::Watts)>, String> {
+    items
+        .iter()
+        .filter(|item| !item.trim().is_empty())
+        .map(|item| {
+            let (domain, watts) = item
+                .split_once('=')
+                .ok_or_else(|| format!("{flag} `{item}`: write DOMAIN=WATTS, e.g. package=20"))?;
+            let domain = crate::units::Domain::ALL
+                .into_iter()
+                .find(|d| d.as_str() == domain.trim())
+                .ok_or_else(|| {
+                    format!(
+                        "{flag} `{item}`: unknown domain `{domain}` (package, core, uncore, dram, \
+                         psys, gpu, platform)"
+                    )
+                })?;
+            let watts: f64 = watts
+                .trim()
+                .parse()
+                .ok()
+                .filter(|w: &f64| w.is_finite() && *w >= least)
+                .ok_or_else(|| {
+                    if least > 0.0 {
+                        format!("{flag} `{item}`: `{watts}` is not a positive number")
+                    } else {
+                        format!("{flag} `{item}`: `{watts}` is not a non-negative number")
+                    }
+                })?;
+            Ok((domain, crate::units::Watts(watts)))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -711,6 +737,34 @@ mod tests {
         std::fs::write(cgroup.join("cgroup.controllers"), "").unwrap();
         let cli = Cli::load_from(&args(&["ergon", &sys]), |_| false).unwrap();
         assert_eq!(cli.cgroup_root(), cgroup);
+    }
+
+    #[test]
+    fn max_watts_set_ceilings_and_are_checked() {
+        use crate::units::{Domain, Watts};
+        let cli = Cli::load_from(
+            &args(&["ergon", "--max-watts", "package=400,gpu=700"]),
+            |_| false,
+        )
+        .unwrap();
+        let ceilings = cli.meter_config().unwrap().max_watts;
+        assert_eq!(ceilings.get(Domain::Package), Watts(400.0));
+        assert_eq!(ceilings.get(Domain::Gpu), Watts(700.0));
+        assert_eq!(ceilings.get(Domain::Dram), Watts(500.0), "defaults stay");
+        for (bad, says) in [
+            ("package=0", "positive"),
+            ("package=-5", "positive"),
+            ("package=inf", "positive"),
+            ("cpu=100", "unknown domain"),
+            ("package", "DOMAIN=WATTS"),
+        ] {
+            let cli = Cli::load_from(&args(&["ergon", "--max-watts", bad]), |_| false).unwrap();
+            let err = cli.meter_config().unwrap_err();
+            assert!(
+                err.contains("--max-watts") && err.contains(says),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

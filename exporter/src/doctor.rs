@@ -196,6 +196,33 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
                         .into(),
                 ),
             });
+            let mut down = Vec::new();
+            for meter in &meters {
+                for zone in meter.health().down() {
+                    down.push(format!(
+                        "{} zone {}: {}",
+                        meter.source(),
+                        zone.zone,
+                        zone.reason.as_deref().unwrap_or("not read")
+                    ));
+                }
+            }
+            checks.push(Check {
+                name: "meter zones",
+                ok: down.is_empty(),
+                detail: if down.is_empty() {
+                    "every zone of every meter found is read".into()
+                } else {
+                    // The other zones are read; these are missing from the totals.
+                    format!("not read: {}", down.join("\n                         "))
+                },
+                fix: Some(
+                    "each line names the file or call and what it gave; fix or reload the driver \
+                     (intel_rapl_msr, the hwmon driver, nvidia), check the file's permissions; \
+                     the zone is picked up again without a restart"
+                        .into(),
+                ),
+            });
             checks.push(Check {
                 name: "NVML",
                 ok: meters.iter().any(|m| m.source() == "nvml"),

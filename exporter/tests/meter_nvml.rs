@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 
 use ergon::meter::nvml::NvmlMeter;
 use ergon::meter::{
-    GpuProcessSample, Meter, MeterConfig, MeterContext, MeterError, RaplInterface, detect,
+    GpuProcessSample, Meter, MeterConfig, MeterContext, MeterError, RaplInterface, Rejection,
+    detect,
 };
 use ergon::units::{Domain, Nanos};
-use meter_support::capture_logs;
+use meter_support::{capture_logs, rejected, zones_up};
 use tempfile::TempDir;
 
 const TWO_SECONDS: MeterContext = MeterContext {
@@ -307,4 +308,135 @@ fn detect_finds_the_gpus_through_the_configured_library() {
         "{}",
         logs.text()
     );
+}
+
+#[test]
+fn one_bad_gpu_is_down_with_the_failing_call_and_the_others_are_read() {
+    let fake = FakeNvml::build(
+        "devices=3\ngpu0.energy_mj=1000\ngpu1.energy_mj=1000\ngpu2.power_mw=100000\n",
+    );
+    let mut meter = fake.open();
+    joules(&mut meter);
+    fake.control("devices=3\ngpu0.energy_mj=3000\ngpu1.lost=1\ngpu2.power_mw=100000\n");
+    let measured = joules(&mut meter);
+    assert_close(measured["gpu-0"], 2.0);
+    assert_close(measured["gpu-2"], 200.0);
+    assert!(!measured.contains_key("gpu-1"), "{measured:?}");
+    assert_eq!(
+        zones_up(&meter),
+        BTreeMap::from([
+            ("gpu-0".to_string(), true),
+            ("gpu-1".to_string(), false),
+            ("gpu-2".to_string(), true)
+        ])
+    );
+    let reason = meter_support::reason_of(&meter, "gpu-1");
+    assert!(reason.contains("nvmlDevice"), "names the call: {reason}");
+
+    fake.control("devices=3\ngpu0.energy_mj=3000\ngpu1.energy_mj=1500\ngpu2.power_mw=100000\n");
+    assert_close(joules(&mut meter)["gpu-1"], 0.5);
+    assert!(zones_up(&meter).iter().all(|(_, up)| *up));
+}
+
+#[test]
+fn a_counter_jump_of_100_times_the_power_limit_is_rejected_and_the_next_interval_measured() {
+    // A 300 W GPU: at most 600 W × 2 s = 1200 J per interval.
+    let fake = FakeNvml::build(
+        "devices=2\ngpu0.energy_mj=1000\ngpu0.power_limit_mw=300000\ngpu1.energy_mj=1000\n",
+    );
+    let mut meter = fake.open();
+    joules(&mut meter);
+    fake.control(
+        "devices=2\ngpu0.energy_mj=120001000\ngpu0.power_limit_mw=300000\ngpu1.energy_mj=2000\n",
+    );
+    let (measured, logs) = capture_logs(|| joules(&mut meter));
+    assert!(!measured.contains_key("gpu-0"), "never added: {measured:?}");
+    assert_close(measured["gpu-1"], 1.0);
+    assert_eq!(rejected(&meter, Rejection::AboveMaxPower), 1);
+    assert_eq!(
+        logs.lines_with(&["WARN", "gpu-0", "above_max_power"]).len(),
+        1,
+        "{}",
+        logs.text()
+    );
+    fake.control(
+        "devices=2\ngpu0.energy_mj=120501000\ngpu0.power_limit_mw=300000\ngpu1.energy_mj=2000\n",
+    );
+    assert_close(joules(&mut meter)["gpu-0"], 500.0);
+}
+
+#[test]
+fn garbage_negative_and_huge_driver_values_are_never_counted() {
+    // The fake parses values as the C library does (strtoull): garbage reads
+    // 0 (a counter that went backwards), -1 reads 2^64-1 (a jump no GPU makes).
+    for (what, value, rejection) in [
+        ("garbage", "garbage", Rejection::CounterReset),
+        ("negative", "-1", Rejection::AboveMaxPower),
+        ("huge", "18446744073709551615", Rejection::AboveMaxPower),
+    ] {
+        let fake = FakeNvml::build("devices=2\ngpu0.energy_mj=5000\ngpu1.energy_mj=5000\n");
+        let mut meter = fake.open();
+        joules(&mut meter);
+        fake.control(&format!(
+            "devices=2\ngpu0.energy_mj={value}\ngpu1.energy_mj=6000\n"
+        ));
+        let measured = joules(&mut meter);
+        assert_eq!(measured.get("gpu-0").copied().unwrap_or(0.0), 0.0, "{what}");
+        assert_close(measured["gpu-1"], 1.0);
+        assert_eq!(rejected(&meter, rejection), 1, "{what}");
+    }
+    // A power reading of 4 MW (the gpu ceiling is 2 kW) is rejected as well.
+    let fake =
+        FakeNvml::build("devices=1\ngpu0.energy_mj=not_supported\ngpu0.power_mw=4000000000\n");
+    let mut meter = fake.open();
+    assert!(joules(&mut meter).is_empty());
+    assert_eq!(rejected(&meter, Rejection::AboveMaxPower), 1);
+}
+
+#[test]
+fn a_gpu_whose_name_is_not_utf8_is_still_measured() {
+    let fake = FakeNvml::build("devices=1\ngpu0.energy_mj=1000\n");
+    std::fs::write(
+        fake.dir.path().join("fake_nvml.control"),
+        b"devices=1\ngpu0.name=\xff\xfe\x1b[31m\ngpu0.energy_mj=1000\n",
+    )
+    .unwrap();
+    let mut meter = fake.open();
+    joules(&mut meter);
+    std::fs::write(
+        fake.dir.path().join("fake_nvml.control"),
+        b"devices=1\ngpu0.name=\xff\xfe\x1b[31m\ngpu0.energy_mj=2500\n",
+    )
+    .unwrap();
+    assert_close(joules(&mut meter)["gpu-0"], 1.5);
+}
+
+#[test]
+fn a_gpu_whose_permission_changes_is_down_until_it_answers_again() {
+    // NVML answers NO_PERMISSION when the device node (/dev/nvidiaN) is not
+    // accessible to the exporter, e.g. after a udev or cgroup device rule
+    // changes; the fake returns it for every call on the device.
+    let fake = FakeNvml::build("devices=2\ngpu0.energy_mj=1000\ngpu1.energy_mj=1000\n");
+    let mut meter = fake.open();
+    joules(&mut meter);
+    fake.control("devices=2\ngpu0.energy_mj=2000\ngpu1.energy_mj=2000\ngpu1.no_permission=1\n");
+    let (measured, logs) = capture_logs(|| joules(&mut meter));
+    assert_close(measured["gpu-0"], 1.0);
+    assert!(!measured.contains_key("gpu-1"), "{measured:?}");
+    assert!(!zones_up(&meter)["gpu-1"]);
+    assert!(
+        meter_support::reason_of(&meter, "gpu-1").contains("nvmlDevice"),
+        "{:?}",
+        meter.health()
+    );
+    assert_eq!(
+        logs.lines_with(&["WARN", "gpu-1", "NoPermission"]).len(),
+        1,
+        "{}",
+        logs.text()
+    );
+    // Allowed again: the counter covers the interval it missed.
+    fake.control("devices=2\ngpu0.energy_mj=2000\ngpu1.energy_mj=4000\n");
+    assert_close(joules(&mut meter)["gpu-1"], 3.0);
+    assert!(zones_up(&meter)["gpu-1"]);
 }

@@ -4,11 +4,15 @@
 mod meter_support;
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use ergon::meter::perf_power::{PerfPowerMeter, PowerEvent, parse_power_pmu};
-use ergon::meter::{MeterConfig, MeterError, RaplInterface, detect};
-use ergon::units::Domain;
-use meter_support::{SysFixture, capture_logs};
+use ergon::meter::{
+    EnergySample, Meter, MeterConfig, MeterContext, MeterError, PowerCeilings, RaplInterface,
+    Rejection, detect,
+};
+use ergon::units::{Domain, Nanos, Watts};
+use meter_support::{BAD_VALUES, SysFixture, capture_logs, line_with, run_as_nobody_around};
 
 /// 2^-32 J, what Intel parts report.
 const SCALE: &str = "2.3283064365386962890625e-10";
@@ -104,19 +108,26 @@ fn bad_unit_or_scale_names_the_file() {
     write_pmu(fixture.path(), 21, "0");
     let events = fixture.path().join("bus/event_source/devices/power/events");
     std::fs::write(events.join("energy-ram.unit"), "Watts\n").unwrap();
-    let err = parse_power_pmu(fixture.path()).unwrap_err().to_string();
+    std::fs::write(events.join("energy-pkg.scale"), "-1\n").unwrap();
+    let pmu = parse_power_pmu(fixture.path()).unwrap();
+    let broken: std::collections::BTreeMap<_, _> = pmu.broken.into_iter().collect();
+    let unit = &broken["energy-ram"];
     assert!(
-        err.contains("energy-ram.unit") && err.contains("Joules") && err.contains("Watts"),
-        "{err}"
+        unit.contains("energy-ram.unit") && unit.contains("Joules") && unit.contains("Watts"),
+        "{unit}"
+    );
+    let scale = &broken["energy-pkg"];
+    assert!(
+        scale.contains("energy-pkg.scale") && scale.contains("positive"),
+        "{scale}"
     );
 
-    std::fs::write(events.join("energy-ram.unit"), "Joules\n").unwrap();
-    std::fs::write(events.join("energy-pkg.scale"), "-1\n").unwrap();
+    // With no usable event left, the PMU is unusable and says why.
+    for name in ["energy-cores", "energy-gpu", "energy-psys"] {
+        std::fs::write(events.join(format!("{name}.unit")), "Watts\n").unwrap();
+    }
     let err = parse_power_pmu(fixture.path()).unwrap_err().to_string();
-    assert!(
-        err.contains("energy-pkg.scale") && err.contains("positive"),
-        "{err}"
-    );
+    assert!(err.contains(".unit") && err.contains("Joules"), "{err}");
 }
 
 #[test]
@@ -191,4 +202,170 @@ fn detect_reports_the_perf_backend_absent_and_falls_back() {
     };
     let sources: Vec<&str> = detect(&auto).iter().map(|meter| meter.source()).collect();
     assert_eq!(sources, vec!["rapl"]);
+}
+
+/// `perf_event_attr.type` of the kernel's software PMU: its events (config 0
+/// is cpu-clock, nanoseconds of CPU time) open on every machine, so the perf
+/// meter's read path runs for real where no RAPL PMU exists.
+const PERF_TYPE_SOFTWARE: u32 = 1;
+
+/// A fake power PMU whose package event is the software cpu-clock with
+/// `scale` joules per nanosecond, and whose dram event cannot open.
+fn write_software_pmu(root: &Path, scale: &str) {
+    write_pmu(root, PERF_TYPE_SOFTWARE, "0");
+    let events = root.join("bus/event_source/devices/power/events");
+    for name in ["energy-cores", "energy-gpu", "energy-psys"] {
+        for suffix in ["", ".scale", ".unit"] {
+            std::fs::remove_file(events.join(format!("{name}{suffix}"))).unwrap();
+        }
+    }
+    std::fs::write(events.join("energy-pkg"), "event=0x00\n").unwrap();
+    std::fs::write(events.join("energy-pkg.scale"), format!("{scale}\n")).unwrap();
+    // No software event has this number: perf_event_open refuses it.
+    std::fs::write(events.join("energy-ram"), "event=0xff\n").unwrap();
+}
+
+fn sample_after(meter: &mut PerfPowerMeter, wait: Duration) -> Vec<EnergySample> {
+    let start = Instant::now();
+    std::thread::sleep(wait);
+    let ctx = MeterContext {
+        elapsed: Nanos(start.elapsed().as_nanos() as u64),
+        cpu_utilisation: None,
+        cpus: 1,
+    };
+    meter.sample(&ctx).unwrap()
+}
+
+#[test]
+fn an_event_that_does_not_open_costs_only_itself_and_real_counts_are_read() {
+    let fixture = SysFixture::new();
+    // 1 nJ per ns of CPU time: at most 1 W.
+    write_software_pmu(fixture.path(), "1e-9");
+    let (meter, logs) = capture_logs(|| PerfPowerMeter::open(fixture.path()));
+    let mut meter = meter.expect("the package event opens");
+    assert_eq!(meter.zones(), vec!["package-0"]);
+    let down: Vec<_> = meter.health().down().cloned().collect();
+    assert_eq!(down.len(), 1, "{down:?}");
+    assert_eq!(down[0].zone, "dram-0");
+    let reason = down[0].reason.clone().unwrap();
+    assert!(
+        reason.contains("perf_event_open") && reason.contains("energy-ram"),
+        "{reason}"
+    );
+    assert_eq!(
+        logs.lines_with(&["WARN", "dram-0", "energy-ram"]).len(),
+        1,
+        "{}",
+        logs.text()
+    );
+    sample_after(&mut meter, Duration::ZERO);
+    let samples = sample_after(&mut meter, Duration::from_millis(50));
+    assert_eq!(samples.len(), 1, "{samples:?}");
+    assert!(
+        samples[0].joules.0 > 0.0 && samples[0].joules.0 <= 0.1,
+        "{samples:?}"
+    );
+}
+
+#[test]
+fn a_count_above_the_domain_ceiling_is_rejected_and_counted() {
+    let fixture = SysFixture::new();
+    // 1 J per ns of CPU time: a gigawatt, far above any package's ceiling.
+    write_software_pmu(fixture.path(), "1");
+    let mut meter = PerfPowerMeter::open(fixture.path()).unwrap();
+    sample_after(&mut meter, Duration::ZERO);
+    let (samples, logs) = capture_logs(|| sample_after(&mut meter, Duration::from_millis(20)));
+    assert!(samples.is_empty(), "never added: {samples:?}");
+    assert_eq!(meter.health().rejected[&Rejection::AboveMaxPower], 1);
+    assert_eq!(
+        logs.lines_with(&[
+            "WARN",
+            "package-0",
+            "above_max_power",
+            "--max-watts package"
+        ])
+        .len(),
+        1,
+        "{}",
+        logs.text()
+    );
+
+    // With the ceiling raised beyond it, the same counts are measured.
+    let mut ceilings = PowerCeilings::default();
+    ceilings.set(Domain::Package, Watts(1e12));
+    let mut meter = PerfPowerMeter::open(fixture.path())
+        .unwrap()
+        .with_ceilings(ceilings);
+    sample_after(&mut meter, Duration::ZERO);
+    let samples = sample_after(&mut meter, Duration::from_millis(20));
+    assert_eq!(samples.len(), 1, "{samples:?}");
+}
+
+#[test]
+fn a_bad_event_description_costs_only_that_event() {
+    for (what, bad) in BAD_VALUES {
+        let fixture = SysFixture::new();
+        write_pmu(fixture.path(), 21, "0");
+        let events = fixture.path().join("bus/event_source/devices/power/events");
+        std::fs::write(events.join("energy-ram.scale"), bad).unwrap();
+        let pmu = parse_power_pmu(fixture.path()).unwrap_or_else(|err| panic!("{what}: {err}"));
+        assert_eq!(pmu.events.len(), 4, "{what}");
+        assert_eq!(pmu.broken.len(), 1, "{what}");
+        let (event, reason) = &pmu.broken[0];
+        assert_eq!(event, "energy-ram");
+        assert!(
+            reason.contains("energy-ram.scale") && !reason.contains('\u{1b}'),
+            "{what}: {reason}"
+        );
+    }
+}
+
+const UNPRIVILEGED_VAR: &str = "ERGON_TEST_PERF_UNPRIVILEGED_FIXTURE";
+
+/// The child half of the test below, run as uid 65534.
+#[test]
+#[ignore = "run as uid 65534 by without_perfmon_the_error_says_what_is_needed"]
+fn perf_unprivileged_child() {
+    let Ok(root) = std::env::var(UNPRIVILEGED_VAR) else {
+        eprintln!("perf_unprivileged_child only runs as the child of its test");
+        return;
+    };
+    match PerfPowerMeter::open(Path::new(&root)) {
+        Ok(meter) => println!("BEFORE: opened {:?}", meter.zones()),
+        Err(err) => println!("BEFORE: {err}"),
+    }
+    meter_support::wait_for_parent();
+}
+
+#[test]
+fn without_perfmon_the_error_says_what_is_needed() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("needs root to run the reader as another uid; skipped");
+        return;
+    }
+    let fixture = SysFixture::new();
+    write_software_pmu(fixture.path(), "1e-9");
+    fixture.make_energy_root_only();
+    let output = run_as_nobody_around(
+        "perf_unprivileged_child",
+        UNPRIVILEGED_VAR,
+        fixture.path(),
+        || {},
+    );
+    let line = line_with(&output, "BEFORE:");
+    let paranoid: i32 = std::fs::read_to_string("/proc/sys/kernel/perf_event_paranoid")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(2);
+    if paranoid > 0 {
+        // CPU-wide events need CAP_PERFMON (or paranoid <= 0).
+        assert!(
+            line.contains("perf_event_open")
+                && line.contains("CAP_PERFMON")
+                && line.contains("powercap"),
+            "{output}"
+        );
+    } else {
+        assert!(line.contains("opened"), "{output}");
+    }
 }

@@ -97,7 +97,9 @@ impl Metering {
             if meter.is_estimate() {
                 last.estimate_sources.push(source);
             }
-            let samples = match meter.sample(&ctx) {
+            let sampled = meter.sample(&ctx);
+            last.meter_health.insert(source, meter.health());
+            let samples = match sampled {
                 Ok(samples) => samples,
                 Err(e) => {
                     last.meter_up.insert(source, false);

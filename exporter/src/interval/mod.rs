@@ -118,6 +118,8 @@ pub struct LastInterval {
     pub estimate_sources: Vec<&'static str>,
     /// Per-workload power and liveness, kept only under `--compat kepler`.
     pub kepler: Option<kepler::KeplerInterval>,
+    /// Per meter: zones read or missing, readings rejected so far.
+    pub meter_health: BTreeMap<&'static str, crate::meter::MeterHealth>,
 }
 
 pub struct Loop {

@@ -24,6 +24,8 @@ use crate::config::Compat;
 pub const BUILD_INFO: &str = "ergon_build_info";
 pub const PROBE_INFO: &str = "ergon_probe_info";
 pub const METER_UP: &str = "ergon_meter_up";
+pub const METER_ZONE_UP: &str = "ergon_meter_zone_up";
+pub const METER_REJECTED: &str = "ergon_meter_rejected_readings_total";
 pub const NODE_ENERGY: &str = "ergon_node_energy_joules_total";
 pub const NODE_POWER: &str = "ergon_node_power_watts";
 pub const NODE_UNATTRIBUTED: &str = "ergon_node_unattributed_joules_total";
@@ -75,6 +77,18 @@ pub fn catalogue() -> Vec<Family> {
             "1 if the energy meter was read this interval, 0 if it failed. source=model is an estimate, not a measurement.",
             Gauge,
             &["source"],
+        ),
+        Family::new(
+            METER_ZONE_UP,
+            "1 if the meter's zone (RAPL zone, perf event, hwmon sensor, GPU) was read this interval, 0 if it is known but could not be read or parsed; the log and `ergon doctor` say why.",
+            Gauge,
+            &["source", "zone"],
+        ),
+        Family::new(
+            METER_REJECTED,
+            "Readings not counted: reason=above_max_power (more than the zone can draw), ambiguous_gap (a gap long enough for an unseen counter wrap), counter_reset. Each is one zone's interval whose energy is unknown and absent from the energy counters.",
+            Counter,
+            &["source", "reason"],
         ),
         Family::new(
             NODE_ENERGY,
@@ -340,6 +354,20 @@ pub(super) fn build(measure: &Loop) -> Report {
     for (source, up) in &measure.last.meter_up {
         family(&mut families, METER_UP).push(vec![(*source).into()], f64::from(u8::from(*up)));
     }
+    for (source, health) in &measure.last.meter_health {
+        for zone in &health.zones {
+            family(&mut families, METER_ZONE_UP).push(
+                vec![(*source).into(), bounded_label(&zone.zone)],
+                f64::from(u8::from(zone.up)),
+            );
+        }
+        for (rejection, count) in &health.rejected {
+            family(&mut families, METER_REJECTED).push(
+                vec![(*source).into(), rejection.as_str().into()],
+                *count as f64,
+            );
+        }
+    }
     let mut kepler_node: BTreeMap<(String, &str), f64> = BTreeMap::new();
     for (domain, source, counters) in state.workloads.node() {
         let node = family(&mut families, NODE_ENERGY);
@@ -544,6 +572,8 @@ mod tests {
             BUILD_INFO,
             PROBE_INFO,
             METER_UP,
+            METER_ZONE_UP,
+            METER_REJECTED,
             NODE_ENERGY,
             NODE_POWER,
             NODE_UNATTRIBUTED,

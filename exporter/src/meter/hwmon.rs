@@ -12,14 +12,26 @@
 //! chips report power too — amdgpu for a GPU, some PMBus regulators for one
 //! rail — and counting them as the platform would be wrong, so they are
 //! skipped (with a debug line) unless named.
+//!
+//! A sensor that cannot be opened, read or parsed is skipped with a WARN
+//! naming the file and what it held, and listed as down in
+//! [`Meter::health`]; the other sensors are read, and the broken one is
+//! re-opened at every sample until it reads again (a sensor that vanishes
+//! with its driver comes back under the same path). A reading above the
+//! sensor's `powerN_max`/`powerN_crit` (× the factor of `limits.rs`), or
+//! else the platform ceiling, is rejected and counted.
 
 use std::fs::File;
 use std::io::ErrorKind;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::{EnergySample, Meter, MeterContext, MeterError, parse_u64, readings_or_error};
-use crate::units::{Domain, Joules};
+use super::health::{MeterHealth, Rejection, ZoneLog};
+use super::limits::PowerCeilings;
+use super::{
+    EnergySample, Meter, MeterContext, MeterError, parse_u64, read_u64, readings_or_error,
+};
+use crate::units::{Domain, Joules, Watts};
 
 /// hwmon chip names read as whole-platform meters by default.
 pub const DEFAULT_PLATFORM_CHIPS: &[&str] = &["power_meter"];
@@ -27,15 +39,45 @@ pub const DEFAULT_PLATFORM_CHIPS: &[&str] = &["power_meter"];
 struct PowerSensor {
     zone: String,
     path: PathBuf,
-    file: File,
-    failed: bool,
+    /// `None` after a failed open or read: re-opened at the next sample.
+    file: Option<File>,
+    /// The larger of `powerN_max` and `powerN_crit`.
+    max_power: Option<Watts>,
 }
 
 /// Integrates hwmon platform power sensors over each interval.
 pub struct HwmonMeter {
     sensors: Vec<PowerSensor>,
     baseline_taken: bool,
-    read_buffer: [u8; 32],
+    /// A full buffer means the file holds more than any reading.
+    read_buffer: [u8; 64],
+    log: ZoneLog,
+    ceilings: PowerCeilings,
+}
+
+/// The larger of a sensor's `_max` and `_crit` limits (µW in sysfs).
+fn sensor_max_power(chip_dir: &Path, sensor: &str) -> Option<Watts> {
+    ["max", "crit"]
+        .iter()
+        .filter_map(|limit| read_u64(&chip_dir.join(format!("{sensor}_{limit}"))).ok())
+        .max()
+        .filter(|microwatts| *microwatts > 0)
+        .map(|microwatts| Watts(microwatts as f64 / 1e6))
+}
+
+fn open_sensor(path: &Path) -> Result<File, MeterError> {
+    File::open(path).map_err(|err| MeterError::io(path, err))
+}
+
+/// Read a sensor's power in µW into `buffer`.
+fn read_microwatts(file: &File, path: &Path, buffer: &mut [u8; 64]) -> Result<u64, MeterError> {
+    let length = file
+        .read_at(buffer, 0)
+        .map_err(|err| MeterError::io(path, err))?;
+    if length == buffer.len() {
+        return Err(MeterError::parse(path, "a power in microwatts", buffer));
+    }
+    parse_u64(path, &buffer[..length])
 }
 
 /// Power sensors of one chip directory: "power1" → the file to read.
@@ -109,12 +151,11 @@ impl HwmonMeter {
                 continue;
             }
             for (sensor, path) in found {
-                let file = File::open(&path).map_err(|err| MeterError::io(&path, err))?;
                 sensors.push(PowerSensor {
                     zone: format!("{chip}-{device}-{sensor}"),
+                    max_power: sensor_max_power(&chip_dir, &sensor),
                     path,
-                    file,
-                    failed: false,
+                    file: None,
                 });
             }
         }
@@ -124,11 +165,38 @@ impl HwmonMeter {
                 hwmon_dir.display()
             )));
         }
-        Ok(HwmonMeter {
+        let mut meter = HwmonMeter {
             sensors,
             baseline_taken: false,
-            read_buffer: [0; 32],
-        })
+            read_buffer: [0; 64],
+            log: ZoneLog::new("hwmon"),
+            ceilings: PowerCeilings::default(),
+        };
+        // Prove each sensor readable now; the meter is absent only when none is.
+        let mut first_error = None;
+        for sensor in &mut meter.sensors {
+            let reading = open_sensor(&sensor.path).and_then(|file| {
+                read_microwatts(&file, &sensor.path, &mut meter.read_buffer)?;
+                Ok(file)
+            });
+            match reading {
+                Ok(file) => sensor.file = Some(file),
+                Err(err) => {
+                    meter.log.down(&sensor.zone, &err);
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
+        match first_error {
+            Some(err) if meter.sensors.iter().all(|sensor| sensor.file.is_none()) => Err(err),
+            _ => Ok(meter),
+        }
+    }
+
+    /// Use this platform ceiling for sensors that state no limit.
+    pub fn with_ceilings(mut self, ceilings: PowerCeilings) -> HwmonMeter {
+        self.ceilings = ceilings;
+        self
     }
 
     pub fn zones(&self) -> Vec<String> {
@@ -158,30 +226,43 @@ impl Meter for HwmonMeter {
         let mut samples = Vec::with_capacity(self.sensors.len());
         let mut first_error = None;
         for sensor in &mut self.sensors {
-            let reading = sensor
-                .file
-                .read_at(&mut self.read_buffer, 0)
-                .map_err(|err| MeterError::io(&sensor.path, err))
-                .and_then(|length| {
-                    parse_u64(
-                        &sensor.path,
-                        std::str::from_utf8(&self.read_buffer[..length]).unwrap_or(""),
-                    )
-                });
+            let file = match sensor.file.take() {
+                Some(file) => Ok(file),
+                None => open_sensor(&sensor.path),
+            };
+            let reading = file.and_then(|file| {
+                let microwatts = read_microwatts(&file, &sensor.path, &mut self.read_buffer)?;
+                sensor.file = Some(file);
+                Ok(microwatts)
+            });
             let microwatts = match reading {
                 Ok(microwatts) => microwatts,
                 Err(err) => {
-                    if !sensor.failed {
-                        tracing::warn!(source = "hwmon", zone = %sensor.zone, "reading power sensor failed: {err}");
-                        sensor.failed = true;
-                    }
+                    self.log.down(&sensor.zone, &err);
                     first_error.get_or_insert(err);
                     continue;
                 }
             };
-            sensor.failed = false;
+            self.log.up(&sensor.zone);
+            let watts = Watts(microwatts as f64 / 1e6);
+            let max = self.ceilings.zone_max(Domain::Platform, sensor.max_power);
+            if watts.0 > max.0 {
+                self.log.reject(
+                    &sensor.zone,
+                    Rejection::AboveMaxPower,
+                    format!(
+                        "{} reads {} µW ({:.0} W); the sensor measures at most {:.0} W",
+                        sensor.path.display(),
+                        microwatts,
+                        watts.0,
+                        max.0
+                    ),
+                );
+                continue;
+            }
+            self.log.accepted(&sensor.zone);
             let joules = if integrate {
-                Joules(microwatts as f64 / 1e6 * ctx.elapsed.as_secs_f64())
+                watts.over(ctx.elapsed)
             } else {
                 Joules::ZERO
             };
@@ -192,5 +273,10 @@ impl Meter for HwmonMeter {
             });
         }
         readings_or_error(samples, first_error)
+    }
+
+    fn health(&self) -> MeterHealth {
+        self.log
+            .health(self.sensors.iter().map(|sensor| sensor.zone.as_str()))
     }
 }

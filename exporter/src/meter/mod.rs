@@ -27,9 +27,18 @@
 //! - A missing backend is never an error: [`detect`] logs one line per
 //!   backend saying what it found or why not, and the exporter carries on
 //!   with what exists (falling back to the model for the CPUs).
+//! - A broken *zone* never costs the meter: a zone (RAPL zone, perf event,
+//!   hwmon sensor, GPU) whose files cannot be read or parsed is skipped with
+//!   a WARN naming the file and what it held, the other zones are read, and
+//!   [`Meter::health`] lists it as down with the reason ([`health`]).
+//! - No impossible reading is counted: a reading implying more power than
+//!   the zone can draw ([`limits`]) is rejected and counted, never added;
+//!   counter gaps are decided with the elapsed time ([`counter`]).
 
 pub mod counter;
+pub mod health;
 pub mod hwmon;
+pub mod limits;
 pub mod model;
 pub mod nvml;
 pub mod perf_power;
@@ -39,6 +48,8 @@ use std::path::{Path, PathBuf};
 
 use crate::units::{Domain, Joules, Nanos, Watts};
 
+pub use health::{MeterHealth, Rejection, ZoneHealth};
+pub use limits::PowerCeilings;
 pub use model::{ModelCoefficients, ModelMeter, OnlineFit};
 
 /// What the caller knows about the interval being sampled.
@@ -92,6 +103,11 @@ pub trait Meter: Send {
     fn idle_power(&self) -> Option<Watts> {
         None
     }
+    /// Which zones were read at the last sample, which not and why, and the
+    /// readings rejected so far.
+    fn health(&self) -> MeterHealth {
+        MeterHealth::default()
+    }
 }
 
 /// Why a meter could not be opened or read.
@@ -114,7 +130,8 @@ pub enum MeterError {
         what: String,
         source: std::io::Error,
     },
-    #[error("{}: expected {expected}, found {found:?}", path.display())]
+    /// `found` is what the file held, escaped and truncated ([`shown`]).
+    #[error("{}: expected {expected}, found \"{found}\"", path.display())]
     Parse {
         path: PathBuf,
         expected: &'static str,
@@ -123,6 +140,10 @@ pub enum MeterError {
     /// The backend does not exist on this host; the text says what is missing.
     #[error("{0}")]
     Absent(String),
+    /// The backend exists but none of its zones can be used; the text is the
+    /// first zone's problem.
+    #[error("no zone can be read: {0}")]
+    NoZoneReadable(String),
     #[error(
         "perf_event_open of power/{event} (PMU type {pmu_type}, config {config:#x}) on CPU {cpu} failed: {source}; \
          this kernel or CPU offers no usable RAPL perf PMU (it needs a CPU with RAPL, the kernel's \
@@ -144,6 +165,15 @@ pub enum MeterError {
 }
 
 impl MeterError {
+    /// `path` held `raw`, which is not `expected`.
+    pub(crate) fn parse(path: &Path, expected: &'static str, raw: &[u8]) -> MeterError {
+        MeterError::Parse {
+            path: path.to_path_buf(),
+            expected,
+            found: shown(raw),
+        }
+    }
+
     /// An I/O error on `path`.
     pub(crate) fn io(path: &Path, source: std::io::Error) -> MeterError {
         MeterError::Io {
@@ -153,20 +183,44 @@ impl MeterError {
     }
 }
 
-/// Read a small sysfs/procfs file and trim it.
-pub(crate) fn read_trimmed(path: &Path) -> Result<String, MeterError> {
-    std::fs::read_to_string(path)
-        .map(|text| text.trim().to_string())
-        .map_err(|err| MeterError::io(path, err))
+/// At most this many bytes of a file's content go into a message.
+const SHOWN_BYTES: usize = 40;
+
+/// A file's content for a log line or an error: bytes that are not printable
+/// ASCII escaped (`\xff`, `\n`), at most [`SHOWN_BYTES`] of them, the rest
+/// counted. Sysfs and driver files are host input: a message must not carry
+/// a terminal escape or a megabyte.
+pub fn shown(raw: &[u8]) -> String {
+    let head = &raw[..raw.len().min(SHOWN_BYTES)];
+    let mut text = head.escape_ascii().to_string();
+    if raw.len() > head.len() {
+        text.push_str(&format!("… ({} bytes)", raw.len()));
+    }
+    text
 }
 
-/// Parse a decimal unsigned integer as sysfs writes it.
-pub(crate) fn parse_u64(path: &Path, text: &str) -> Result<u64, MeterError> {
-    text.trim().parse().map_err(|_| MeterError::Parse {
-        path: path.to_path_buf(),
-        expected: "a decimal unsigned integer",
-        found: text.to_string(),
-    })
+/// Read a small sysfs/procfs file as UTF-8 text and trim it.
+pub(crate) fn read_trimmed(path: &Path) -> Result<String, MeterError> {
+    let raw = std::fs::read(path).map_err(|err| MeterError::io(path, err))?;
+    match std::str::from_utf8(&raw) {
+        Ok(text) => Ok(text.trim().to_string()),
+        Err(_) => Err(MeterError::parse(path, "UTF-8 text", &raw)),
+    }
+}
+
+/// Parse a decimal unsigned integer as sysfs writes it (surrounding
+/// whitespace allowed).
+pub(crate) fn parse_u64(path: &Path, raw: &[u8]) -> Result<u64, MeterError> {
+    std::str::from_utf8(raw.trim_ascii())
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| MeterError::parse(path, "a decimal unsigned integer", raw))
+}
+
+/// Read and parse a file holding one decimal unsigned integer.
+pub(crate) fn read_u64(path: &Path) -> Result<u64, MeterError> {
+    let raw = std::fs::read(path).map_err(|err| MeterError::io(path, err))?;
+    parse_u64(path, &raw)
 }
 
 /// Which RAPL interface to read.
@@ -234,6 +288,9 @@ pub struct MeterConfig {
     /// Re-list powercap zones every this many samples (zones also get re-listed
     /// whenever a read fails), so zones that appear or vanish need no restart.
     pub rescan_every: u32,
+    /// The most power per zone of each domain where the device states no
+    /// limit; readings above a zone's maximum are rejected (see `limits.rs`).
+    pub max_watts: PowerCeilings,
 }
 
 impl Default for MeterConfig {
@@ -252,6 +309,7 @@ impl Default for MeterConfig {
                 .map(|name| name.to_string())
                 .collect(),
             rescan_every: rapl::DEFAULT_RESCAN_EVERY,
+            max_watts: PowerCeilings::default(),
         }
     }
 }
@@ -273,7 +331,7 @@ pub fn detect(config: &MeterConfig) -> Vec<Box<dyn Meter>> {
                     gpus = meter.device_count(),
                     "meter found: NVIDIA GPUs through NVML"
                 );
-                meters.push(Box::new(meter));
+                meters.push(Box::new(meter.with_ceilings(config.max_watts.clone())));
             }
             Err(reason) => tracing::info!(source = "nvml", "meter absent: {reason}"),
         }
@@ -285,9 +343,15 @@ pub fn detect(config: &MeterConfig) -> Vec<Box<dyn Meter>> {
         match hwmon::HwmonMeter::open(&config.host_sys, &config.hwmon_chips) {
             Ok(meter) => {
                 tracing::info!(source = "hwmon", sensors = ?meter.zones(), "meter found: hwmon platform power sensors");
-                meters.push(Box::new(meter));
+                meters.push(Box::new(meter.with_ceilings(config.max_watts.clone())));
             }
-            Err(reason) => tracing::info!(source = "hwmon", "meter absent: {reason}"),
+            Err(reason @ MeterError::Absent(_)) => {
+                tracing::info!(source = "hwmon", "meter absent: {reason}")
+            }
+            Err(reason) => tracing::warn!(
+                source = "hwmon",
+                "meter unusable, no sensor could be read: {reason}"
+            ),
         }
     } else {
         tracing::info!(source = "hwmon", "meter disabled by configuration");
@@ -324,20 +388,23 @@ pub fn detect(config: &MeterConfig) -> Vec<Box<dyn Meter>> {
 /// powercap, or what the configuration forces.
 fn detect_rapl(config: &MeterConfig) -> Option<Box<dyn Meter>> {
     let open_perf = || match perf_power::PerfPowerMeter::open(&config.host_sys) {
-        Ok(meter) => Some(meter),
+        Ok(meter) => Some(meter.with_ceilings(config.max_watts.clone())),
         Err(reason) => {
             tracing::info!(source = "rapl-perf", "meter absent: {reason}");
             None
         }
     };
     let open_powercap = || match rapl::RaplMeter::open(&config.host_sys, config.rescan_every) {
-        Ok(meter) => Some(meter),
-        Err(reason @ MeterError::PermissionDenied { .. }) => {
-            tracing::warn!(source = "rapl", "meter unusable: {reason}");
+        Ok(meter) => Some(meter.with_ceilings(config.max_watts.clone())),
+        Err(reason @ MeterError::Absent(_)) => {
+            tracing::info!(source = "rapl", "meter absent: {reason}");
             None
         }
         Err(reason) => {
-            tracing::info!(source = "rapl", "meter absent: {reason}");
+            tracing::warn!(
+                source = "rapl",
+                "meter unusable, no zone could be read: {reason}"
+            );
             None
         }
     };
@@ -360,7 +427,8 @@ fn detect_rapl(config: &MeterConfig) -> Option<Box<dyn Meter>> {
             let perf = open_perf();
             let powercap_domains = rapl::scan_zones(&config.host_sys)
                 .ok()
-                .map(|zones| distinct_domains(zones.iter().map(|zone| zone.domain)));
+                .filter(|scan| !scan.zones.is_empty())
+                .map(|scan| distinct_domains(scan.zones.iter().map(|zone| zone.domain)));
             match (perf, powercap_domains) {
                 (Some(perf), Some(powercap_domains)) => {
                     let perf_domains = perf.domains();

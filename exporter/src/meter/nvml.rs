@@ -23,6 +23,11 @@
 //!   device and call until it works again; the other GPUs carry on. A counter
 //!   read after the device comes back covers the missed intervals, so no
 //!   joule is lost on counter-capable GPUs.
+//! - Each GPU's maximum power is its enforced power limit
+//!   (`nvmlDeviceGetEnforcedPowerLimit`), else the `gpu` ceiling
+//!   (`limits.rs`): a counter step or power reading above it is rejected and
+//!   counted, never added. A GPU that reports nothing is listed as down in
+//!   [`Meter::health`] with the failing call and error.
 //! - No library, no driver or no GPU: `open` fails with the reason and
 //!   `detect` logs it as one info line; it is never an error for the exporter.
 
@@ -37,8 +42,10 @@ use nvml_wrapper_sys::bindings::{
 };
 
 use super::counter::{CounterStep, EnergyCounter, Wrap};
+use super::health::{MeterHealth, Rejection, ZoneLog};
+use super::limits::{PowerCeilings, most_units};
 use super::{EnergySample, GpuProcessSample, Meter, MeterContext, MeterError};
-use crate::units::{Domain, Joules};
+use crate::units::{Domain, Joules, Watts};
 
 /// The library name NVML's loader searches for when no path is configured.
 pub const DEFAULT_LIBRARY: &str = "libnvidia-ml.so.1";
@@ -64,6 +71,13 @@ struct GpuDevice {
 
 impl GpuDevice {
     /// Log a problem with `call` once; later identical failures stay quiet.
+    /// Energy calls also mark the GPU down in `zones`.
+    fn fail(&mut self, zones: &mut ZoneLog, call: &'static str, err: &NvmlError) {
+        zones.down_quietly(&self.zone, format!("{call}: {err}"));
+        self.log_once(call, err);
+    }
+
+    /// Log a problem with `call` once; later identical failures stay quiet.
     fn log_once(&mut self, call: &'static str, err: &NvmlError) {
         if self.logged.insert((call, err.to_string())) {
             tracing::warn!(
@@ -84,6 +98,8 @@ impl GpuDevice {
 /// Reads NVIDIA GPUs' energy and process usage.
 pub struct NvmlMeter {
     devices: Vec<GpuDevice>,
+    log: ZoneLog,
+    ceilings: PowerCeilings,
     /// Raw bindings for the calls nvml-wrapper lacks (MIG enumeration).
     raw: Option<NvmlLib>,
     // Declared last: dropped after `raw`, and shuts NVML down.
@@ -176,7 +192,25 @@ impl NvmlMeter {
             }
             devices.push(device);
         }
-        Ok(NvmlMeter { devices, raw, nvml })
+        let mut log = ZoneLog::new("nvml");
+        for device in &devices {
+            if let Some((call, err)) = device.logged.iter().next() {
+                log.down_quietly(&device.zone, format!("{call}: {err}"));
+            }
+        }
+        Ok(NvmlMeter {
+            devices,
+            log,
+            ceilings: PowerCeilings::default(),
+            raw,
+            nvml,
+        })
+    }
+
+    /// Use this `gpu` ceiling for GPUs whose power limit cannot be read.
+    pub fn with_ceilings(mut self, ceilings: PowerCeilings) -> NvmlMeter {
+        self.ceilings = ceilings;
+        self
     }
 
     pub fn device_count(&self) -> usize {
@@ -260,13 +294,14 @@ impl Meter for NvmlMeter {
     fn sample(&mut self, ctx: &MeterContext) -> Result<Vec<EnergySample>, MeterError> {
         let mut samples = Vec::with_capacity(self.devices.len());
         for device in &mut self.devices {
+            let zones = &mut self.log;
             let handle = match self.nvml.device_by_index(device.index) {
                 Ok(handle) => {
                     device.recovered("nvmlDeviceGetHandleByIndex");
                     handle
                 }
                 Err(err) => {
-                    device.log_once("nvmlDeviceGetHandleByIndex", &err);
+                    device.fail(zones, "nvmlDeviceGetHandleByIndex", &err);
                     continue;
                 }
             };
@@ -275,48 +310,88 @@ impl Meter for NvmlMeter {
                     Ok(_) => device.energy = EnergySource::Counter(EnergyCounter::new(Wrap::Never)),
                     Err(NvmlError::NotSupported) => device.energy = EnergySource::Power,
                     Err(err) => {
-                        device.log_once("nvmlDeviceGetTotalEnergyConsumption", &err);
+                        device.fail(zones, "nvmlDeviceGetTotalEnergyConsumption", &err);
                         continue;
                     }
                 }
             }
+            // mW; where the limit cannot be read, the `gpu` ceiling applies.
+            let limit = handle
+                .enforced_power_limit()
+                .ok()
+                .map(|milliwatts| Watts(f64::from(milliwatts) / 1e3));
+            let max = self.ceilings.zone_max(Domain::Gpu, limit);
             let joules = match &mut device.energy {
                 EnergySource::Unknown => continue,
                 EnergySource::Counter(counter) => match handle.total_energy_consumption() {
                     Ok(millijoules) => {
-                        let step = counter.advance(millijoules);
-                        if let CounterStep::Reset { previous, current } = step {
-                            tracing::warn!(
-                                source = "nvml",
-                                gpu = %device.zone,
-                                previous_mj = previous,
-                                current_mj = current,
-                                "GPU energy counter moved backwards (driver reload?): counted as a reset (0 J this interval)"
-                            );
-                        }
+                        let step = counter.advance(millijoules, most_units(max, ctx.elapsed, 1e-3));
                         device.recovered("nvmlDeviceGetTotalEnergyConsumption");
+                        match step {
+                            CounterStep::Reset { previous, current } => zones.reject(
+                                &device.zone,
+                                Rejection::CounterReset,
+                                format!(
+                                    "GPU energy counter moved backwards from {previous} to \
+                                     {current} mJ (driver reload?): counted as a reset (0 J this \
+                                     interval)"
+                                ),
+                            ),
+                            CounterStep::Implausible { units, .. }
+                            | CounterStep::Ambiguous { units, .. } => {
+                                zones.reject(
+                                    &device.zone,
+                                    step.rejection().expect("a rejected step"),
+                                    format!(
+                                        "GPU energy counter advanced {:.1} J in {:.3} s; the GPU \
+                                         draws at most {:.0} W",
+                                        units as f64 / 1e3,
+                                        ctx.elapsed.as_secs_f64(),
+                                        max.0
+                                    ),
+                                );
+                                zones.up(&device.zone);
+                                continue;
+                            }
+                            _ => zones.accepted(&device.zone),
+                        }
                         Joules(step.units() as f64 / 1e3)
                     }
                     Err(err) => {
-                        device.log_once("nvmlDeviceGetTotalEnergyConsumption", &err);
+                        device.fail(zones, "nvmlDeviceGetTotalEnergyConsumption", &err);
                         continue;
                     }
                 },
                 EnergySource::Power => match handle.power_usage() {
                     Ok(milliwatts) => {
                         device.recovered("nvmlDeviceGetPowerUsage");
+                        let watts = Watts(f64::from(milliwatts) / 1e3);
+                        if watts.0 > max.0 {
+                            zones.reject(
+                                &device.zone,
+                                Rejection::AboveMaxPower,
+                                format!(
+                                    "GPU power reads {milliwatts} mW; the GPU draws at most {:.0} W",
+                                    max.0
+                                ),
+                            );
+                            zones.up(&device.zone);
+                            continue;
+                        }
+                        zones.accepted(&device.zone);
                         if device.sampled {
-                            Joules(f64::from(milliwatts) / 1e3 * ctx.elapsed.as_secs_f64())
+                            watts.over(ctx.elapsed)
                         } else {
                             Joules::ZERO
                         }
                     }
                     Err(err) => {
-                        device.log_once("nvmlDeviceGetPowerUsage", &err);
+                        device.fail(zones, "nvmlDeviceGetPowerUsage", &err);
                         continue;
                     }
                 },
             };
+            zones.up(&device.zone);
             device.sampled = true;
             samples.push(EnergySample {
                 domain: Domain::Gpu,
@@ -325,6 +400,11 @@ impl Meter for NvmlMeter {
             });
         }
         Ok(samples)
+    }
+
+    fn health(&self) -> MeterHealth {
+        self.log
+            .health(self.devices.iter().map(|device| device.zone.as_str()))
     }
 
     fn gpu_processes(&mut self) -> Vec<GpuProcessSample> {

@@ -14,6 +14,12 @@
 //!   to parse, and no root-only sysfs file (CAP_PERFMON suffices).
 //! - psys is platform-wide, not per package: it is opened once, on the first
 //!   CPU of the mask, so a multi-socket machine does not count it twice.
+//! - One event whose sysfs description cannot be read or parsed, or that
+//!   does not open on one package, is skipped with a WARN naming the file
+//!   (or the event and CPU) and listed as down in [`Meter::health`]; the
+//!   others are read. The backend is absent only when no event opens.
+//! - The PMU states no power limit: each event's maximum is the configured
+//!   ceiling of its domain (`limits.rs`); a count above it is rejected.
 
 use std::fs::File;
 use std::io::Read;
@@ -23,6 +29,8 @@ use std::path::{Path, PathBuf};
 use perf_event_open_sys::bindings::{PERF_FLAG_FD_CLOEXEC, perf_event_attr};
 
 use super::counter::{CounterStep, EnergyCounter, Wrap};
+use super::health::{MeterHealth, ZoneLog};
+use super::limits::{PowerCeilings, most_units};
 use super::{
     EnergySample, Meter, MeterContext, MeterError, distinct_domains, read_trimmed,
     readings_or_error,
@@ -49,6 +57,8 @@ pub struct PowerPmu {
     /// One CPU per package.
     pub cpus: Vec<u32>,
     pub events: Vec<PowerEvent>,
+    /// Events of a known domain whose description is unusable: (event, why).
+    pub broken: Vec<(String, String)>,
 }
 
 fn event_domain(name: &str) -> Option<Domain> {
@@ -65,10 +75,12 @@ fn event_domain(name: &str) -> Option<Domain> {
 
 /// Parse a CPU list as sysfs writes it: "0", "0,36", "0-3,8".
 pub fn parse_cpu_list(path: &Path, text: &str) -> Result<Vec<u32>, MeterError> {
-    let bad = || MeterError::Parse {
-        path: path.to_path_buf(),
-        expected: "a CPU list such as \"0,36\" or \"0-3\"",
-        found: text.to_string(),
+    let bad = || {
+        MeterError::parse(
+            path,
+            "a CPU list such as \"0,36\" or \"0-3\"",
+            text.as_bytes(),
+        )
     };
     let mut cpus = Vec::new();
     for part in text.trim().split(',').filter(|part| !part.is_empty()) {
@@ -94,10 +106,12 @@ pub fn parse_cpu_list(path: &Path, text: &str) -> Result<Vec<u32>, MeterError> {
 
 /// Bits of `config` a format term occupies: "config:0-7" → (0, 8 bits).
 fn parse_format(path: &Path, text: &str) -> Result<(u32, u32), MeterError> {
-    let bad = || MeterError::Parse {
-        path: path.to_path_buf(),
-        expected: "a perf format such as \"config:0-7\"",
-        found: text.to_string(),
+    let bad = || {
+        MeterError::parse(
+            path,
+            "a perf format such as \"config:0-7\"",
+            text.as_bytes(),
+        )
     };
     let bits = text.trim().strip_prefix("config:").ok_or_else(bad)?;
     let (low, high) = match bits.split_once('-') {
@@ -125,11 +139,7 @@ fn parse_number(text: &str) -> Option<u64> {
 
 /// Turn an event's terms ("event=0x02,umask=0x1") into `config`.
 fn parse_event_config(pmu_dir: &Path, event_path: &Path, terms: &str) -> Result<u64, MeterError> {
-    let bad = |expected: &'static str| MeterError::Parse {
-        path: event_path.to_path_buf(),
-        expected,
-        found: terms.to_string(),
-    };
+    let bad = |expected: &'static str| MeterError::parse(event_path, expected, terms.as_bytes());
     let mut config = 0u64;
     for term in terms.trim().split(',').filter(|term| !term.is_empty()) {
         let (key, value) = term
@@ -166,13 +176,10 @@ pub fn parse_power_pmu(host_sys: &Path) -> Result<PowerPmu, MeterError> {
         )));
     }
     let type_path = dir.join("type");
-    let pmu_type = read_trimmed(&type_path)?
+    let type_text = read_trimmed(&type_path)?;
+    let pmu_type = type_text
         .parse::<u32>()
-        .map_err(|_| MeterError::Parse {
-            path: type_path.clone(),
-            expected: "a PMU type number",
-            found: read_trimmed(&type_path).unwrap_or_default(),
-        })?;
+        .map_err(|_| MeterError::parse(&type_path, "a PMU type number", type_text.as_bytes()))?;
     let cpumask_path = dir.join("cpumask");
     let cpus = parse_cpu_list(&cpumask_path, &read_trimmed(&cpumask_path)?)?;
 
@@ -184,39 +191,25 @@ pub fn parse_power_pmu(host_sys: &Path) -> Result<PowerPmu, MeterError> {
         .collect();
     names.sort();
     let mut events = Vec::new();
+    let mut broken = Vec::new();
+    let mut first_error = None;
     for name in names {
         let Some(domain) = event_domain(&name) else {
             tracing::debug!(event = %name, "power PMU event of unknown kind, not read");
             continue;
         };
-        let event_path = events_dir.join(&name);
-        let config = parse_event_config(&dir, &event_path, &read_trimmed(&event_path)?)?;
-        let scale_path = events_dir.join(format!("{name}.scale"));
-        let scale_text = read_trimmed(&scale_path)?;
-        let scale = scale_text
-            .parse::<f64>()
-            .ok()
-            .filter(|scale| scale.is_finite() && *scale > 0.0)
-            .ok_or_else(|| MeterError::Parse {
-                path: scale_path.clone(),
-                expected: "a positive number of joules per count",
-                found: scale_text,
-            })?;
-        let unit_path = events_dir.join(format!("{name}.unit"));
-        let unit = read_trimmed(&unit_path)?;
-        if unit != "Joules" {
-            return Err(MeterError::Parse {
-                path: unit_path,
-                expected: "the unit \"Joules\"",
-                found: unit,
-            });
+        match parse_event(&dir, &events_dir, &name, domain) {
+            Ok(event) => events.push(event),
+            Err(err) => {
+                broken.push((name, err.to_string()));
+                first_error.get_or_insert(err);
+            }
         }
-        events.push(PowerEvent {
-            name,
-            domain,
-            config,
-            scale,
-        });
+    }
+    if events.is_empty()
+        && let Some(err) = first_error
+    {
+        return Err(err);
     }
     if events.is_empty() {
         return Err(MeterError::Absent(format!(
@@ -229,6 +222,48 @@ pub fn parse_power_pmu(host_sys: &Path) -> Result<PowerPmu, MeterError> {
         pmu_type,
         cpus,
         events,
+        broken,
+    })
+}
+
+/// One event's code, scale and unit from `events/<name>{,.scale,.unit}`.
+fn parse_event(
+    pmu_dir: &Path,
+    events_dir: &Path,
+    name: &str,
+    domain: Domain,
+) -> Result<PowerEvent, MeterError> {
+    let event_path = events_dir.join(name);
+    let config = parse_event_config(pmu_dir, &event_path, &read_trimmed(&event_path)?)?;
+    let scale_path = events_dir.join(format!("{name}.scale"));
+    let scale_text = read_trimmed(&scale_path)?;
+    // RAPL energy units are 2^-ESU J (2^-14 to 2^-32 in practice): more
+    // than a joule per count is no energy unit.
+    let scale = scale_text
+        .parse::<f64>()
+        .ok()
+        .filter(|scale| scale.is_finite() && *scale > 0.0 && *scale <= 1.0)
+        .ok_or_else(|| {
+            MeterError::parse(
+                &scale_path,
+                "a positive number of joules per count, at most 1",
+                scale_text.as_bytes(),
+            )
+        })?;
+    let unit_path = events_dir.join(format!("{name}.unit"));
+    let unit = read_trimmed(&unit_path)?;
+    if unit != "Joules" {
+        return Err(MeterError::parse(
+            &unit_path,
+            "the unit \"Joules\"",
+            unit.as_bytes(),
+        ));
+    }
+    Ok(PowerEvent {
+        name: name.to_string(),
+        domain,
+        config,
+        scale,
     })
 }
 
@@ -280,41 +315,73 @@ struct OpenEvent {
     scale: f64,
     file: File,
     counter: EnergyCounter,
-    failed: bool,
 }
 
 /// Reads RAPL counters through perf events, one per package and domain.
 pub struct PerfPowerMeter {
     events: Vec<OpenEvent>,
+    log: ZoneLog,
+    ceilings: PowerCeilings,
 }
 
 impl PerfPowerMeter {
     /// Parse the PMU under `host_sys` and open its events on the CPUs of its
-    /// cpumask. Any event that does not open makes the backend absent.
+    /// cpumask. Events that cannot be parsed or opened are logged and listed
+    /// as down; the backend is absent when none opens (the error is the
+    /// first event's).
     pub fn open(host_sys: &Path) -> Result<PerfPowerMeter, MeterError> {
         let pmu = parse_power_pmu(host_sys)?;
+        let mut log = ZoneLog::new("rapl-perf");
+        let mut first_error = None;
         let mut events = Vec::new();
         for (position, &cpu) in pmu.cpus.iter().enumerate() {
             let package = package_of(host_sys, cpu, position as u32);
+            let zone_of = |domain: Domain| match domain {
+                Domain::Psys if position > 0 => None,
+                Domain::Psys => Some("psys".to_string()),
+                domain => Some(format!("{}-{package}", domain.as_str())),
+            };
+            for (name, reason) in &pmu.broken {
+                if let Some(zone) = event_domain(name).and_then(zone_of) {
+                    log.down(&zone, reason);
+                }
+            }
             for event in &pmu.events {
-                let zone = match event.domain {
-                    Domain::Psys if position > 0 => continue,
-                    Domain::Psys => "psys".to_string(),
-                    domain => format!("{}-{package}", domain.as_str()),
+                let Some(zone) = zone_of(event.domain) else {
+                    continue;
                 };
-                let file = open_event(pmu.pmu_type, event, cpu)?;
-                events.push(OpenEvent {
-                    domain: event.domain,
-                    zone,
-                    scale: event.scale,
-                    file,
-                    counter: EnergyCounter::new(Wrap::Never),
-                    failed: false,
-                });
+                match open_event(pmu.pmu_type, event, cpu) {
+                    Ok(file) => events.push(OpenEvent {
+                        domain: event.domain,
+                        zone,
+                        scale: event.scale,
+                        file,
+                        counter: EnergyCounter::new(Wrap::Never),
+                    }),
+                    Err(err) => {
+                        log.down(&zone, &err);
+                        first_error.get_or_insert(err);
+                    }
+                }
             }
         }
+        if events.is_empty()
+            && let Some(err) = first_error
+        {
+            return Err(err);
+        }
         events.sort_by(|a, b| (a.domain, &a.zone).cmp(&(b.domain, &b.zone)));
-        Ok(PerfPowerMeter { events })
+        Ok(PerfPowerMeter {
+            events,
+            log,
+            ceilings: PowerCeilings::default(),
+        })
+    }
+
+    /// Use these ceilings as the events' maximum power.
+    pub fn with_ceilings(mut self, ceilings: PowerCeilings) -> PerfPowerMeter {
+        self.ceilings = ceilings;
+        self
     }
 
     pub fn zones(&self) -> Vec<String> {
@@ -335,26 +402,50 @@ impl Meter for PerfPowerMeter {
         distinct_domains(self.events.iter().map(|event| event.domain))
     }
 
-    fn sample(&mut self, _ctx: &MeterContext) -> Result<Vec<EnergySample>, MeterError> {
+    fn sample(&mut self, ctx: &MeterContext) -> Result<Vec<EnergySample>, MeterError> {
         let mut samples = Vec::with_capacity(self.events.len());
         let mut first_error = None;
         for event in &mut self.events {
             let mut count = [0u8; 8];
             if let Err(err) = event.file.read_exact(&mut count) {
-                if !event.failed {
-                    tracing::warn!(source = "rapl-perf", zone = %event.zone, "reading perf power event failed: {err}");
-                    event.failed = true;
-                }
-                first_error.get_or_insert(MeterError::Read {
+                let err = MeterError::Read {
                     what: format!("perf power event for {}", event.zone),
                     source: err,
-                });
+                };
+                self.log.down(&event.zone, &err);
+                first_error.get_or_insert(err);
                 continue;
             }
-            event.failed = false;
-            let step = event.counter.advance(u64::from_ne_bytes(count));
-            if let CounterStep::Reset { previous, current } = step {
-                tracing::warn!(source = "rapl-perf", zone = %event.zone, previous, current, "perf energy count moved backwards: counted as a reset (0 J this interval)");
+            self.log.up(&event.zone);
+            let max = self.ceilings.get(event.domain);
+            let step = event.counter.advance(
+                u64::from_ne_bytes(count),
+                most_units(max, ctx.elapsed, event.scale),
+            );
+            if let Some(rejection) = step.rejection() {
+                let detail = match step {
+                    CounterStep::Implausible { units, .. }
+                    | CounterStep::Ambiguous { units, .. } => {
+                        format!(
+                            "perf energy count advanced {:.1} J in {:.3} s; the zone draws at most \
+                             {:.0} W (--max-watts {}=…)",
+                            units as f64 * event.scale,
+                            ctx.elapsed.as_secs_f64(),
+                            max.0,
+                            event.domain.as_str()
+                        )
+                    }
+                    _ => {
+                        "perf energy count moved backwards: counted as a reset (0 J this interval)"
+                            .to_string()
+                    }
+                };
+                self.log.reject(&event.zone, rejection, detail);
+                if !matches!(step, CounterStep::Reset { .. }) {
+                    continue;
+                }
+            } else {
+                self.log.accepted(&event.zone);
             }
             samples.push(EnergySample {
                 domain: event.domain,
@@ -363,6 +454,11 @@ impl Meter for PerfPowerMeter {
             });
         }
         readings_or_error(samples, first_error)
+    }
+
+    fn health(&self) -> MeterHealth {
+        self.log
+            .health(self.events.iter().map(|event| event.zone.as_str()))
     }
 }
 

@@ -19,6 +19,15 @@
 //!   zone list is re-read every `rescan_every` samples and after any failed
 //!   read; a new zone's first reading is its baseline, a vanished zone's last
 //!   partial interval cannot be read and is logged.
+//! - One zone whose `name`, `max_energy_range_uj` or `energy_uj` cannot be
+//!   read or parsed (a psys zone reading `garbage`, a counter the kernel made
+//!   root-only) is skipped with a WARN naming the file and what it held; the
+//!   other zones are read and the zone shows as down in [`Meter::health`]
+//!   until a re-listing finds it readable. The meter is absent only when no
+//!   zone at all can be read.
+//! - Each zone's maximum power is its largest `constraint_*_max_power_uw` or
+//!   `constraint_*_power_limit_uw` (see `limits.rs`); a reading above it is
+//!   rejected and counted.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -27,11 +36,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::counter::{CounterStep, EnergyCounter, Wrap};
+use super::health::{MeterHealth, ZoneLog};
+use super::limits::{PowerCeilings, most_units};
 use super::{
     EnergySample, Meter, MeterContext, MeterError, distinct_domains, parse_u64, read_trimmed,
-    readings_or_error,
+    read_u64, readings_or_error,
 };
-use crate::units::{Domain, Joules};
+use crate::units::{Domain, Joules, Watts};
 
 /// Samples between two re-listings of the zones (a minute at 1 s intervals).
 pub const DEFAULT_RESCAN_EVERY: u32 = 60;
@@ -50,10 +61,47 @@ pub struct ZoneInfo {
     pub dir: PathBuf,
     /// The counter's range in µJ (0 when the file is missing).
     pub max_energy_range_uj: u64,
+    /// The largest `constraint_*_max_power_uw` / `constraint_*_power_limit_uw`.
+    pub max_power: Option<Watts>,
 }
 
-/// List the RAPL zones under `host_sys/class/powercap`.
-pub fn scan_zones(host_sys: &Path) -> Result<Vec<ZoneInfo>, MeterError> {
+/// A zone listed in sysfs but unusable, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BrokenZone {
+    /// The sysfs entry: "intel-rapl:1".
+    pub id: String,
+    /// Its zone label where its name was readable ("psys"), else the id.
+    pub zone: String,
+    /// The error, naming the file and what it held.
+    pub reason: String,
+}
+
+/// What one listing of the powercap zones found.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ZoneScan {
+    pub zones: Vec<ZoneInfo>,
+    pub broken: Vec<BrokenZone>,
+}
+
+/// The largest power limit a zone's constraints state; unreadable or zero
+/// values state nothing.
+fn zone_max_power(dir: &Path) -> Option<Watts> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+        .filter(|name| {
+            name.starts_with("constraint_")
+                && (name.ends_with("_max_power_uw") || name.ends_with("_power_limit_uw"))
+        })
+        .filter_map(|name| read_u64(&dir.join(name)).ok())
+        .max()
+        .filter(|microwatts| *microwatts > 0)
+        .map(|microwatts| Watts(microwatts as f64 / 1e6))
+}
+
+/// List the RAPL zones under `host_sys/class/powercap`. Fails only when the
+/// directory itself cannot be listed; an unusable zone is in `broken`.
+pub fn scan_zones(host_sys: &Path) -> Result<ZoneScan, MeterError> {
     let powercap = host_sys.join("class/powercap");
     let entries = std::fs::read_dir(&powercap).map_err(|err| {
         if err.kind() == ErrorKind::NotFound {
@@ -72,14 +120,27 @@ pub fn scan_zones(host_sys: &Path) -> Result<Vec<ZoneInfo>, MeterError> {
         .collect();
     ids.sort();
 
+    let mut broken: Vec<BrokenZone> = Vec::new();
     let mut names: HashMap<String, String> = HashMap::new();
     for id in &ids {
-        names.insert(id.clone(), read_trimmed(&powercap.join(id).join("name"))?);
+        match read_trimmed(&powercap.join(id).join("name")) {
+            Ok(name) => {
+                names.insert(id.clone(), name);
+            }
+            Err(err) => broken.push(BrokenZone {
+                id: id.clone(),
+                zone: id.clone(),
+                reason: err.to_string(),
+            }),
+        }
     }
 
     let mut zones: Vec<ZoneInfo> = Vec::new();
     let mut mmio: Vec<ZoneInfo> = Vec::new();
     for id in &ids {
+        if !names.contains_key(id) {
+            continue;
+        }
         let Some((domain, zone)) = classify(id, &names) else {
             tracing::debug!(zone = %id, name = %names[id], "powercap zone of unknown kind, not read");
             continue;
@@ -91,17 +152,30 @@ pub fn scan_zones(host_sys: &Path) -> Result<Vec<ZoneInfo>, MeterError> {
             continue;
         }
         let range_path = dir.join("max_energy_range_uj");
-        let max_energy_range_uj = match std::fs::read_to_string(&range_path) {
-            Ok(text) => parse_u64(&range_path, &text)?,
-            Err(err) if err.kind() == ErrorKind::NotFound => 0,
-            Err(err) => return Err(MeterError::io(&range_path, err)),
+        let range = match std::fs::read(&range_path) {
+            Ok(raw) => parse_u64(&range_path, &raw),
+            Err(err) if err.kind() == ErrorKind::NotFound => Ok(0),
+            Err(err) => Err(MeterError::io(&range_path, err)),
         };
+        let max_energy_range_uj = match range {
+            Ok(range) => range,
+            Err(err) => {
+                broken.push(BrokenZone {
+                    id: id.clone(),
+                    zone,
+                    reason: err.to_string(),
+                });
+                continue;
+            }
+        };
+        let max_power = zone_max_power(&dir);
         let info = ZoneInfo {
             id: id.clone(),
             domain,
             zone,
             dir,
             max_energy_range_uj,
+            max_power,
         };
         if id.starts_with(MMIO_PREFIX) {
             mmio.push(info)
@@ -117,7 +191,7 @@ pub fn scan_zones(host_sys: &Path) -> Result<Vec<ZoneInfo>, MeterError> {
         }
     }
     zones.sort_by(|a, b| (a.domain, &a.zone).cmp(&(b.domain, &b.zone)));
-    Ok(zones)
+    Ok(ZoneScan { zones, broken })
 }
 
 /// Domain and zone label of a powercap entry, from its name and its parent's.
@@ -135,9 +209,13 @@ fn classify(id: &str, names: &HashMap<String, String>) -> Option<(Domain, String
             }
         }
         Some((parent_index, _)) => {
-            let parent = names.get(&format!("{prefix}:{parent_index}"))?;
             let domain = top_level_domain(name)?;
-            let socket = parent.strip_prefix("package-").unwrap_or(parent);
+            // A parent whose name is unreadable is down itself; its sub-zones
+            // take the socket from its index, which the kernel numbers alike.
+            let socket = match names.get(&format!("{prefix}:{parent_index}")) {
+                Some(parent) => parent.strip_prefix("package-").unwrap_or(parent),
+                None => parent_index,
+            };
             Some((domain, format!("{name}-{socket}")))
         }
     }
@@ -158,9 +236,6 @@ struct OpenZone {
     energy_path: PathBuf,
     energy_file: File,
     counter: EnergyCounter,
-    /// The last read failed (and was logged once); the file is re-opened at
-    /// the next re-listing, since a reloaded driver leaves the old file dead.
-    failed: bool,
 }
 
 /// Reads every powercap RAPL zone's `energy_uj`.
@@ -170,7 +245,35 @@ pub struct RaplMeter {
     rescan_every: u32,
     samples_since_scan: u32,
     rescan_needed: bool,
-    read_buffer: [u8; 32],
+    /// A full buffer means the file holds more than any counter value.
+    read_buffer: [u8; 64],
+    /// Zones down and why, rejected readings; a zone whose read failed is
+    /// re-opened at the next re-listing (a reloaded driver leaves the old
+    /// file dead).
+    log: ZoneLog,
+    ceilings: PowerCeilings,
+}
+
+/// Read a zone's counter into `buffer`; a full buffer means the file holds
+/// more than any counter value.
+fn read_counter(zone: &OpenZone, buffer: &mut [u8; 64]) -> Result<u64, MeterError> {
+    let length = zone.energy_file.read_at(buffer, 0).map_err(|err| {
+        if err.kind() == ErrorKind::PermissionDenied {
+            MeterError::PermissionDenied {
+                path: zone.energy_path.clone(),
+            }
+        } else {
+            MeterError::io(&zone.energy_path, err)
+        }
+    })?;
+    if length == buffer.len() {
+        return Err(MeterError::parse(
+            &zone.energy_path,
+            "a decimal unsigned integer",
+            buffer,
+        ));
+    }
+    parse_u64(&zone.energy_path, &buffer[..length])
 }
 
 fn open_energy(dir: &Path) -> Result<(PathBuf, File), MeterError> {
@@ -185,34 +288,66 @@ fn open_energy(dir: &Path) -> Result<(PathBuf, File), MeterError> {
 }
 
 impl RaplMeter {
-    /// Open every zone. Fails when there is none, or when a counter cannot be
-    /// read (the permission error says how to run the exporter).
+    /// Open every zone that can be read; the others are logged and listed
+    /// as down. Fails when there is no zone, or when none can be read (the
+    /// error is the first zone's, or the first permission error, which says
+    /// how to run the exporter).
     pub fn open(host_sys: &Path, rescan_every: u32) -> Result<RaplMeter, MeterError> {
-        let infos = scan_zones(host_sys)?;
-        if infos.is_empty() {
+        let scan = scan_zones(host_sys)?;
+        if scan.zones.is_empty() && scan.broken.is_empty() {
             return Err(MeterError::Absent(format!(
                 "no RAPL zones under {}: the CPU has no RAPL, the intel_rapl_msr module is not loaded, \
                  or this is a VM that hides it",
                 host_sys.join("class/powercap").display()
             )));
         }
-        let mut zones = Vec::with_capacity(infos.len());
-        for info in infos {
-            zones.push(RaplMeter::open_zone(info)?);
-        }
         let mut meter = RaplMeter {
             host_sys: host_sys.to_path_buf(),
-            zones,
+            zones: Vec::with_capacity(scan.zones.len()),
             rescan_every: rescan_every.max(1),
             samples_since_scan: 0,
             rescan_needed: false,
-            read_buffer: [0; 32],
+            read_buffer: [0; 64],
+            log: ZoneLog::new("rapl"),
+            ceilings: PowerCeilings::default(),
         };
-        // Prove every counter is readable now, not at the first interval.
-        for index in 0..meter.zones.len() {
-            meter.read_zone(index)?;
+        let mut first_error: Option<MeterError> = None;
+        for broken in scan.broken {
+            meter.log.down(&broken.zone, &broken.reason);
+            first_error.get_or_insert(MeterError::NoZoneReadable(broken.reason));
         }
-        Ok(meter)
+        for info in scan.zones {
+            let zone = info.zone.clone();
+            // Prove each counter is readable now, not at the first interval.
+            match RaplMeter::open_zone(info).and_then(|open| {
+                read_counter(&open, &mut meter.read_buffer)?;
+                Ok(open)
+            }) {
+                Ok(open) => meter.zones.push(open),
+                Err(err) => {
+                    meter.log.down(&zone, &err);
+                    // The first error, unless a later one is a permission
+                    // error: that one says how to run the exporter.
+                    let permission =
+                        |err: &MeterError| matches!(err, MeterError::PermissionDenied { .. });
+                    if first_error.is_none()
+                        || (permission(&err) && !first_error.as_ref().is_some_and(permission))
+                    {
+                        first_error = Some(err);
+                    }
+                }
+            }
+        }
+        match first_error {
+            Some(err) if meter.zones.is_empty() => Err(err),
+            _ => Ok(meter),
+        }
+    }
+
+    /// Use these ceilings for zones whose constraints state no limit.
+    pub fn with_ceilings(mut self, ceilings: PowerCeilings) -> RaplMeter {
+        self.ceilings = ceilings;
+        self
     }
 
     fn open_zone(info: ZoneInfo) -> Result<OpenZone, MeterError> {
@@ -223,7 +358,6 @@ impl RaplMeter {
             energy_path,
             energy_file,
             counter,
-            failed: false,
         })
     }
 
@@ -235,31 +369,13 @@ impl RaplMeter {
             .collect()
     }
 
-    fn read_zone(&mut self, index: usize) -> Result<u64, MeterError> {
-        let zone = &self.zones[index];
-        let length = zone
-            .energy_file
-            .read_at(&mut self.read_buffer, 0)
-            .map_err(|err| {
-                if err.kind() == ErrorKind::PermissionDenied {
-                    MeterError::PermissionDenied {
-                        path: zone.energy_path.clone(),
-                    }
-                } else {
-                    MeterError::io(&zone.energy_path, err)
-                }
-            })?;
-        let text = std::str::from_utf8(&self.read_buffer[..length]).unwrap_or("");
-        parse_u64(&zone.energy_path, text)
-    }
-
     /// Re-list zones: keep the ones still there (and their counters), open new
     /// ones, drop vanished ones.
     fn rescan(&mut self) {
         self.samples_since_scan = 0;
         self.rescan_needed = false;
-        let infos = match scan_zones(&self.host_sys) {
-            Ok(infos) => infos,
+        let scan = match scan_zones(&self.host_sys) {
+            Ok(scan) => scan,
             Err(err) => {
                 tracing::warn!(
                     source = "rapl",
@@ -268,6 +384,10 @@ impl RaplMeter {
                 return;
             }
         };
+        for broken in &scan.broken {
+            self.log.down(&broken.zone, &broken.reason);
+        }
+        let infos = scan.zones;
         let mut kept: Vec<OpenZone> = Vec::with_capacity(infos.len());
         let mut old: Vec<Option<OpenZone>> = std::mem::take(&mut self.zones)
             .into_iter()
@@ -284,7 +404,7 @@ impl RaplMeter {
                         zone.counter.set_wrap(Wrap::at(info.max_energy_range_uj));
                     }
                     zone.info = info;
-                    if zone.failed {
+                    if self.log.is_down(&zone.info.zone) {
                         // Same zone, new file (driver reloaded): the counter's
                         // history stays, a restarted counter reads as a reset.
                         match open_energy(&zone.info.dir) {
@@ -302,19 +422,20 @@ impl RaplMeter {
                         tracing::info!(source = "rapl", zone = %info.zone, id = %info.id, "RAPL zone appeared; its first reading is its baseline");
                         kept.push(zone);
                     }
-                    Err(err) => {
-                        tracing::warn!(source = "rapl", zone = %info.zone, "RAPL zone appeared but cannot be read: {err}");
-                        self.rescan_needed = true;
-                    }
+                    // Tried again at the next re-listing.
+                    Err(err) => self.log.down(&info.zone, &err),
                 },
             }
         }
         for gone in old.into_iter().flatten() {
-            tracing::info!(
-                source = "rapl",
-                zone = %gone.info.zone,
-                id = %gone.info.id,
-                "RAPL zone vanished; the energy since its last reading cannot be read"
+            self.log.down(
+                &gone.info.zone,
+                format!(
+                    "RAPL zone {} vanished ({} is gone); the energy since its last reading cannot \
+                     be read, and it is read again from a new baseline if it comes back",
+                    gone.info.id,
+                    gone.info.dir.display()
+                ),
             );
         }
         self.zones = kept;
@@ -334,40 +455,66 @@ impl Meter for RaplMeter {
         distinct_domains(self.zones.iter().map(|zone| zone.info.domain))
     }
 
-    fn sample(&mut self, _ctx: &MeterContext) -> Result<Vec<EnergySample>, MeterError> {
+    fn sample(&mut self, ctx: &MeterContext) -> Result<Vec<EnergySample>, MeterError> {
         self.samples_since_scan += 1;
         if self.rescan_needed || self.samples_since_scan >= self.rescan_every {
             self.rescan();
         }
         let mut samples = Vec::with_capacity(self.zones.len());
         let mut first_error = None;
-        for index in 0..self.zones.len() {
-            let reading = self.read_zone(index);
-            let zone = &mut self.zones[index];
-            let microjoules = match reading {
+        for zone in &mut self.zones {
+            let microjoules = match read_counter(zone, &mut self.read_buffer) {
                 Ok(microjoules) => microjoules,
                 Err(err) => {
                     // A vanished zone reads ENODEV/ENOENT; re-list next interval.
                     self.rescan_needed = true;
-                    if !zone.failed {
-                        tracing::warn!(source = "rapl", zone = %zone.info.zone, "reading RAPL zone failed: {err}");
-                        zone.failed = true;
-                    }
+                    self.log.down(&zone.info.zone, &err);
                     first_error.get_or_insert(err);
                     continue;
                 }
             };
-            zone.failed = false;
-            let step = zone.counter.advance(microjoules);
-            if let CounterStep::Reset { previous, current } = step {
-                tracing::warn!(
-                    source = "rapl",
-                    zone = %zone.info.zone,
-                    path = %zone.energy_path.display(),
-                    previous_uj = previous,
-                    current_uj = current,
-                    "energy counter moved backwards by more than a wrap: counted as a reset (0 J this interval)"
-                );
+            self.log.up(&zone.info.zone);
+            let max = self
+                .ceilings
+                .zone_max(zone.info.domain, zone.info.max_power);
+            let step = zone
+                .counter
+                .advance(microjoules, most_units(max, ctx.elapsed, 1e-6));
+            match step {
+                CounterStep::Reset { previous, current } => self.log.reject(
+                    &zone.info.zone,
+                    super::Rejection::CounterReset,
+                    format!(
+                        "energy counter {} moved backwards from {previous} to {current} µJ by more \
+                         than a wrap: counted as a reset (0 J this interval)",
+                        zone.energy_path.display()
+                    ),
+                ),
+                CounterStep::Implausible { units, .. } | CounterStep::Ambiguous { units, .. } => {
+                    let rejection = step.rejection().expect("a rejected step");
+                    self.log.reject(
+                        &zone.info.zone,
+                        rejection,
+                        format!(
+                            "energy counter {} advanced {} J in {:.3} s ({:.0} W; the zone draws \
+                             at most {:.0} W{})",
+                            zone.energy_path.display(),
+                            Joules::from_microjoules(units),
+                            ctx.elapsed.as_secs_f64(),
+                            Joules::from_microjoules(units).0 / ctx.elapsed.as_secs_f64(),
+                            max.0,
+                            if rejection == super::Rejection::AmbiguousGap {
+                                ", so the counter may also have wrapped unseen"
+                            } else {
+                                ""
+                            }
+                        ),
+                    );
+                    continue;
+                }
+                CounterStep::Baseline | CounterStep::Advanced(_) | CounterStep::Wrapped(_) => {
+                    self.log.accepted(&zone.info.zone)
+                }
             }
             samples.push(EnergySample {
                 domain: zone.info.domain,
@@ -376,6 +523,11 @@ impl Meter for RaplMeter {
             });
         }
         readings_or_error(samples, first_error)
+    }
+
+    fn health(&self) -> MeterHealth {
+        self.log
+            .health(self.zones.iter().map(|zone| zone.info.zone.as_str()))
     }
 }
 
@@ -411,6 +563,7 @@ mod tests {
         write(&powercap.join("intel-rapl/enabled"), "1");
         let zones: Vec<(Domain, String)> = scan_zones(root.path())
             .unwrap()
+            .zones
             .into_iter()
             .map(|zone| (zone.domain, zone.zone))
             .collect();

@@ -2,12 +2,14 @@
 //! sysfs trees shaped like the kernel's, and a log capture.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use ergon::meter::{Meter, Rejection};
 use tempfile::TempDir;
 
 /// The kernel's range for a 32-bit counter at Intel's 61.035 µJ energy unit.
@@ -95,6 +97,19 @@ impl SysFixture {
             .open(&path)
             .unwrap();
         file.write_all(format!("{energy_uj}\n").as_bytes()).unwrap();
+    }
+
+    /// Overwrite one file of a zone in place with raw bytes (garbage,
+    /// non-UTF-8, …), as a broken driver might present it.
+    pub fn set_zone_file(&self, id: &str, file: &str, content: &[u8]) {
+        let path = self.zone_dir(id).join(file);
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(content).unwrap();
     }
 
     pub fn remove_zone(&self, id: &str) {
@@ -201,6 +216,111 @@ impl SysFixture {
         }
         walk(self.path());
     }
+}
+
+/// Values a broken or hostile driver might put in a numeric sysfs file, by
+/// name: none of them is a number a counter or power reading can hold.
+pub const BAD_VALUES: &[(&str, &[u8])] = &[
+    ("garbage", b"garbage\n"),
+    ("empty", b""),
+    ("huge", b"123456789012345678901234567890\n"),
+    ("negative", b"-5\n"),
+    ("non-UTF-8", b"\xff\xfe1\x1b[31m\n"),
+];
+
+/// Zone → whether it was read at the last sample, from a meter's health.
+pub fn zones_up(meter: &dyn Meter) -> BTreeMap<String, bool> {
+    meter
+        .health()
+        .zones
+        .into_iter()
+        .map(|zone| (zone.zone, zone.up))
+        .collect()
+}
+
+/// Why `zone` is down, from a meter's health.
+pub fn reason_of(meter: &dyn Meter, zone: &str) -> String {
+    meter
+        .health()
+        .zones
+        .into_iter()
+        .find(|health| health.zone == zone)
+        .and_then(|health| health.reason)
+        .unwrap_or_else(|| panic!("{zone} has no reason: {:?}", meter.health()))
+}
+
+/// Readings a meter rejected so far for `rejection`.
+pub fn rejected(meter: &dyn Meter, rejection: Rejection) -> u64 {
+    meter
+        .health()
+        .rejected
+        .get(&rejection)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// Runs the ignored test `child_test` of this test binary as uid/gid 65534
+/// (root ignores file modes), with `fixture_var` set to `fixture`. The child
+/// prints a line containing `BEFORE:`, then waits for a line on stdin
+/// ([`wait_for_parent`]); meanwhile `between` runs here (change a mode). Returns
+/// everything the child printed; panics if it failed.
+pub fn run_as_nobody_around(
+    child_test: &str,
+    fixture_var: &str,
+    fixture: &Path,
+    between: impl FnOnce(),
+) -> String {
+    use std::io::{BufRead, BufReader, Read};
+    use std::os::unix::process::CommandExt;
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            child_test,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(fixture_var, fixture)
+        .uid(65534)
+        .gid(65534)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut output = String::new();
+    let mut line = String::new();
+    // libtest prints the test's name before its output, on the same line.
+    while stdout.read_line(&mut line).unwrap() > 0 {
+        let before = line.contains("BEFORE:");
+        output.push_str(&std::mem::take(&mut line));
+        if before {
+            break;
+        }
+    }
+    between();
+    // A child that already failed has closed its stdin: its output says why.
+    let _ = child.stdin.take().unwrap().write_all(b"go\n");
+    stdout.read_to_string(&mut output).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "the child failed: {output}");
+    output
+}
+
+/// The child's side of [`run_as_nobody_around`]: wait until the parent has
+/// made its change.
+pub fn wait_for_parent() {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line).unwrap();
+}
+
+/// The line of `output` containing `marker`.
+pub fn line_with<'a>(output: &'a str, marker: &str) -> &'a str {
+    output
+        .lines()
+        .find(|line| line.contains(marker))
+        .unwrap_or_else(|| panic!("no line with {marker}: {output}"))
 }
 
 /// Log lines captured while a closure runs on this thread.
