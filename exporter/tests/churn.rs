@@ -130,7 +130,9 @@ fn process_figures(pid: u32) -> (u64, usize, Duration, usize) {
     {
         match std::fs::read_link(fd.path()) {
             Ok(target) if target.starts_with(&root) => walk_fds += 1,
-            _ => fds += 1,
+            Ok(_) => fds += 1,
+            // Closed since the listing (a walk ending): not open.
+            Err(_) => {}
         }
     }
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -171,16 +173,36 @@ fn energy_series(metrics: &Metrics) -> (BTreeMap<String, f64>, BTreeMap<String, 
     )
 }
 
-/// What the series grew by between two scrapes; a series new in `now`
-/// counts from zero, one gone (pruned after retention) grew by nothing.
+/// What the series grew by between two scrapes: a series new in `now`
+/// counts from zero, one gone (a workload idle for the retention window,
+/// pruned) grew by nothing. Every pod of the soak lives throughout, so a
+/// pod's series is never pruned and back from zero; a counter that went
+/// down fails the test.
 fn growth(before: &BTreeMap<String, f64>, now: &BTreeMap<String, f64>) -> f64 {
     now.iter()
-        .map(|(series, value)| value - before.get(series).copied().unwrap_or(0.0))
+        .map(|(series, &value)| {
+            let last = before.get(series).copied().unwrap_or(0.0);
+            assert!(value >= last, "{series} went down from {last} to {value}");
+            value - last
+        })
         .sum()
 }
 
 fn map_bytes(metrics: &Metrics, map: &str) -> f64 {
     metrics.sum("ergon_probe_map_memory_bytes", &[("map", map)])
+}
+
+/// The anonymous part of RSS (heap, stacks): what a leak grows. The rest
+/// is the binary's pages and shared libraries, faulted in as code paths
+/// first run.
+fn anon_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024
 }
 
 fn live_threads() -> usize {
@@ -206,15 +228,17 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
     let retention = Duration::from_secs(15);
     let warm_up = Duration::from_secs((seconds / 4).max(20));
 
-    // The steady pods: a sleeping process in each, started before the
-    // exporter, so its first walk already knows them.
+    // The steady pods, and 20 pods in which the short-lived containers come
+    // and go (as a pod's containers restart). Their cgroups exist before
+    // the exporter starts; the sleeping process in each starts after, so
+    // the probe sees it run once and the pod stays alive in the exporter
+    // (a pod whose tasks never ran under the probe has no counters to keep).
     let mut steady: Vec<PodFixture> = (0..steady_pods)
         .map(|i| PodFixture::start("steady", &format!("steady-{i}"), 0))
         .collect();
-    for pod in &mut steady {
-        let sleeper = BusyChild::spawn_script_in(&pod.cgroup.path, "exec sleep 3600");
-        pod.children.push(sleeper);
-    }
+    let mut churn_pod_fixtures: Vec<PodFixture> = (0..20)
+        .map(|i| PodFixture::start("churn", &format!("churn-{i}"), 0))
+        .collect();
     let rapl = FakeRapl::start(40.0);
     let exporter = ExporterProcess::start(
         ERGON.as_ref(),
@@ -229,9 +253,14 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
         ],
     );
     let pid = exporter.child.id();
+    for pod in steady.iter_mut().chain(churn_pod_fixtures.iter_mut()) {
+        let sleeper = BusyChild::spawn_script_in(&pod.cgroup.path, "exec sleep 3600");
+        pod.children.push(sleeper);
+    }
     let threads_bound = 32768u64;
 
-    let churn_pods: Arc<Vec<String>> = Arc::new((0..20).map(|_| unique_uid("churn-pod")).collect());
+    let churn_pods: Arc<Vec<String>> =
+        Arc::new(churn_pod_fixtures.iter().map(|p| p.uid.clone()).collect());
     let dead = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let guard = ChurnGuard {
@@ -245,6 +274,8 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
     let mut warm: Option<(u64, usize, Duration, Instant)> = None;
     let (mut rss_max, mut fds_max, mut threads_map_max) = (0u64, 0usize, 0f64);
     let mut walk_fds_max = 0;
+    // RSS every ten intervals, for the record (and for a failure's message).
+    let mut rss_curve = Vec::new();
     let mut intervals_checked = 0;
     // Per container id, the largest CPU time a scrape showed: a named dead
     // container's series leaves /metrics after the retention window.
@@ -275,6 +306,15 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
         let residual = metrics.sum("ergon_attribution_residual_joules_total", &[]);
         assert!(residual.abs() < 1e-6, "attribution residual {residual} J");
         let (rss, fds, cpu, walk_fds) = process_figures(pid);
+        if intervals_checked % 10 == 0 {
+            rss_curve.push(format!(
+                "{:.0}s {:.1} MiB (anon {:.1}), {} series",
+                start.elapsed().as_secs_f64(),
+                rss as f64 / 1048576.0,
+                anon_rss(pid) as f64 / 1048576.0,
+                metrics.samples.len()
+            ));
+        }
         // Bounded by the tree's width, never by how many cgroups came and went.
         walk_fds_max = walk_fds_max.max(walk_fds);
         assert!(
@@ -289,9 +329,10 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
             threads_map_max = threads_map_max.max(map_bytes(&metrics, "THREADS"));
             assert!(
                 rss as f64 <= warm_rss as f64 * 1.10,
-                "RSS {rss} bytes, warm {warm_rss} bytes (+{:.1}%) at {:?}",
+                "RSS {rss} bytes, warm {warm_rss} bytes (+{:.1}%) at {:?}; RSS so far: {}",
                 (rss as f64 / warm_rss as f64 - 1.0) * 100.0,
-                start.elapsed()
+                start.elapsed(),
+                rss_curve.join("; ")
             );
             assert!(
                 fds as f64 <= (warm_fds as f64 * 1.10).max(warm_fds as f64 + 1.0),
@@ -361,7 +402,8 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
          RSS warm {:.1} MiB, max {:.1} MiB (+{:.1}%); fds warm {warm_fds}, max {fds_max} \
          (+ up to {walk_fds_max} cgroup directories during walks); \
          exporter CPU {:.0} ms per minute; THREADS map ~{entries} entries ({:.0} KiB, max {:.0} KiB) of {threads_bound}; \
-         dead cgroups' CPU {charged:.3} s, found {found:.3} s ({named_count} named, {named:.3} s; other {other:.3} s)",
+         dead cgroups' CPU {charged:.3} s, found {found:.3} s ({named_count} named, {named:.3} s; other {other:.3} s); \
+         RSS over time: {}",
         dead.len(),
         dead.len() as f64 / seconds as f64,
         warm_rss as f64 / 1048576.0,
@@ -370,5 +412,6 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
         cpu_per_minute * 1000.0,
         threads_now as f64 / 1024.0,
         threads_map_max / 1024.0,
+        rss_curve.join("; "),
     );
 }
