@@ -17,6 +17,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod cross;
 
 /// The toolchain pinned in rust-toolchain.toml; its LLVM major (22) must be
 /// bpf-linker's.
@@ -80,6 +81,7 @@ unsafe extern "C" {
 fn missing_apt_packages() -> Vec<&'static str> {
     APT_PACKAGES
         .iter()
+        .chain(cross::APT_PACKAGES)
         .copied()
         .filter(|p| {
             !Command::new("dpkg-query")
@@ -167,41 +169,84 @@ fn setup() -> Result<()> {
     Ok(())
 }
 
-/// Runs `cargo test`, echoing its output, and ends with one summary line over
-/// every test binary (cargo prints one `test result:` line per binary).
-fn test(cmd: &mut Command) -> Result<()> {
+/// Test counts over every `cargo test` run of `cargo xtask test`, printed as
+/// one closing line.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Tally {
+    /// Adds one `test result: ok. 3 passed; 0 failed; 1 ignored; …` line.
+    fn add(&mut self, result: &str) {
+        for part in result.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let count: u64 = count.parse().unwrap_or(0);
+            match what {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs a `cargo test`, echoing its output and adding its results to
+/// `tally` (cargo prints one `test result:` line per binary). Returns
+/// whether it succeeded; past `limit` it is killed and counts as failed.
+fn run_tests(
+    cmd: &mut Command,
+    tally: &mut Tally,
+    limit: Option<std::time::Duration>,
+) -> Result<bool> {
     use std::io::{BufRead, BufReader};
     eprintln!("+ {cmd:?}");
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("could not start {cmd:?}"))?;
-    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let timed_out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = limit.map(|limit| {
+        let pid = child.id();
+        let timed_out = timed_out.clone();
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            if finished.recv_timeout(limit).is_err() {
+                timed_out.store(true, std::sync::atomic::Ordering::Relaxed);
+                eprintln!("tests still running after {limit:?}: stopping them");
+                // The whole process group would include this process; kill
+                // cargo and let its children see their pipe close.
+                let _ = Command::new("pkill")
+                    .args(["-TERM", "-P", &pid.to_string()])
+                    .status();
+                let _ = Command::new("kill").arg(pid.to_string()).status();
+            }
+        });
+        (done, thread)
+    });
     for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
         let line = line?;
         println!("{line}");
         if let Some(result) = line.strip_prefix("test result: ") {
-            for part in result.split(';') {
-                let mut words = part.split_whitespace().rev();
-                let (Some(what), Some(count)) = (words.next(), words.next()) else {
-                    continue;
-                };
-                let count: u64 = count.parse().unwrap_or(0);
-                match what {
-                    "passed" => passed += count,
-                    "failed" => failed += count,
-                    "ignored" => ignored += count,
-                    _ => {}
-                }
-            }
+            tally.add(result);
         }
     }
     let status = child.wait()?;
-    println!("{passed} passed, {failed} failed, {ignored} skipped");
-    if !status.success() {
-        bail!("tests failed ({status})");
+    if let Some((done, thread)) = watchdog {
+        let _ = done.send(());
+        let _ = thread.join();
     }
-    Ok(())
+    if timed_out.load(std::sync::atomic::Ordering::Relaxed) {
+        tally.failed += 1;
+        return Ok(false);
+    }
+    Ok(status.success())
 }
 
 /// `cargo xtask soak [--seconds N] [--per-second R] [--release]`: the churn
@@ -269,7 +314,12 @@ fn main() -> Result<()> {
     let rest: Vec<String> = args.skip_while(|arg| arg == "--").collect();
     match command.as_str() {
         "setup" => setup(),
-        "build" => run(cargo().args(["build", "--release", "-p", "ergon"])),
+        "build" => match rest.as_slice() {
+            [] => run(cargo().args(["build", "--release", "-p", "ergon"])),
+            [flag, target] if flag == "--target" => cross::build(target),
+            [flag] if flag.starts_with("--target=") => cross::build(&flag["--target=".len()..]),
+            other => bail!("`cargo xtask build` takes only `--target TRIPLE`, not {other:?}"),
+        },
         "run" => {
             setup()?;
             run(cargo().args(["build", "--release", "-p", "ergon"]))?;
@@ -284,12 +334,30 @@ fn main() -> Result<()> {
             // deployment tests that need the exporter find it through
             // ERGON_BIN (a separate `cargo build -p ergon` would unify
             // features differently and compile the dependencies twice).
-            test(
+            let mut tally = Tally::default();
+            let host = run_tests(
                 cargo()
                     .args(["test", "--workspace", "--exclude", "ergon-ebpf"])
                     .args(&rest)
                     .env("ERGON_BIN", root().join("target/debug/ergon")),
-            )
+                &mut tally,
+                None,
+            )?;
+            // The same unit tests on arm64, under emulation (edge nodes);
+            // skipped when arguments narrow the host run to some tests.
+            let arm64 = if rest.is_empty() {
+                cross::unit_tests(&mut tally)?
+            } else {
+                true
+            };
+            println!(
+                "{} passed, {} failed, {} skipped",
+                tally.passed, tally.failed, tally.ignored
+            );
+            if !(host && arm64) {
+                bail!("tests failed");
+            }
+            Ok(())
         }
         "bench" => bench::run_all(&rest),
         "soak" => soak(&rest),
