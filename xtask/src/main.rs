@@ -4,8 +4,10 @@
 //! - `setup`  installs what a fresh machine lacks (idempotent)
 //! - `build`  builds the exporter (release)
 //! - `run`    setup + build + run the exporter with defaults (extra args pass through)
-//! - `test`   setup + fmt check + clippy -D warnings + every test
+//! - `test`   setup + fmt check + clippy -D warnings + every test + `e2e`
 //! - `lint`   fmt check + clippy
+//! - `e2e`    a real single-node Kubernetes: image built, chart installed,
+//!   real pods measured through a real Prometheus (see [`e2e`]); part of `test`
 //! - `bench`  setup + the benchmarks of BENCHMARKS.md: one table, printed
 //!   and written into BENCHMARKS.md (see [`bench`])
 
@@ -15,6 +17,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod e2e;
 
 /// The toolchain pinned in rust-toolchain.toml; its LLVM major (22) must be
 /// bpf-linker's.
@@ -75,8 +78,9 @@ unsafe extern "C" {
     fn libc_geteuid() -> u32;
 }
 
-fn missing_apt_packages() -> Vec<&'static str> {
-    APT_PACKAGES
+/// Those of `packages` that dpkg does not have installed.
+fn missing_packages<'a>(packages: &[&'a str]) -> Vec<&'a str> {
+    packages
         .iter()
         .copied()
         .filter(|p| {
@@ -89,6 +93,24 @@ fn missing_apt_packages() -> Vec<&'static str> {
         .collect()
 }
 
+/// `apt-get update` and `apt-get install` of `packages` (none: nothing).
+fn apt_install(packages: &[&str]) -> Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut cmd)
+    };
+    apt(&["update", "-qq"]).context(
+        "apt-get update failed: is the Debian package registry reachable from this machine?",
+    )?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(packages);
+    apt(&args).with_context(|| format!("installing {packages:?} with apt-get failed"))
+}
+
 fn setup() -> Result<()> {
     if !is_root() {
         bail!(
@@ -96,20 +118,7 @@ fn setup() -> Result<()> {
              (e.g. `sudo -E cargo xtask setup`)"
         );
     }
-    let missing = missing_apt_packages();
-    if !missing.is_empty() {
-        let apt = |args: &[&str]| {
-            let mut cmd = Command::new("apt-get");
-            cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-            run(&mut cmd)
-        };
-        apt(&["update", "-qq"]).context(
-            "apt-get update failed: is the Debian package registry reachable from this machine?",
-        )?;
-        let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
-        args.extend(&missing);
-        apt(&args).with_context(|| format!("installing {missing:?} with apt-get failed"))?;
-    }
+    apt_install(&missing_packages(APT_PACKAGES))?;
 
     let installed = Command::new("rustup")
         .args(["component", "list", "--installed", "--toolchain", TOOLCHAIN])
@@ -236,11 +245,21 @@ fn main() -> Result<()> {
                     .args(["test", "--workspace", "--exclude", "ergon-ebpf"])
                     .args(&rest)
                     .env("ERGON_BIN", root().join("target/debug/ergon")),
-            )
+            )?;
+            // The real cluster takes the binary the tests just built. A
+            // filtered run (`cargo xtask test some_test`) is a quick loop:
+            // the e2e is then left out, and says so.
+            if rest.is_empty() {
+                e2e::run_all(&[])
+            } else {
+                eprintln!("e2e not run (test filter given): run it with `cargo xtask e2e`");
+                Ok(())
+            }
         }
+        "e2e" => e2e::run_all(&rest),
         "bench" => bench::run_all(&rest),
         other => bail!(
-            "unknown command `{other}`; use one of: setup, build, run, test, lint, bench \
+            "unknown command `{other}`; use one of: setup, build, run, test, lint, e2e, bench \
              (e.g. `cargo xtask test`)"
         ),
     }
