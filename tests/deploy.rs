@@ -2793,9 +2793,17 @@ fn cluster_dashboards_and_rules_return_data() {
         address("ERGON_E2E_EXPORTER"),
         address("ERGON_E2E_PROMETHEUS"),
     );
-    let problems = live_check_dashboards(&repo_root(), exporter, prometheus, |dashboard| {
-        !dashboard.contains("vehicle-pipeline")
-    });
+    let include = |dashboard: &str| !dashboard.contains("vehicle-pipeline");
+    let checked = dashboard_queries(&repo_root())
+        .iter()
+        .filter(|q| include(&q.dashboard))
+        .count();
+    eprintln!("checking {checked} panel queries against the cluster's Prometheus");
+    assert!(
+        checked >= 10,
+        "only {checked} panel queries found in dashboards/"
+    );
+    let problems = live_check_dashboards(&repo_root(), exporter, prometheus, include);
     assert!(
         problems.is_empty(),
         "dashboards and rules against the e2e cluster:\n{}",

@@ -4,8 +4,10 @@
 //! - `setup`  installs what a fresh machine lacks (idempotent)
 //! - `build`  builds the exporter (release)
 //! - `run`    setup + build + run the exporter with defaults (extra args pass through)
-//! - `test`   setup + fmt check + clippy -D warnings + every test
+//! - `test`   setup + fmt check + clippy -D warnings + every test + `e2e`
 //! - `lint`   fmt check + clippy
+//! - `e2e`    a real single-node Kubernetes: image built, chart installed,
+//!   real pods measured through a real Prometheus (see [`e2e`]); part of `test`
 //! - `bench`  setup + the benchmarks of BENCHMARKS.md: one table, printed
 //!   and written into BENCHMARKS.md (see [`bench`])
 //! - `soak`   churn soak: short-lived cgroups and processes beside steady
@@ -18,6 +20,7 @@ use anyhow::{Context, Result, bail};
 
 mod bench;
 mod cross;
+mod e2e;
 
 /// The toolchain pinned in rust-toolchain.toml; its LLVM major (22) must be
 /// bpf-linker's.
@@ -78,10 +81,10 @@ unsafe extern "C" {
     fn libc_geteuid() -> u32;
 }
 
-fn missing_apt_packages() -> Vec<&'static str> {
-    APT_PACKAGES
+/// Those of `packages` that dpkg does not have installed.
+fn missing_packages<'a>(packages: &[&'a str]) -> Vec<&'a str> {
+    packages
         .iter()
-        .chain(cross::APT_PACKAGES)
         .copied()
         .filter(|p| {
             !Command::new("dpkg-query")
@@ -93,6 +96,24 @@ fn missing_apt_packages() -> Vec<&'static str> {
         .collect()
 }
 
+/// `apt-get update` and `apt-get install` of `packages` (none: nothing).
+fn apt_install(packages: &[&str]) -> Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    let apt = |args: &[&str]| {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        run(&mut cmd)
+    };
+    apt(&["update", "-qq"]).context(
+        "apt-get update failed: is the Debian package registry reachable from this machine?",
+    )?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(packages);
+    apt(&args).with_context(|| format!("installing {packages:?} with apt-get failed"))
+}
+
 fn setup() -> Result<()> {
     if !is_root() {
         bail!(
@@ -100,20 +121,12 @@ fn setup() -> Result<()> {
              (e.g. `sudo -E cargo xtask setup`)"
         );
     }
-    let missing = missing_apt_packages();
-    if !missing.is_empty() {
-        let apt = |args: &[&str]| {
-            let mut cmd = Command::new("apt-get");
-            cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
-            run(&mut cmd)
-        };
-        apt(&["update", "-qq"]).context(
-            "apt-get update failed: is the Debian package registry reachable from this machine?",
-        )?;
-        let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
-        args.extend(&missing);
-        apt(&args).with_context(|| format!("installing {missing:?} with apt-get failed"))?;
-    }
+    let wanted: Vec<&str> = APT_PACKAGES
+        .iter()
+        .chain(cross::APT_PACKAGES)
+        .copied()
+        .collect();
+    apt_install(&missing_packages(&wanted))?;
 
     let installed = Command::new("rustup")
         .args(["component", "list", "--installed", "--toolchain", TOOLCHAIN])
@@ -179,6 +192,14 @@ struct Tally {
 }
 
 impl Tally {
+    fn record(&mut self, passed: bool) {
+        if passed {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+        }
+    }
+
     /// Adds one `test result: ok. 3 passed; 0 failed; 1 ignored; …` line.
     fn add(&mut self, result: &str) {
         for part in result.split(';') {
@@ -343,27 +364,41 @@ fn main() -> Result<()> {
                 &mut tally,
                 None,
             )?;
-            // The same unit tests on arm64, under emulation (edge nodes);
-            // skipped when arguments narrow the host run to some tests.
-            let arm64 = if rest.is_empty() {
-                cross::unit_tests(&mut tally)?
+            // A filtered run (`cargo xtask test some_test`) is a quick loop:
+            // the arm64 unit tests and the real cluster are then left out.
+            let everything = rest.is_empty();
+            // The same unit tests on arm64, under emulation (edge nodes).
+            let arm64 = !everything || cross::unit_tests(&mut tally)?;
+            // The real cluster takes the binary the tests just built; it
+            // counts as one test.
+            let cluster = if everything {
+                let result = e2e::run_all(&[]);
+                if let Err(e) = &result {
+                    eprintln!("e2e failed: {e:#}");
+                }
+                tally.record(result.is_ok());
+                result.is_ok()
             } else {
+                eprintln!(
+                    "arm64 and e2e not run (test filter given): run them with `cargo xtask test`"
+                );
                 true
             };
             println!(
                 "{} passed, {} failed, {} skipped",
                 tally.passed, tally.failed, tally.ignored
             );
-            if !(host && arm64) {
+            if !(host && arm64 && cluster) {
                 bail!("tests failed");
             }
             Ok(())
         }
+        "e2e" => e2e::run_all(&rest),
         "bench" => bench::run_all(&rest),
         "soak" => soak(&rest),
         other => bail!(
-            "unknown command `{other}`; use one of: setup, build, run, test, lint, bench, soak \
-             (e.g. `cargo xtask test`)"
+            "unknown command `{other}`; use one of: setup, build, run, test, lint, e2e, bench, \
+             soak (e.g. `cargo xtask test`)"
         ),
     }
 }

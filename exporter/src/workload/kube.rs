@@ -363,6 +363,9 @@ async fn run_watcher(client: kube::Client, config: PodWatcherConfig, directory: 
     let selector = format!("spec.nodeName={}", config.node_name);
     let mut prune = tokio::time::interval(Duration::from_secs(30));
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first complete listing is logged once: an operator reading the
+    // pod's log sees that names come from the API, and for which node.
+    let mut watch_started = false;
     loop {
         let mut stream = watcher(api.clone(), watcher::Config::default().fields(&selector)).boxed();
         let mut listing: Option<Vec<ConvertedPod>> = None;
@@ -381,8 +384,17 @@ async fn run_watcher(client: kube::Client, config: PodWatcherConfig, directory: 
                     .push(convert_pod(&pod, &config.label_allowlist)),
                 Some(Ok(watcher::Event::InitDone)) => {
                     let failures = directory.connection().consecutive_failures;
-                    directory.replace_all(listing.take().unwrap_or_default(), Instant::now());
-                    if failures > 0 {
+                    let pods = listing.take().unwrap_or_default();
+                    let count = pods.len();
+                    directory.replace_all(pods, Instant::now());
+                    if !watch_started {
+                        watch_started = true;
+                        tracing::info!(
+                            node = %config.node_name,
+                            pods = count,
+                            "pod watch started: names come from the Kubernetes API"
+                        );
+                    } else if failures > 0 {
                         tracing::info!(
                             failures,
                             "Kubernetes API reachable again; pod names are current"

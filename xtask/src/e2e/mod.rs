@@ -1,0 +1,290 @@
+//! `cargo xtask e2e`: Ergon on a real single-node Kubernetes.
+//!
+//! Every other deployment test renders manifests offline and talks to a fake
+//! API that serves JSON; this one builds the image, installs the chart as an
+//! operator would, and checks what the cluster shows (kubectl, Prometheus),
+//! never the exporter's internals. It fails — never skips — when a piece of
+//! the machine is missing, naming the piece and how to install it.
+//!
+//! Everything it writes lives under one work directory outside the
+//! repository (`/var/cache/ergon-e2e`, or `ERGON_E2E_WORK`): the cached
+//! Kubernetes binaries (keyed by the source tarball's sha256 and the build
+//! flags), the debootstrap tarball, docker's image store, and `run/` with
+//! this run's certificates, etcd data and logs (kept when a check fails).
+
+mod chart;
+mod cluster;
+mod image;
+mod prometheus;
+mod workloads;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use cluster::{Cluster, WorkDir};
+
+use crate::root;
+
+/// Debian packages the e2e needs, with what each is for.
+const APT_PACKAGES: &[(&str, &str)] = &[
+    ("etcd-server", "etcd"),
+    ("etcd-client", "etcdctl"),
+    (
+        "docker.io",
+        "dockerd, containerd and runc: the container runtime",
+    ),
+    ("golang-1.19-go", "Go to build the Kubernetes binaries"),
+    (
+        "golang-github-modern-go-reflect2-dev",
+        "reflect2 1.0.2, which Go 1.19 needs in place of the vendored 1.0.1",
+    ),
+    ("rsync", "make gen_openapi in the Kubernetes tree"),
+    ("make", "make gen_openapi"),
+    ("gcc", "the static pause binary"),
+    ("libc6-dev", "the static pause binary"),
+    ("debootstrap", "the Debian base image"),
+    ("busybox-static", "the workloads' image"),
+    ("openssl", "the cluster's certificates"),
+    ("jq", "the runc wrapper edits OCI specs"),
+    ("prometheus", "the Prometheus that scrapes the exporter"),
+    ("curl", "queries to Prometheus"),
+];
+
+/// What to install when a program cannot be started.
+pub fn install_hint(program: &str) -> String {
+    let package = match program {
+        "etcd" => "etcd-server",
+        "dockerd" => "docker.io",
+        "prometheus" => "prometheus",
+        _ => return "run `cargo xtask e2e`, which installs what is missing".into(),
+    };
+    format!("install it with `apt-get install {package}`")
+}
+
+pub fn script(name: &str) -> PathBuf {
+    root().join("xtask/e2e").join(name)
+}
+
+/// The first `URIs:` of the machine's Debian sources, or deb.debian.org.
+pub fn debian_mirror() -> String {
+    std::fs::read_to_string("/etc/apt/sources.list.d/debian.sources")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("URIs:"))
+                .map(|u| u.trim().to_owned())
+        })
+        .unwrap_or_else(|| "http://deb.debian.org/debian".into())
+}
+
+/// helm and kubectl from `<repo>/.tools/bin` (tests/setup-tools.sh), else PATH.
+pub fn tool(name: &str) -> PathBuf {
+    let local = root().join(".tools/bin").join(name);
+    if local.is_file() {
+        local
+    } else {
+        PathBuf::from(name)
+    }
+}
+
+/// Runs `cmd`, echoing it and its output.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    crate::run(cmd)
+}
+
+/// Runs `cmd` with its output captured; on failure the error carries it.
+pub fn run_quiet(cmd: &mut Command) -> Result<()> {
+    output(cmd).map(|_| ())
+}
+
+/// Runs `cmd` and returns its stdout; on failure the error carries stderr.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("could not start {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!(
+            "{:?} {:?} failed ({}): {}",
+            cmd.get_program(),
+            cmd.get_args().collect::<Vec<_>>(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn install_packages() -> Result<()> {
+    let packages: Vec<&str> = APT_PACKAGES.iter().map(|(p, _)| *p).collect();
+    let missing = crate::missing_packages(&packages);
+    crate::apt_install(&missing).with_context(|| {
+        let why: Vec<String> = APT_PACKAGES
+            .iter()
+            .filter(|(p, _)| missing.contains(p))
+            .map(|(p, w)| format!("{p} ({w})"))
+            .collect();
+        format!("the e2e needs {}", why.join(", "))
+    })
+}
+
+/// The four Kubernetes binaries and pause, built once and cached by content.
+fn kube_binaries(work: &WorkDir) -> Result<PathBuf> {
+    let start = Instant::now();
+    let out = Command::new("bash")
+        .arg(script("kube-build.sh"))
+        .env("ERGON_E2E_WORK", &work.cache)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running xtask/e2e/kube-build.sh")?;
+    if !out.status.success() {
+        bail!(
+            "building Kubernetes v1.20.2 from Debian's source package failed ({}); \
+             its output is above",
+            out.status
+        );
+    }
+    let bin = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    eprintln!(
+        "e2e: Kubernetes binaries in {bin} ({:.0} s)",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(PathBuf::from(bin))
+}
+
+/// `cargo xtask e2e` (no arguments; `ERGON_E2E_WORK` and `ERGON_BIN` in
+/// the environment).
+pub fn run_all(args: &[String]) -> Result<()> {
+    if !args.is_empty() {
+        bail!("`cargo xtask e2e` takes no arguments (got {args:?})");
+    }
+    if !crate::is_root() {
+        bail!(
+            "the e2e starts a Kubernetes node (dockerd, kubelet, cgroups, mounts): run it as root"
+        );
+    }
+    cluster::catch_interrupts();
+    let started = Instant::now();
+    let work = WorkDir::new(
+        std::env::var_os("ERGON_E2E_WORK")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/cache/ergon-e2e")),
+    );
+    std::fs::create_dir_all(&work.cache)
+        .with_context(|| format!("creating the e2e work dir {}", work.cache.display()))?;
+    install_packages()?;
+    let bin = kube_binaries(&work)?;
+    let ergon_bin = std::env::var_os("ERGON_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/debug/ergon"));
+
+    let mut cluster = Cluster::start(work, bin)?;
+    let result = checks(&mut cluster, &ergon_bin);
+    cluster.failed = result.is_err();
+    drop(cluster);
+    result?;
+    eprintln!(
+        "e2e: every check passed in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn checks(cluster: &mut Cluster, ergon_bin: &Path) -> Result<()> {
+    let step = |what: &str| eprintln!("e2e: === {what}");
+    step("images");
+    image::build_busybox(cluster)?;
+    let image = image::build_ergon(cluster, ergon_bin)?;
+    eprintln!("e2e: built {image}");
+
+    step("chart, default (privileged) profile");
+    chart::install_operator_crds(cluster)?;
+    chart::install(cluster, chart::Profile::Privileged)?;
+
+    step("Prometheus discovering the exporter through the apiserver");
+    let discovery = prometheus::start_discovery(cluster)?;
+    let prometheus = prometheus::start(cluster, &discovery)?;
+
+    step("busy pods: real names, joules in the ratio of cpu.stat");
+    workloads::start_loops(cluster)?;
+    workloads::check_names_and_ratio(cluster, &prometheus)?;
+
+    step("a deleted pod keeps its final counter, then goes after the retention");
+    let retention = Duration::from_secs(
+        chart::RETENTION
+            .trim_end_matches('s')
+            .parse()
+            .context("chart::RETENTION is in seconds")?,
+    );
+    workloads::check_deleted_pod(cluster, &prometheus, retention)?;
+
+    step("kubectl rollout restart: no counter decreases");
+    check_restart_keeps_counters(cluster, &prometheus, Some(chart::rollout_restart))?;
+
+    step("chart, least-privilege profile (SYS_ADMIN fallback for docker 20.10)");
+    chart::install(cluster, chart::Profile::LeastPrivilege)?;
+    check_restart_keeps_counters(cluster, &prometheus, None)?;
+
+    step("every dashboard panel query returns data (tests/deploy.rs, on this cluster)");
+    cluster::wait_for(
+        "the recording rules to have been evaluated",
+        Duration::from_secs(120),
+        || {
+            Ok((!prometheus
+                .query("namespace:ergon_pod_energy_kwh:increase1d")?
+                .is_empty())
+            .then_some(()))
+        },
+    )?;
+    run(crate::cargo()
+        .args(["test", "-p", "ergon-deploy-tests", "--test", "deploy"])
+        .args([
+            "cluster_dashboards_and_rules_return_data",
+            "--",
+            "--ignored",
+            "--exact",
+        ])
+        .env("ERGON_E2E_EXPORTER", format!("127.0.0.1:{}", chart::PORT))
+        .env("ERGON_E2E_PROMETHEUS", &prometheus.address))
+    .context("the dashboards' panel queries against the cluster's Prometheus")?;
+
+    step("no alert fires or is pending");
+    let alerts = prometheus.query("ALERTS")?;
+    if !alerts.is_empty() {
+        bail!("alerts fired or are pending on a healthy node: {alerts:?}");
+    }
+    workloads::delete_namespace(cluster)?;
+    chart::uninstall(cluster)?;
+    Ok(())
+}
+
+/// Restarts the DaemonSet (with `restart`, or already done by a `helm
+/// upgrade`) and checks with `resets()` that no energy counter went down:
+/// the checkpoint on the hostPath carries them over.
+fn check_restart_keeps_counters(
+    cluster: &Cluster,
+    prometheus: &prometheus::Prometheus,
+    restart: Option<fn(&Cluster) -> Result<String>>,
+) -> Result<()> {
+    let pod = match restart {
+        Some(restart) => restart(cluster)?,
+        None => chart::ready_pod(cluster)?,
+    };
+    eprintln!("e2e: exporter pod after the restart: {pod}");
+    // A few scrapes of the new pod.
+    cluster::sleep(Duration::from_secs(20))?;
+    // Over everything Prometheus has seen, i.e. the whole e2e.
+    for counter in workloads::COUNTERS {
+        let resets = prometheus.query(&format!("resets({counter}[1h]) > 0"))?;
+        if !resets.is_empty() {
+            bail!("{counter} decreased across `kubectl rollout restart`: {resets:?}");
+        }
+        if prometheus.query(counter)?.is_empty() {
+            bail!("{counter} is missing after the restart");
+        }
+    }
+    Ok(())
+}
