@@ -193,6 +193,7 @@ fn metrics_levels_switch_families_off_for_100_pods() {
         .iter()
         .map(|level| start(&rapl, &api, &[&format!("--metrics={level}")]))
         .collect();
+    let kepler = start(&rapl, &api, &["--metrics=pod", "--compat=kepler"]);
     // Every pod runs once, after every probe is attached.
     std::thread::sleep(Duration::from_millis(100));
     let runs: Vec<BusyChild> = pods
@@ -221,6 +222,25 @@ fn metrics_levels_switch_families_off_for_100_pods() {
             >= 100
     });
     drop(runs);
+
+    // Kepler's names follow the same levels.
+    let kepler = kepler.eventually("Kepler's pod series", |m| {
+        m.select("kepler_pod_cpu_joules_total", &[]).count() >= 100
+    });
+    let kepler_families: BTreeSet<&str> =
+        kepler.samples.iter().map(|(n, _, _)| n.as_str()).collect();
+    for off in [
+        "kepler_node_cpu_joules_total",
+        "kepler_node_cpu_info",
+        "kepler_container_cpu_joules_total",
+        "kepler_container_cpu_seconds_total",
+        "kepler_process_cpu_joules_total",
+    ] {
+        assert!(
+            !kepler_families.contains(off),
+            "--metrics=pod exported {off}"
+        );
+    }
 
     for (level, exporter) in levels.iter().zip(&exporters) {
         let text = exporter.metrics_text();

@@ -440,10 +440,10 @@ pub(super) fn push(families: &mut [Family], measure: &Loop, node: &KeplerNode) {
         ],
         1.0,
     );
-    for cpu in &node.cpus {
+    for cpu in node.cpus.iter().filter(|_| levels.node) {
         family(families, NODE_CPU_INFO).push(cpu.to_vec(), 1.0);
     }
-    if let Some(ratio) = last.utilisation {
+    if let Some(ratio) = last.utilisation.filter(|_| levels.node) {
         family(families, NODE_CPU_USAGE_RATIO).push(vec![node_name.clone()], ratio);
     }
 
