@@ -17,14 +17,15 @@
 //!
 //! CPU time of this thread (getrusage RUSAGE_THREAD), averaged over many
 //! iterations. Prints `result attribution.{cpu_us_per_interval,
-//! per_process_cpu_us_per_interval}` and `result render.{cpu_us,bytes,series}`.
+//! per_process_cpu_us_per_interval}` and `result render.{cpu_us,bytes,series,
+//! gzip_bytes,openmetrics_bytes,openmetrics_gzip_bytes,gzip_cpu_us}`.
 
 mod common;
 
 use std::collections::HashMap;
 
 use ergon::attribute::{self, DomainEnergy, Ledger, Usage};
-use ergon::export::{self, Family, Report};
+use ergon::export::{self, Encoding, Family, Format, Report};
 use ergon::interval::catalogue;
 use ergon::units::{Domain, Joules, Nanos};
 use ergon::workload::{Workload, classify};
@@ -341,4 +342,44 @@ fn main() {
     common::result("render.bytes", text.len() as f64);
     common::result("render.series", series as f64);
     common::result("render.pods", pods as f64);
+
+    // The other bodies of the same report (made once per interval, by the
+    // first scrape that negotiates each): gzip (`Accept-Encoding: gzip`,
+    // what Prometheus sends) and OpenMetrics, through the server's own
+    // `export::render` (the process metrics' tail included).
+    let process = export::process_registry();
+    let published = export::Published::default();
+    published.publish(report.clone());
+    for (format, encoding, key) in [
+        (Format::Text, Encoding::Gzip, "render.gzip_bytes"),
+        (
+            Format::OpenMetrics,
+            Encoding::Identity,
+            "render.openmetrics_bytes",
+        ),
+        (
+            Format::OpenMetrics,
+            Encoding::Gzip,
+            "render.openmetrics_gzip_bytes",
+        ),
+    ] {
+        let body = export::render(&published, &process, format, encoding);
+        common::result(key, (body.first_ref().len() + body.last_ref().len()) as f64);
+    }
+    // Compressing: one interval's text and gzip bodies, less the text's own
+    // render and the report's clone (measured apart).
+    let clone_us = common::cpu_us_per_call(MEASURED_RENDERS, || {
+        std::hint::black_box(report.clone());
+    });
+    let gzip_us = common::cpu_us_per_call(MEASURED_RENDERS / 10, || {
+        let published = export::Published::default();
+        published.publish(report.clone());
+        std::hint::black_box(export::render(
+            &published,
+            &process,
+            Format::Text,
+            Encoding::Gzip,
+        ));
+    });
+    common::result("render.gzip_cpu_us", gzip_us - clone_us - render_us);
 }

@@ -114,8 +114,22 @@ pub struct Cli {
     pub pmu: PmuChoice,
 
     /// Also account and export energy per process (opt-in: more series).
+    /// The same as adding `process` to --metrics.
     #[arg(long, env = "ERGON_PER_PROCESS")]
     pub per_process: bool,
+
+    /// Series families to export, comma-separated (Kepler's levels): node,
+    /// pod, container, process. `process` also turns on per-process
+    /// accounting (as --per-process). Build, meter and probe health series
+    /// are always exported.
+    #[arg(
+        long,
+        env = "ERGON_METRICS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "node,pod,container"
+    )]
+    pub metrics: Vec<crate::export::MetricLevel>,
 
     /// Bound of the kernel's cgroup map; more cgroups go to an overflow bucket.
     #[arg(long, env = "ERGON_MAX_CGROUPS", default_value_t = 16384)]
@@ -384,7 +398,7 @@ impl Cli {
             mode: self.probe,
             hook: self.hook,
             pmu: self.pmu,
-            per_process: self.per_process,
+            per_process: self.metric_levels().process,
             max_cgroups: self.max_cgroups,
             max_processes: self.max_processes,
             map_allocation: self.map_allocation,
@@ -393,6 +407,14 @@ impl Cli {
             host_sys: self.host_sys.clone(),
             cgroup_root: self.cgroup_root(),
         }
+    }
+
+    /// `--metrics` with `--per-process` folded in: either one turns on the
+    /// process level and the kernel's per-process accounting it needs.
+    pub fn metric_levels(&self) -> crate::export::MetricLevels {
+        let mut levels = crate::export::MetricLevels::from_levels(&self.metrics);
+        levels.process |= self.per_process;
+        levels
     }
 
     /// Where the checkpoint is written: `--checkpoint`, else

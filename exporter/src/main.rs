@@ -53,7 +53,8 @@ fn main() -> anyhow::Result<()> {
         interval: cli.interval,
         idle_policy: cli.idle_policy,
         idle_watts,
-        per_process: cli.per_process,
+        per_process: cli.metric_levels().process,
+        metrics: cli.metric_levels(),
         retention: cli.retention,
         compat: cli.compat,
         node_name: cli.node_name.clone().unwrap_or_else(|| {

@@ -29,7 +29,9 @@
 //! - **Memory.** Every `/metrics` response shares the interval's one report
 //!   buffer ([`super::MetricsBody`]); a stuck response costs its socket and
 //!   hyper's bounded buffers ([`MAX_BUFFER_BYTES`] read, the same written),
-//!   not a copy of the report.
+//!   not a copy of the report. Gzip and OpenMetrics bodies are shared the
+//!   same way: each is made once per interval, by the first scrape that
+//!   negotiates it.
 //! - **Optional TLS and authorization** ([`super::tls`], [`super::auth`]):
 //!   the TLS handshake must finish within the header read timeout; a token
 //!   is checked only for `/metrics`, after the cheap paths are answered and
@@ -58,6 +60,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::auth::{Authorizer, Decision};
 use super::deadlines::{Deadlines, Limits};
 use super::{MetricsBody, ServerHandle};
+
+/// Scrapes answered, by negotiated format and encoding.
+pub const SCRAPES: &str = "ergon_scrapes_total";
 
 /// hyper's read buffer, which bounds a request head, and its write buffer.
 pub const MAX_BUFFER_BYTES: usize = 16 * 1024;
@@ -234,15 +239,37 @@ fn route(request: &Request<Incoming>, shared: &Shared) -> Routed {
     reply.into()
 }
 
-fn metrics(shared: &Shared) -> Reply {
-    let mut response = Response::new(Full::new(super::render(
-        &shared.handle.published,
-        &shared.process,
-    )));
-    response.headers_mut().insert(
+/// `/metrics` in the format and encoding the client negotiated
+/// ([`super::negotiate`]), counted in `ergon_scrapes_total`.
+fn metrics(request: &Request<Incoming>, shared: &Shared) -> Reply {
+    let header = |name| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|value: &HeaderValue| value.to_str().ok())
+    };
+    let format = super::format(header(header::ACCEPT));
+    let encoding = super::encoding(header(header::ACCEPT_ENCODING));
+    shared
+        .scrapes
+        .with_label_values(&[format.as_str(), encoding.as_str()])
+        .inc();
+    let body = super::render(&shared.handle.published, &shared.process, format, encoding);
+    let mut response = Response::new(Full::new(body));
+    let headers = response.headers_mut();
+    headers.insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_static(prometheus::TEXT_FORMAT),
+        HeaderValue::from_static(format.content_type()),
     );
+    // Caches between Prometheus and the exporter must not serve one
+    // client's negotiated body to another.
+    headers.insert(
+        header::VARY,
+        HeaderValue::from_static("Accept, Accept-Encoding"),
+    );
+    if encoding == super::Encoding::Gzip {
+        headers.insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
     response
 }
 
@@ -258,7 +285,7 @@ async fn authorized_metrics(
         .get(header::AUTHORIZATION)
         .map(HeaderValue::as_bytes);
     let refused = match auth.check(token).await {
-        Decision::Allowed => return metrics(shared),
+        Decision::Allowed => return metrics(request, shared),
         Decision::Unauthenticated(why) => {
             let mut response = reply(
                 StatusCode::UNAUTHORIZED,
@@ -298,7 +325,7 @@ async fn respond(request: Request<Incoming>, slot: &ScrapeSlot, shared: &Shared)
         Routed::Metrics if !slot.claim() => busy(shared),
         Routed::Metrics => match &shared.options.auth {
             Some(auth) => authorized_metrics(&request, auth, shared).await,
-            None => metrics(shared),
+            None => metrics(&request, shared),
         },
     }
 }
@@ -307,6 +334,8 @@ async fn respond(request: Request<Incoming>, slot: &ScrapeSlot, shared: &Shared)
 struct Shared {
     handle: ServerHandle,
     process: prometheus::Registry,
+    /// `ergon_scrapes_total{format,encoding}`: what scrapers negotiated.
+    scrapes: prometheus::IntCounterVec,
     options: ServerOptions,
 }
 
@@ -322,9 +351,21 @@ pub async fn serve(
     process
         .register(Box::new(handle.last_success_gauge()))
         .expect("the liveness gauge registers once");
+    let scrapes = prometheus::IntCounterVec::new(
+        prometheus::Opts::new(
+            SCRAPES,
+            "Scrapes of /metrics answered, by the format (text|openmetrics) and encoding (identity|gzip) the scraper negotiated.",
+        ),
+        &["format", "encoding"],
+    )
+    .expect("a valid metric name and labels");
+    process
+        .register(Box::new(scrapes.clone()))
+        .expect("the scrape counter registers once");
     let shared = Arc::new(Shared {
         handle,
         process,
+        scrapes,
         options,
     });
     loop {

@@ -427,6 +427,8 @@ pub(super) fn push(families: &mut [Family], measure: &Loop, node: &KeplerNode) {
     let empty = KeplerInterval::default();
     let last = last.unwrap_or(&empty);
     let node_name = &node.node_name;
+    // `--metrics`: a level switched off is skipped, not built and dropped.
+    let levels = measure.settings.metrics;
 
     family(families, BUILD_INFO).push(
         vec![
@@ -438,14 +440,14 @@ pub(super) fn push(families: &mut [Family], measure: &Loop, node: &KeplerNode) {
         ],
         1.0,
     );
-    for cpu in &node.cpus {
+    for cpu in node.cpus.iter().filter(|_| levels.node) {
         family(families, NODE_CPU_INFO).push(cpu.to_vec(), 1.0);
     }
-    if let Some(ratio) = last.utilisation {
+    if let Some(ratio) = last.utilisation.filter(|_| levels.node) {
         family(families, NODE_CPU_USAGE_RATIO).push(vec![node_name.clone()], ratio);
     }
 
-    for (domain, source, counters) in state_of.workloads.node() {
+    for (domain, source, counters) in state_of.workloads.node().filter(|_| levels.node) {
         let (active, idle) = last
             .node
             .get(&(domain, source.to_owned()))
@@ -491,7 +493,7 @@ pub(super) fn push(families: &mut [Family], measure: &Loop, node: &KeplerNode) {
         family(families, idle_watts).push(labels, last.watts(idle));
     }
 
-    for (uid, counters) in state_of.pods.workloads() {
+    for (uid, counters) in state_of.pods.workloads().filter(|_| levels.pod) {
         let (namespace, pod, _) = super::report::names_of(&counters.names);
         let running = last.alive.iter().any(|w| w.pod_uid() == Some(uid.as_str()));
         for (domain, joules) in &counters.energy {
@@ -509,7 +511,7 @@ pub(super) fn push(families: &mut [Family], measure: &Loop, node: &KeplerNode) {
         }
     }
 
-    for (workload, counters) in state_of.workloads.workloads() {
+    for (workload, counters) in state_of.workloads.workloads().filter(|_| levels.container) {
         let Workload::Container {
             pod_uid,
             container_id,
@@ -545,7 +547,7 @@ pub(super) fn push(families: &mut [Family], measure: &Loop, node: &KeplerNode) {
         }
     }
 
-    if !measure.settings.per_process {
+    if !measure.settings.per_process || !levels.process {
         return;
     }
     for (pid, counters) in state_of.processes.workloads() {

@@ -63,6 +63,8 @@ pub struct Settings {
     pub idle_policy: IdlePolicy,
     pub idle_watts: Vec<(Domain, Watts)>,
     pub per_process: bool,
+    /// Series families to build (`--metrics`).
+    pub metrics: crate::export::MetricLevels,
     pub retention: Duration,
     /// Other exporters' metric names to emit too (`--compat`).
     pub compat: Option<Compat>,

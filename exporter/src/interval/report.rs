@@ -342,6 +342,9 @@ fn family<'a>(families: &'a mut [Family], name: &str) -> &'a mut Family {
 pub(super) fn build(measure: &Loop) -> Report {
     let mut families = catalogue();
     let state = &measure.state;
+    // `--metrics` (export::levels): a level switched off is skipped here,
+    // not built and filtered out later.
+    let levels = measure.settings.metrics;
     let info = measure.probe.info();
     family(&mut families, BUILD_INFO).push(
         vec![env!("CARGO_PKG_VERSION").into(), measure.kernel.clone()],
@@ -369,7 +372,7 @@ pub(super) fn build(measure: &Loop) -> Report {
         }
     }
     let mut kepler_node: BTreeMap<(String, &str), f64> = BTreeMap::new();
-    for (domain, source, counters) in state.workloads.node() {
+    for (domain, source, counters) in state.workloads.node().filter(|_| levels.node) {
         let node = family(&mut families, NODE_ENERGY);
         node.push(
             vec![domain.as_str().into(), "active".into(), source.into()],
@@ -395,13 +398,15 @@ pub(super) fn build(measure: &Loop) -> Report {
             *kepler_node.entry((source.to_owned(), "idle")).or_default() += counters.idle.0;
         }
     }
-    for ((domain, source), watts) in &measure.last.power {
-        family(&mut families, NODE_POWER)
-            .push(vec![domain.as_str().into(), (*source).into()], watts.0);
+    if levels.node {
+        for ((domain, source), watts) in &measure.last.power {
+            family(&mut families, NODE_POWER)
+                .push(vec![domain.as_str().into(), (*source).into()], watts.0);
+        }
+        let cpu = family(&mut families, NODE_CPU_SECONDS);
+        cpu.push(vec!["busy".into()], state.busy_ns as f64 / 1e9);
+        cpu.push(vec!["idle".into()], state.idle_ns as f64 / 1e9);
     }
-    let cpu = family(&mut families, NODE_CPU_SECONDS);
-    cpu.push(vec!["busy".into()], state.busy_ns as f64 / 1e9);
-    cpu.push(vec!["idle".into()], state.idle_ns as f64 / 1e9);
 
     let mut unknown_pods = 0;
     for (uid, counters) in state.pods.workloads() {
@@ -409,6 +414,9 @@ pub(super) fn build(measure: &Loop) -> Report {
         // described on this node stays unnamed and is counted.
         if counters.names.is_none() {
             unknown_pods += 1;
+        }
+        if !levels.pod {
+            continue;
         }
         let (namespace, name, _) = names_of(&counters.names);
         for (domain, joules) in &counters.energy {
@@ -438,6 +446,8 @@ pub(super) fn build(measure: &Loop) -> Report {
     let source = measure.metering.primary_source();
     for (workload, counters) in state.workloads.workloads() {
         match workload {
+            Workload::Container { .. } if !levels.container => {}
+            Workload::System { .. } if !levels.node => {}
             Workload::Container { container_id, .. } => {
                 let (namespace, pod_name, container) = names_of(&counters.names);
                 let labels = vec![namespace, pod_name, container, container_id.clone()];
@@ -488,13 +498,13 @@ pub(super) fn build(measure: &Loop) -> Report {
             Workload::Pod { .. } => {}
         }
     }
-    if measure.settings.compat == Some(Compat::Kepler09) {
+    if measure.settings.compat == Some(Compat::Kepler09) && levels.node {
         for ((source, mode), value) in kepler_node {
             family(&mut families, KEPLER_NODE).push(vec![source, mode.into()], value);
         }
     }
 
-    if measure.settings.per_process {
+    if measure.settings.per_process && levels.process {
         for (pid, counters) in state.processes.workloads() {
             let (comm, container) = state.process_labels.get(pid).cloned().unwrap_or_default();
             for (domain, joules) in &counters.energy {
