@@ -56,6 +56,7 @@ fn main() -> anyhow::Result<()> {
         host_proc: cli.host_proc.clone(),
         cgroup_root: cli.cgroup_root(),
         model_fit_output: cli.model_fit_output.clone(),
+        pod_labels: cli.pod_label_keys(),
     };
     let published = Published::default();
     let handle = ServerHandle::new(published.clone(), cli.interval);
@@ -114,7 +115,7 @@ async fn start_pod_watcher(cli: &Cli) -> Option<PodWatcher> {
         return None;
     };
     let mut config = PodWatcherConfig::new(node, api);
-    config.label_allowlist = cli.pod_labels.clone();
+    config.label_allowlist = cli.pod_label_keys();
     config.deleted_retention = cli.retention;
     match PodWatcher::spawn(config).await {
         Ok(watcher) => Some(watcher),

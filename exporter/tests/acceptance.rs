@@ -39,17 +39,7 @@ fn exporter_args(rapl: &FakeRapl, api: &Api, extra: &[&str]) -> Vec<String> {
 
 /// Waits until `check` holds on a scrape, or fails with the last scrape.
 fn eventually(exporter: &ExporterProcess, what: &str, check: impl Fn(&Metrics) -> bool) -> Metrics {
-    for _ in 0..100 {
-        let metrics = exporter.metrics();
-        if check(&metrics) {
-            return metrics;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!(
-        "{what}: not reached; last scrape: {:?}",
-        exporter.metrics().samples
-    );
+    exporter.eventually(what, check)
 }
 
 #[test]

@@ -33,6 +33,20 @@ pub fn bounded_label(value: &str) -> String {
     crate::workload::cgroup::bounded_label(value, MAX_LABEL_BYTES).into_owned()
 }
 
+/// The Prometheus label name of a Kubernetes pod label key, as
+/// kube-state-metrics writes it: `label_` and the key with every character
+/// that is no ASCII letter, digit or `_` replaced by `_`
+/// (`app.kubernetes.io/name` → `label_app_kubernetes_io_name`).
+pub fn pod_label_name(key: &str) -> String {
+    let mut name = String::with_capacity(key.len() + 6);
+    name.push_str("label_");
+    name.extend(
+        key.chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }),
+    );
+    name
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Counter,
@@ -46,7 +60,13 @@ pub struct Family {
     pub help: &'static str,
     pub kind: Kind,
     pub label_names: &'static [&'static str],
-    /// Label values in `label_names` order, and the value.
+    /// Label names known only at run time (`ergon_pod_labels`' `label_<key>`
+    /// from `--pod-labels`), after `label_names`. An empty value in these
+    /// positions is left out of the line: Prometheus reads a missing label
+    /// and an empty one the same.
+    pub runtime_label_names: Vec<String>,
+    /// Label values in `label_names` then `runtime_label_names` order, and
+    /// the value.
     pub samples: Vec<(Vec<String>, f64)>,
 }
 
@@ -62,12 +82,18 @@ impl Family {
             help,
             kind,
             label_names,
+            runtime_label_names: Vec::new(),
             samples: Vec::new(),
         }
     }
 
     pub fn push(&mut self, labels: Vec<String>, value: f64) {
-        debug_assert_eq!(labels.len(), self.label_names.len(), "{}", self.name);
+        debug_assert_eq!(
+            labels.len(),
+            self.label_names.len() + self.runtime_label_names.len(),
+            "{}",
+            self.name
+        );
         self.samples.push((labels, value));
     }
 }
@@ -161,10 +187,20 @@ pub fn render_report(report: &Report) -> Vec<u8> {
             out.push_str(family.name);
             if !labels.is_empty() {
                 out.push('{');
-                for (i, (name, value)) in family.label_names.iter().zip(labels).enumerate() {
-                    if i > 0 {
+                let names = family
+                    .label_names
+                    .iter()
+                    .copied()
+                    .chain(family.runtime_label_names.iter().map(String::as_str));
+                let mut first = true;
+                for (i, (name, value)) in names.zip(labels).enumerate() {
+                    if i >= family.label_names.len() && value.is_empty() {
+                        continue;
+                    }
+                    if !first {
                         out.push(',');
                     }
+                    first = false;
                     out.push_str(name);
                     out.push_str("=\"");
                     for c in value.chars() {
@@ -232,6 +268,30 @@ mod tests {
         let cut = bounded_label(&long);
         assert!(cut.len() <= MAX_LABEL_BYTES && cut.contains('~'), "{cut}");
         assert_eq!(bounded_label("short"), "short");
+    }
+
+    #[test]
+    fn runtime_labels_follow_the_static_ones_and_empty_ones_are_left_out() {
+        assert_eq!(
+            pod_label_name("app.kubernetes.io/part-of"),
+            "label_app_kubernetes_io_part_of"
+        );
+        let mut family = Family::new("ergon_x", "X.", Kind::Gauge, &["pod_uid"]);
+        family.runtime_label_names = vec!["label_app".into(), "label_team".into()];
+        family.push(vec!["u1".into(), "api".into(), "".into()], 1.0);
+        family.push(vec!["u2".into(), "".into(), "edge".into()], 1.0);
+        let text = String::from_utf8(render_report(&Report {
+            families: vec![family],
+        }))
+        .unwrap();
+        assert!(
+            text.contains("ergon_x{pod_uid=\"u1\",label_app=\"api\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ergon_x{pod_uid=\"u2\",label_team=\"edge\"} 1\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -322,6 +322,19 @@ impl ExporterProcess {
             .unwrap_or_default()
     }
 
+    /// Scrapes until `check` holds (10 s at most) and returns that scrape;
+    /// panics with `what` and the last scrape otherwise.
+    pub fn eventually(&self, what: &str, check: impl Fn(&Metrics) -> bool) -> Metrics {
+        for _ in 0..100 {
+            let metrics = self.metrics();
+            if check(&metrics) {
+                return metrics;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("{what}: not reached; last scrape:\n{}", self.metrics_text());
+    }
+
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
