@@ -6,6 +6,8 @@
 //! - `run`    setup + build + run the exporter with defaults (extra args pass through)
 //! - `test`   setup + fmt check + clippy -D warnings + every test
 //! - `lint`   fmt check + clippy
+//! - `fuzz`   runs every fuzz target of `fuzz/` for `--seconds N` (default
+//!   60; see [`fuzz`])
 //! - `bench`  setup + the benchmarks of BENCHMARKS.md: one table, printed
 //!   and written into BENCHMARKS.md (see [`bench`])
 
@@ -15,6 +17,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail};
 
 mod bench;
+mod fuzz;
 
 /// The toolchain pinned in rust-toolchain.toml; its LLVM major (22) must be
 /// bpf-linker's.
@@ -239,8 +242,9 @@ fn main() -> Result<()> {
             )
         }
         "bench" => bench::run_all(&rest),
+        "fuzz" => fuzz::run_all(&rest),
         other => bail!(
-            "unknown command `{other}`; use one of: setup, build, run, test, lint, bench \
+            "unknown command `{other}`; use one of: setup, build, run, test, lint, bench, fuzz \
              (e.g. `cargo xtask test`)"
         ),
     }
