@@ -29,6 +29,9 @@ fuzz_target!(|data: &[u8]| {
     }
     for max in [0, 1, 9, 10, 64, 128] {
         let bounded = bounded_label(&path, max);
-        assert!(bounded.len() <= max.max(9) || bounded == path, "{max}: {bounded:?}");
+        assert!(
+            bounded.len() <= max.max(9) || bounded == path,
+            "{max}: {bounded:?}"
+        );
     }
 });

@@ -19,7 +19,10 @@ fuzz_target!(|data: &[u8]| {
     let prefix = sensor.split('_').next().unwrap_or("power1");
     tree.write(&format!("{chip}/{prefix}_label"), label);
     tree.write(&format!("{chip}/{prefix}_max"), max);
-    let mut chips: Vec<String> = DEFAULT_PLATFORM_CHIPS.iter().map(|c| c.to_string()).collect();
+    let mut chips: Vec<String> = DEFAULT_PLATFORM_CHIPS
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
     chips.push(String::from_utf8_lossy(name).trim().to_owned());
     let Ok(mut meter) = HwmonMeter::open(tree.path(), &chips) else {
         return;

@@ -10,7 +10,15 @@ use ergon_fuzz::{Tree, fields};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let [name, range, energy, energy_again, limit, sub_name, sub_energy] = fields(data);
+    let [
+        name,
+        range,
+        energy,
+        energy_again,
+        limit,
+        sub_name,
+        sub_energy,
+    ] = fields(data);
     let tree = Tree::new();
     let zone = "class/powercap/intel-rapl:0";
     let sub = "class/powercap/intel-rapl:0/intel-rapl:0:0";

@@ -10,8 +10,16 @@ use ergon_fuzz::{Tree, component, fields};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let [stat, pid_stat, pid_cgroup, root_cpu, child_cpu, stat_again, pid_stat_again, child] =
-        fields(data);
+    let [
+        stat,
+        pid_stat,
+        pid_cgroup,
+        root_cpu,
+        child_cpu,
+        stat_again,
+        pid_stat_again,
+        child,
+    ] = fields(data);
     let proc = Tree::new();
     let cgroups = Tree::new();
     let stat_path = proc.write("stat", stat);
