@@ -74,8 +74,8 @@ pub struct Cli {
     #[arg(long, env = "ERGON_LISTEN", default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))]
     pub listen: SocketAddr,
 
-    /// Length of one measurement interval (e.g. 5s, 500ms).
-    #[arg(long, env = "ERGON_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    /// Length of one measurement interval (e.g. 5s, 500ms), from 100ms to 1h.
+    #[arg(long, env = "ERGON_INTERVAL", default_value = "5s", value_parser = parse_interval)]
     pub interval: Duration,
 
     /// The host's /sys (in a container: a mount of it, e.g. /host/sys).
@@ -132,11 +132,13 @@ pub struct Cli {
     pub metrics: Vec<crate::export::MetricLevel>,
 
     /// Bound of the kernel's cgroup map; more cgroups go to an overflow bucket.
-    #[arg(long, env = "ERGON_MAX_CGROUPS", default_value_t = 16384)]
+    #[arg(long, env = "ERGON_MAX_CGROUPS", default_value_t = 16384,
+          value_parser = clap::value_parser!(u32).range(MAX_CGROUPS_RANGE))]
     pub max_cgroups: u32,
 
     /// Bound of the kernel's process map (with --per-process).
-    #[arg(long, env = "ERGON_MAX_PROCESSES", default_value_t = 32768)]
+    #[arg(long, env = "ERGON_MAX_PROCESSES", default_value_t = 32768,
+          value_parser = clap::value_parser!(u32).range(MAX_PROCESSES_RANGE))]
     pub max_processes: u32,
 
     /// Most memory the kernel maps may take when full, in MiB. Per-CPU
@@ -227,8 +229,9 @@ pub struct Cli {
     #[arg(long, env = "ERGON_NO_CHECKPOINT", conflicts_with_all = ["checkpoint", "state_dir"])]
     pub no_checkpoint: bool,
 
-    /// How long a workload whose cgroup disappeared keeps its final counters.
-    #[arg(long, env = "ERGON_RETENTION", default_value = "15m", value_parser = parse_duration)]
+    /// How long a workload whose cgroup disappeared keeps its final counters,
+    /// from 1s to 7d and at least one --interval.
+    #[arg(long, env = "ERGON_RETENTION", default_value = "15m", value_parser = parse_retention)]
     pub retention: Duration,
 
     /// Also emit another exporter's metric names.
@@ -272,7 +275,29 @@ pub enum Command {
     Doctor,
 }
 
-/// Parses `5s`, `500ms`, `15m`, `1h`, or bare seconds.
+/// Accepted `--interval`: shorter intervals cost more CPU than they measure
+/// (and RAPL counters update every ~1 ms); longer ones leave `rate()` blind.
+pub const INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_millis(100), Duration::from_secs(3600));
+/// Accepted `--retention`: a week of a gone workload's counters is already
+/// more series than most Prometheus servers want to keep.
+pub const RETENTION_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(7 * 24 * 3600));
+/// Accepted `--max-cgroups`: each entry is kernel memory, per CPU.
+pub const MAX_CGROUPS_RANGE: std::ops::RangeInclusive<i64> = 1..=1_048_576;
+/// Accepted `--max-processes`: up to the kernel's own `pid_max` limit.
+pub const MAX_PROCESSES_RANGE: std::ops::RangeInclusive<i64> = 1..=4_194_304;
+/// Accepted `--idle-watts` per domain: above any single machine's draw, so
+/// a typo (`2000000` for `20`) is refused rather than billed.
+pub const MAX_IDLE_WATTS: f64 = 100_000.0;
+/// Most `--pod-labels` keys: each adds a label to every `ergon_pod_labels`
+/// series.
+pub const MAX_POD_LABELS: usize = 32;
+/// Largest configuration file read: settings are a few hundred bytes.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 1024 * 1024;
+
+/// Parses `5s`, `500ms`, `15m`, `1h`, `7d`, or bare seconds. Durations that
+/// do not fit in a [`Duration`] are an error, never a panic.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text
@@ -287,19 +312,57 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "ms" => value / 1e3,
         "m" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86400.0,
         _ => {
             return Err(format!(
-                "`{text}`: unknown unit `{unit}` (use ms, s, m or h)"
+                "`{text}`: unknown unit `{unit}` (use ms, s, m, h or d)"
             ));
         }
     };
     if !(seconds > 0.0 && seconds.is_finite()) {
         return Err(format!("`{text}` must be a positive duration"));
     }
-    Ok(Duration::from_secs_f64(seconds))
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("`{text}` is too long a duration"))
 }
 
-/// Errors reading the configuration file.
+/// Writes a range bound the way the flags take it (`100ms`, `1h`, `7d`).
+fn duration_text(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if millis >= size && millis.is_multiple_of(size) {
+            return format!("{}{unit}", millis / size);
+        }
+    }
+    format!("{millis}ms")
+}
+
+fn parse_duration_in(text: &str, (min, max): (Duration, Duration)) -> Result<Duration, String> {
+    let range = format!(
+        "use a duration from {} to {}",
+        duration_text(min),
+        duration_text(max)
+    );
+    let duration = parse_duration(text).map_err(|e| format!("{e}: {range}"))?;
+    if duration < min || duration > max {
+        return Err(format!("`{}` is out of range: {range}", text.trim()));
+    }
+    Ok(duration)
+}
+
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    parse_duration_in(text, INTERVAL_RANGE)
+}
+
+fn parse_retention(text: &str) -> Result<Duration, String> {
+    parse_duration_in(text, RETENTION_RANGE)
+}
+
+/// Errors in the configuration, from any of its three sources.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading the configuration file {path}: {source}")]
@@ -311,69 +374,150 @@ pub enum ConfigError {
         "the configuration file {path} is not a YAML mapping of flag names to values: {detail}"
     )]
     Format { path: PathBuf, detail: String },
+    /// A flag or variable clap refused (or `--help`/`--version`).
+    #[error("{0}")]
+    Flags(clap::Error),
+    /// A value clap refused that the configuration file supplied.
+    #[error("{error}in the configuration file {path} (its keys are read as these flags)")]
+    FileFlags { path: PathBuf, error: clap::Error },
+    /// A value that parsed but is out of its accepted range.
+    #[error("{0}")]
+    Invalid(String),
 }
 
 /// Turns the YAML file's keys into `--key=value` arguments, skipping keys
-/// whose `ERGON_*` variable is set (environment beats the file).
+/// whose environment variable is set (environment beats the file).
 fn file_args(path: &Path, env_set: impl Fn(&str) -> bool) -> Result<Vec<String>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    use std::io::Read;
+    let read_error = |source| ConfigError::Read {
         path: path.to_owned(),
         source,
-    })?;
-    let format_error = |detail: String| ConfigError::Format {
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(read_error)?
+        .take(MAX_CONFIG_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read_error)?;
+    if text.len() as u64 > MAX_CONFIG_FILE_BYTES {
+        return Err(ConfigError::Format {
+            path: path.to_owned(),
+            detail: format!(
+                "it is larger than {MAX_CONFIG_FILE_BYTES} bytes; settings take a few hundred: \
+                 is it the right file?"
+            ),
+        });
+    }
+    settings_from_yaml(&text, env_set).map_err(|detail| ConfigError::Format {
         path: path.to_owned(),
         detail,
+    })
+}
+
+/// The flags a YAML configuration text sets, as `--key=value` arguments.
+/// Only keys that are settings are accepted (not `help`, `version`,
+/// `config` or a subcommand); keys whose environment variable is set
+/// (`env_set`) are skipped. Public for the fuzzers: it parses operator input
+/// and must never panic.
+pub fn settings_from_yaml(
+    text: &str,
+    env_set: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, String> {
+    use clap::CommandFactory;
+    let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| e.to_string())?;
+    let map = match value {
+        serde_yaml::Value::Mapping(map) => map,
+        // An empty file (or only comments) sets nothing.
+        serde_yaml::Value::Null => return Ok(Vec::new()),
+        _ => return Err("the top level is not a mapping".into()),
     };
-    let value: serde_yaml::Value =
-        serde_yaml::from_str(&text).map_err(|e| format_error(e.to_string()))?;
-    let serde_yaml::Value::Mapping(map) = value else {
-        return Err(format_error("the top level is not a mapping".into()));
-    };
+    let command = Cli::command();
+    let settings: Vec<&clap::Arg> = command
+        .get_arguments()
+        .filter(|arg| !matches!(arg.get_id().as_str(), "help" | "version" | "config"))
+        .filter(|arg| arg.get_long().is_some())
+        .collect();
     let mut args = Vec::new();
     for (key, value) in map {
         let key = key
             .as_str()
-            .ok_or_else(|| format_error(format!("key {key:?} is not a string")))?
-            .replace('_', "-");
-        if key == "config" {
-            return Err(format_error(
-                "`config` cannot be set from the file itself".into(),
+            .ok_or_else(|| format!("key {key:?} is not a string"))?;
+        let long = key.replace('_', "-");
+        let Some(arg) = settings
+            .iter()
+            .find(|arg| arg.get_long() == Some(long.as_str()))
+        else {
+            let names: Vec<&str> = settings.iter().filter_map(|arg| arg.get_long()).collect();
+            return Err(format!(
+                "`{key}` is not a setting; the settings are: {}",
+                names.join(", ")
             ));
-        }
-        let env_name = format!("ERGON_{}", key.to_uppercase().replace('-', "_"));
-        if env_set(&env_name) {
+        };
+        if let Some(env) = arg.get_env()
+            && env_set(&env.to_string_lossy())
+        {
             continue;
         }
-        let scalar = |v: &serde_yaml::Value| -> Result<String, ConfigError> {
+        let is_switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
+        let scalar = |v: &serde_yaml::Value| -> Result<String, String> {
             match v {
                 serde_yaml::Value::String(s) => Ok(s.clone()),
                 serde_yaml::Value::Number(n) => Ok(n.to_string()),
                 serde_yaml::Value::Bool(b) => Ok(b.to_string()),
-                other => Err(format_error(format!(
-                    "`{key}`: unsupported value {other:?}"
-                ))),
+                other => Err(format!(
+                    "`{key}` (--{long}): write a string, number or list, not {}",
+                    yaml_kind(other)
+                )),
             }
         };
         match value {
-            serde_yaml::Value::Bool(true) => args.push(format!("--{key}")),
-            serde_yaml::Value::Bool(false) => {}
+            serde_yaml::Value::Bool(true) if is_switch => args.push(format!("--{long}")),
+            serde_yaml::Value::Bool(false) if is_switch => {}
+            other if is_switch => {
+                return Err(format!(
+                    "`{key}` (--{long}) is a switch: write true or false, not {}",
+                    yaml_kind(&other)
+                ));
+            }
             serde_yaml::Value::Sequence(items) => {
                 let items = items.iter().map(scalar).collect::<Result<Vec<_>, _>>()?;
-                args.push(format!("--{key}={}", items.join(",")));
+                args.push(format!("--{long}={}", items.join(",")));
             }
-            other => args.push(format!("--{key}={}", scalar(&other)?)),
+            other => args.push(format!("--{long}={}", scalar(&other)?)),
         }
     }
     Ok(args)
 }
 
+fn yaml_kind(value: &serde_yaml::Value) -> &'static str {
+    match value {
+        serde_yaml::Value::Null => "an empty value",
+        serde_yaml::Value::Bool(_) => "a boolean",
+        serde_yaml::Value::Number(_) => "a number",
+        serde_yaml::Value::String(_) => "a string",
+        serde_yaml::Value::Sequence(_) => "a list",
+        serde_yaml::Value::Mapping(_) => "a mapping",
+        serde_yaml::Value::Tagged(_) => "a tagged value",
+    }
+}
+
 impl Cli {
     /// Parses the process's arguments, environment and configuration file.
-    /// Errors and `--help` exit the process, as clap does.
+    /// `--help` and `--version` print and exit 0; every error prints one
+    /// message naming the setting and exits 2, as clap does.
     pub fn load() -> Cli {
-        let args: Vec<String> = std::env::args().collect();
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
         match Cli::load_from(&args, |name| std::env::var_os(name).is_some()) {
             Ok(cli) => cli,
+            Err(ConfigError::Flags(e)) => e.exit(),
+            Err(ConfigError::FileFlags { path, error }) => {
+                eprint!("{}", error.render());
+                eprintln!(
+                    "note: the value came from the configuration file {}",
+                    path.display()
+                );
+                std::process::exit(2);
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 std::process::exit(2);
@@ -381,16 +525,96 @@ impl Cli {
         }
     }
 
-    /// [`Cli::load`] over explicit arguments, for tests.
-    pub fn load_from(args: &[String], env_set: impl Fn(&str) -> bool) -> Result<Cli, ConfigError> {
-        let first = Cli::try_parse_from(args).unwrap_or_else(|e| e.exit());
+    /// [`Cli::load`] over explicit arguments, for tests: nothing exits.
+    pub fn load_from<T: Into<std::ffi::OsString> + Clone>(
+        args: &[T],
+        env_set: impl Fn(&str) -> bool,
+    ) -> Result<Cli, ConfigError> {
+        let first = Cli::try_parse_from(args.iter().cloned()).map_err(ConfigError::Flags)?;
         let Some(path) = first.config.clone() else {
+            first.validate()?;
             return Ok(first);
         };
+        let args: Vec<std::ffi::OsString> = args.iter().cloned().map(Into::into).collect();
         let mut merged = vec![args[0].clone()];
-        merged.extend(file_args(&path, env_set)?);
+        merged.extend(file_args(&path, env_set)?.into_iter().map(Into::into));
         merged.extend(args[1..].iter().cloned());
-        Ok(Cli::try_parse_from(&merged).unwrap_or_else(|e| e.exit()))
+        let cli =
+            Cli::try_parse_from(&merged).map_err(|error| ConfigError::FileFlags { path, error })?;
+        cli.validate()?;
+        Ok(cli)
+    }
+
+    /// Range and existence checks clap's parsers cannot make alone: the
+    /// relation between flags, the host paths, and the list-valued flags.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |text: String| ConfigError::Invalid(text);
+        if self.retention < self.interval {
+            return Err(invalid(format!(
+                "--retention {} is shorter than --interval {}: a gone workload's counters \
+                 must outlive one interval; raise --retention",
+                duration_text(self.retention),
+                duration_text(self.interval)
+            )));
+        }
+        let directories = [
+            ("--host-sys", Some(&self.host_sys)),
+            ("--host-proc", Some(&self.host_proc)),
+            ("--cgroup-root", self.cgroup_root.as_ref()),
+        ];
+        for (flag, path) in directories {
+            if let Some(path) = path
+                && !path.is_dir()
+            {
+                return Err(invalid(format!(
+                    "{flag} {}: not a directory; point it at the host's mount (e.g. /host/sys, \
+                     /host/proc, /host/sys/fs/cgroup)",
+                    path.display()
+                )));
+            }
+        }
+        if let Some(path) = &self.kubeconfig
+            && !path.is_file()
+        {
+            return Err(invalid(format!(
+                "--kubeconfig {}: no such file",
+                path.display()
+            )));
+        }
+        let outputs = [
+            ("--checkpoint", &self.checkpoint),
+            ("--model-fit-output", &self.model_fit_output),
+        ];
+        for (flag, path) in outputs {
+            let Some(path) = path else { continue };
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+            if let Some(parent) = parent
+                && !parent.is_dir()
+            {
+                return Err(invalid(format!(
+                    "{flag} {}: its directory {} does not exist; create it or mount one there",
+                    path.display(),
+                    parent.display()
+                )));
+            }
+        }
+        if let Some(url) = &self.kube_api {
+            check_kube_api(url).map_err(invalid)?;
+        }
+        if let Some(node) = &self.node_name {
+            check_node_name(node).map_err(invalid)?;
+        }
+        check_pod_labels(&self.pod_label_keys()).map_err(invalid)?;
+        self.idle_watts().map_err(invalid)?;
+        self.meter_config().map_err(invalid)?;
+        tracing_subscriber::EnvFilter::try_new(&self.log).map_err(|e| {
+            invalid(format!(
+                "--log `{}` is not a log filter ({e}): use a level (error, warn, info, debug, \
+                 trace) or e.g. `ergon=debug,info`",
+                self.log
+            ))
+        })?;
+        Ok(())
     }
 
     pub fn probe_config(&self) -> ProbeConfig {
@@ -486,9 +710,28 @@ impl Cli {
         crate::workload::KubeletCgroupRoots::parse(&self.kubelet_cgroup_root)
     }
 
+    /// The `--pod-labels` keys, trimmed, without empty items or repeats.
+    pub fn pod_label_keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = Vec::new();
+        for key in self.pod_labels.iter().map(|k| k.trim()) {
+            if !key.is_empty() && !keys.iter().any(|known| known == key) {
+                keys.push(key.to_owned());
+            }
+        }
+        keys
+    }
+
     /// `--idle-watts package=20,dram=3` as (domain, watts) pairs.
     pub fn idle_watts(&self) -> Result<Vec<(crate::units::Domain, crate::units::Watts)>, String> {
-        domain_watts("--idle-watts", &self.idle_watts, 0.0)
+        let pairs = domain_watts("--idle-watts", &self.idle_watts, 0.0)?;
+        if let Some((domain, watts)) = pairs.iter().find(|(_, w)| w.0 > MAX_IDLE_WATTS) {
+            return Err(format!(
+                "--idle-watts `{}={}`: at most {MAX_IDLE_WATTS} watts of idle power",
+                domain.as_str(),
+                watts.0
+            ));
+        }
+        Ok(pairs)
     }
 
     /// The meters `--meter` asks for: `auto` detects; a list enables exactly
@@ -587,12 +830,100 @@ fn domain_watts(
         .collect()
 }
 
+/// `--kube-api`: an absolute `http://` or `https://` URL with a host.
+fn check_kube_api(url: &str) -> Result<(), String> {
+    let parsed: hyper::Uri = url.parse().map_err(|e| {
+        format!("--kube-api `{url}` is not a URL ({e}): use e.g. https://10.0.0.1:6443")
+    })?;
+    let scheme_ok = matches!(parsed.scheme_str(), Some("http" | "https"));
+    if !scheme_ok || parsed.host().is_none() {
+        return Err(format!(
+            "--kube-api `{url}`: use an http:// or https:// URL with a host, e.g. \
+             https://10.0.0.1:6443"
+        ));
+    }
+    Ok(())
+}
+
+/// `--node-name`: Kubernetes node names are RFC 1123 DNS subdomains.
+fn check_node_name(node: &str) -> Result<(), String> {
+    if is_dns_subdomain(node) {
+        Ok(())
+    } else {
+        Err(format!(
+            "--node-name `{node}` is not a Kubernetes node name (lower-case letters, digits, \
+             `-` and `.`, at most 253 characters): set it from the downward API's spec.nodeName"
+        ))
+    }
+}
+
+fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|part| {
+            !part.is_empty()
+                && part.len() <= 63
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !part.starts_with('-')
+                && !part.ends_with('-')
+        })
+}
+
+/// `--pod-labels`: Kubernetes label keys (`[prefix/]name`), at most
+/// [`MAX_POD_LABELS`] of them. Each becomes a Prometheus label name, so an
+/// invalid key would make `/metrics` unparsable.
+fn check_pod_labels(keys: &[String]) -> Result<(), String> {
+    if keys.len() > MAX_POD_LABELS {
+        return Err(format!(
+            "--pod-labels: {} keys; at most {MAX_POD_LABELS} are exported",
+            keys.len()
+        ));
+    }
+    let mut label_names: Vec<(String, &str)> = Vec::new();
+    for key in keys {
+        let label_name = crate::export::pod_label_name(key);
+        if let Some((_, other)) = label_names.iter().find(|(name, _)| *name == label_name) {
+            return Err(format!(
+                "--pod-labels `{other}` and `{key}` would both be exported as `{label_name}`: \
+                 keep one"
+            ));
+        }
+        label_names.push((label_name, key));
+        let (prefix, name) = match key.split_once('/') {
+            Some((prefix, name)) => (Some(prefix), name),
+            None => (None, key.as_str()),
+        };
+        let name_ok = !name.is_empty()
+            && name.len() <= 63
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+        if !name_ok || !prefix.is_none_or(is_dns_subdomain) {
+            return Err(format!(
+                "--pod-labels `{key}` is not a Kubernetes label key ([prefix/]name: a name of \
+                 at most 63 letters, digits, `-`, `_` or `.`, an optional DNS prefix)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn args(list: &[&str]) -> Vec<String> {
         list.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// The error of loading `list`, as the operator would read it.
+    fn refused(list: &[&str]) -> String {
+        Cli::load_from(&args(list), |_| false)
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -608,6 +939,102 @@ mod tests {
         );
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+    }
+
+    #[test]
+    fn durations_too_long_for_a_duration_are_errors_not_panics() {
+        let err = parse_duration("99999999999999999999h").unwrap_err();
+        assert!(err.contains("too long"), "{err}");
+        let err = parse_interval("99999999999999999999h").unwrap_err();
+        assert!(err.contains("from 100ms to 1h"), "{err}");
+        let err = parse_interval("50ms").unwrap_err();
+        assert!(
+            err.contains("out of range") && err.contains("100ms"),
+            "{err}"
+        );
+        assert_eq!(parse_interval("1h"), Ok(Duration::from_secs(3600)));
+        let err = parse_retention("8d").unwrap_err();
+        assert!(err.contains("from 1s to 7d"), "{err}");
+        assert_eq!(duration_text(Duration::from_millis(1500)), "1500ms");
+        assert_eq!(duration_text(Duration::from_secs(90)), "90s");
+    }
+
+    #[test]
+    fn file_keys_must_be_settings_of_the_right_shape() {
+        let refused = |text: &str| settings_from_yaml(text, |_| false).unwrap_err();
+        for key in ["help", "version", "config", "doctor", "listn"] {
+            let err = refused(&format!("{key}: true\n"));
+            assert!(err.contains(&format!("`{key}` is not a setting")), "{err}");
+            assert!(err.contains("listen, interval"), "{err}");
+        }
+        let err = refused("per_process: 1\n");
+        assert!(
+            err.contains("--per-process") && err.contains("switch"),
+            "{err}"
+        );
+        let err = refused("listen: {port: 1}\n");
+        assert!(
+            err.contains("`listen`") && err.contains("a mapping"),
+            "{err}"
+        );
+        assert!(refused("- a\n- b\n").contains("mapping"));
+        assert_eq!(settings_from_yaml("# nothing\n", |_| false), Ok(vec![]));
+        assert_eq!(
+            settings_from_yaml("per-process: false\nmax_cgroups: 10\n", |_| false),
+            Ok(vec!["--max-cgroups=10".to_string()])
+        );
+        // The variable that overrides a key is the flag's own (NODE_NAME for
+        // node-name), not a name derived from the key.
+        assert_eq!(
+            settings_from_yaml("node-name: n1\n", |name| name == "NODE_NAME"),
+            Ok(vec![])
+        );
+    }
+
+    #[test]
+    fn values_are_checked_against_their_range_and_named() {
+        let err = refused(&["ergon", "--interval", "10s", "--retention", "5s"]);
+        assert!(
+            err.contains("--retention 5s") && err.contains("--interval 10s"),
+            "{err}"
+        );
+        let err = refused(&["ergon", "--max-cgroups", "0"]);
+        assert!(err.contains("--max-cgroups"), "{err}");
+        let err = refused(&["ergon", "--host-proc", "/nonexistent/proc"]);
+        assert!(err.contains("--host-proc /nonexistent/proc"), "{err}");
+        let err = refused(&["ergon", "--kube-api", "ftp://api"]);
+        assert!(err.contains("--kube-api `ftp://api`"), "{err}");
+        let err = refused(&["ergon", "--node-name", "Node_1"]);
+        assert!(err.contains("--node-name `Node_1`"), "{err}");
+        let err = refused(&["ergon", "--pod-labels", "app,bad key"]);
+        assert!(err.contains("--pod-labels `bad key`"), "{err}");
+        let err = refused(&["ergon", "--pod-labels", "app.kind,app_kind"]);
+        assert!(err.contains("label_app_kind"), "{err}");
+        let many: Vec<String> = (0..=MAX_POD_LABELS).map(|i| format!("k{i}")).collect();
+        let err = refused(&["ergon", "--pod-labels", &many.join(",")]);
+        assert!(err.contains("at most 32"), "{err}");
+        let err = refused(&["ergon", "--idle-watts", "package=200000"]);
+        assert!(
+            err.contains("--idle-watts") && err.contains("100000"),
+            "{err}"
+        );
+        let err = refused(&["ergon", "--log", "ergon=loud"]);
+        assert!(err.contains("--log `ergon=loud`"), "{err}");
+        let cli = Cli::load_from(
+            &args(&[
+                "ergon",
+                "--pod-labels",
+                "app,app.kubernetes.io/name",
+                "--node-name",
+                "edge-1.example",
+                "--kube-api",
+                "http://127.0.0.1:8080",
+            ]),
+            |_| false,
+        )
+        .unwrap();
+        assert_eq!(cli.pod_labels, vec!["app", "app.kubernetes.io/name"]);
     }
 
     #[test]
@@ -616,7 +1043,10 @@ mod tests {
         let file = dir.path().join("ergon.yaml");
         std::fs::write(
             &file,
-            "listen: 127.0.0.1:9200\ninterval: 2s\nper_process: true\nmeter: [model, hwmon]\nhost-sys: /from/file\n",
+            format!(
+                "listen: 127.0.0.1:9200\ninterval: 2s\nper_process: true\nmeter: [model, hwmon]\nhost-sys: {}\n",
+                dir.path().display()
+            ),
         )
         .unwrap();
         let path = file.to_str().unwrap();
@@ -791,28 +1221,20 @@ mod tests {
 
     #[test]
     fn idle_watts_and_meters_are_checked() {
+        // Checked when the configuration is loaded, so a bad value stops
+        // the exporter before it starts.
         let cli = Cli::load_from(
             &args(&["ergon", "--idle-watts", "package=20,dram=3.5"]),
             |_| false,
         )
         .unwrap();
         assert_eq!(cli.idle_watts().unwrap().len(), 2);
-        let cli = Cli::load_from(&args(&["ergon", "--idle-watts", "cpu=20"]), |_| false).unwrap();
-        assert!(
-            cli.idle_watts()
-                .unwrap_err()
-                .contains("unknown domain `cpu`")
-        );
-        let cli =
-            Cli::load_from(&args(&["ergon", "--idle-watts", "package=-1"]), |_| false).unwrap();
-        assert!(cli.idle_watts().unwrap_err().contains("non-negative"));
-        let cli = Cli::load_from(&args(&["ergon", "--meter", "rapl,model"]), |_| false).unwrap();
-        assert!(cli.meter_config().unwrap_err().contains("counted twice"));
+        assert!(refused(&["ergon", "--idle-watts", "cpu=20"]).contains("unknown domain `cpu`"));
+        assert!(refused(&["ergon", "--idle-watts", "package=-1"]).contains("non-negative"));
+        assert!(refused(&["ergon", "--meter", "rapl,model"]).contains("counted twice"));
         let cli = Cli::load_from(&args(&["ergon", "--meter", "rapl,hwmon"]), |_| false).unwrap();
         let meters = cli.meter_config().unwrap();
         assert!(!meters.nvml && meters.hwmon);
-        let cli =
-            Cli::load_from(&args(&["ergon", "--meter", "rapl,watt-o-meter"]), |_| false).unwrap();
-        assert!(cli.meter_config().unwrap_err().contains("watt-o-meter"));
+        assert!(refused(&["ergon", "--meter", "rapl,watt-o-meter"]).contains("watt-o-meter"));
     }
 }

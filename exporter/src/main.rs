@@ -67,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         cgroup_root: cli.cgroup_root(),
         kubelet_roots,
         model_fit_output: cli.model_fit_output.clone(),
+        pod_labels: cli.pod_label_keys(),
     };
     let published = Published::default();
     let handle = ServerHandle::new(published.clone(), cli.interval)
@@ -175,7 +176,7 @@ async fn start_pod_watcher(cli: &Cli) -> Option<PodWatcher> {
         return None;
     };
     let mut config = PodWatcherConfig::new(node, api);
-    config.label_allowlist = cli.pod_labels.clone();
+    config.label_allowlist = cli.pod_label_keys();
     config.deleted_retention = cli.retention;
     match PodWatcher::spawn(config).await {
         Ok(watcher) => Some(watcher),

@@ -440,3 +440,60 @@ fn a_gpu_whose_permission_changes_is_down_until_it_answers_again() {
     assert_close(joules(&mut meter)["gpu-1"], 3.0);
     assert!(zones_up(&meter)["gpu-1"]);
 }
+
+/// NVML's strings and numbers as a broken or hostile driver might return
+/// them (names of any length and alphabet, counters that are not numbers,
+/// process lists of any shape): the meter must neither panic nor produce a
+/// zone label that is not `gpu-<index>[-mig-<id>]`. Property-tested rather
+/// than fuzzed: every case goes through the real FFI path, which libFuzzer
+/// cannot drive without the library.
+#[test]
+fn nvml_strings_and_numbers_of_any_shape_never_panic() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let fake = FakeNvml::build("devices=1\n");
+    let text = "[^\n\0]{0,200}";
+    let number = prop_oneof![
+        Just("18446744073709551615".to_string()),
+        Just("-1".to_string()),
+        "[0-9]{0,25}",
+        "[^\n\0]{0,24}"
+    ];
+    let strategy = (
+        text,
+        number.clone(),
+        number,
+        "[0-9:,-]{0,60}",
+        "[0-9:,]{0,60}",
+        "[0-9,]{0,20}",
+    );
+    let mut runner = TestRunner::new(Config {
+        cases: 48,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(&strategy, |(name, energy, power, procs, util, mig)| {
+            fake.control(&format!(
+                "devices=2\ngpu0.name={name}\ngpu0.energy_mj={energy}\ngpu0.procs={procs}\n\
+                 gpu0.util={util}\ngpu0.mig={mig}\ngpu1.name={name}\ngpu1.energy_mj=not_supported\n\
+                 gpu1.power_mw={power}\n"
+            ));
+            let mut meter = NvmlMeter::open(Some(&fake.library())).unwrap();
+            for _ in 0..2 {
+                let _ = meter.sample(&TWO_SECONDS);
+                for process in meter.gpu_processes() {
+                    prop_assert!(process.zone.starts_with("gpu-"), "{}", process.zone);
+                    prop_assert!(process.utilisation_percent.is_finite());
+                }
+                fake.control(&format!(
+                    "devices=2\ngpu0.energy_mj={power}\ngpu1.power_mw={energy}\n"
+                ));
+            }
+            for zone in meter.mig_instances() {
+                prop_assert!(zone.len() <= 32, "{zone}");
+            }
+            Ok(())
+        })
+        .unwrap();
+}

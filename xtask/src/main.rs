@@ -4,10 +4,13 @@
 //! - `setup`  installs what a fresh machine lacks (idempotent)
 //! - `build`  builds the exporter (release)
 //! - `run`    setup + build + run the exporter with defaults (extra args pass through)
-//! - `test`   setup + fmt check + clippy -D warnings + every test + `e2e`
+//! - `test`   setup + fmt check + clippy -D warnings + every test, the unit
+//!   tests on arm64 under qemu, a fuzz smoke of 10 s per target, and `e2e`
 //! - `lint`   fmt check + clippy
 //! - `e2e`    a real single-node Kubernetes: image built, chart installed,
 //!   real pods measured through a real Prometheus (see [`e2e`]); part of `test`
+//! - `fuzz`   runs every fuzz target of `fuzz/` for `--seconds N` (default
+//!   60; see [`fuzz`])
 //! - `bench`  setup + the benchmarks of BENCHMARKS.md: one table, printed
 //!   and written into BENCHMARKS.md (see [`bench`])
 //! - `soak`   churn soak: short-lived cgroups and processes beside steady
@@ -21,6 +24,7 @@ use anyhow::{Context, Result, bail};
 mod bench;
 mod cross;
 mod e2e;
+mod fuzz;
 
 /// The toolchain pinned in rust-toolchain.toml; its LLVM major (22) must be
 /// bpf-linker's.
@@ -162,6 +166,12 @@ fn setup() -> Result<()> {
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", LLVM_PREFIX))
         .context("building bpf-linker against LLVM 22 failed: is crates.io reachable?")?;
+    }
+
+    // `cargo xtask fuzz` and the fuzz smoke of `cargo xtask test`.
+    if !succeeds(cargo().args(["fuzz", "--version"])) {
+        run(cargo().args(["install", "cargo-fuzz", "--locked"]))
+            .context("installing cargo-fuzz failed: is crates.io reachable?")?;
     }
 
     // The classic tracepoint needs tracefs; pinning needs bpffs.
@@ -369,6 +379,16 @@ fn main() -> Result<()> {
             let everything = rest.is_empty();
             // The same unit tests on arm64, under emulation (edge nodes).
             let arm64 = !everything || cross::unit_tests(&mut tally)?;
+            // Every parser of host input under libFuzzer, briefly; the
+            // smoke counts as one test.
+            let fuzzed = !everything || {
+                let result = fuzz::run_all(&["--seconds".into(), "10".into()]);
+                if let Err(e) = &result {
+                    eprintln!("fuzz smoke failed: {e:#}");
+                }
+                tally.record(result.is_ok());
+                result.is_ok()
+            };
             // The real cluster takes the binary the tests just built; it
             // counts as one test.
             let cluster = if everything {
@@ -388,7 +408,7 @@ fn main() -> Result<()> {
                 "{} passed, {} failed, {} skipped",
                 tally.passed, tally.failed, tally.ignored
             );
-            if !(host && arm64 && cluster) {
+            if !(host && arm64 && fuzzed && cluster) {
                 bail!("tests failed");
             }
             Ok(())
@@ -396,9 +416,10 @@ fn main() -> Result<()> {
         "e2e" => e2e::run_all(&rest),
         "bench" => bench::run_all(&rest),
         "soak" => soak(&rest),
+        "fuzz" => fuzz::run_all(&rest),
         other => bail!(
             "unknown command `{other}`; use one of: setup, build, run, test, lint, e2e, bench, \
-             soak (e.g. `cargo xtask test`)"
+             soak, fuzz (e.g. `cargo xtask test`)"
         ),
     }
 }

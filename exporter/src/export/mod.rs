@@ -50,6 +50,20 @@ pub fn bounded_label(value: &str) -> String {
     crate::workload::cgroup::bounded_label(value, MAX_LABEL_BYTES).into_owned()
 }
 
+/// The Prometheus label name of a Kubernetes pod label key, as
+/// kube-state-metrics writes it: `label_` and the key with every character
+/// that is no ASCII letter, digit or `_` replaced by `_`
+/// (`app.kubernetes.io/name` → `label_app_kubernetes_io_name`).
+pub fn pod_label_name(key: &str) -> String {
+    let mut name = String::with_capacity(key.len() + 6);
+    name.push_str("label_");
+    name.extend(
+        key.chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }),
+    );
+    name
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Counter,
@@ -63,7 +77,13 @@ pub struct Family {
     pub help: &'static str,
     pub kind: Kind,
     pub label_names: &'static [&'static str],
-    /// Label values in `label_names` order, and the value.
+    /// Label names known only at run time (`ergon_pod_labels`' `label_<key>`
+    /// from `--pod-labels`), after `label_names`. An empty value in these
+    /// positions is left out of the line: Prometheus reads a missing label
+    /// and an empty one the same.
+    pub runtime_label_names: Vec<String>,
+    /// Label values in `label_names` then `runtime_label_names` order, and
+    /// the value.
     pub samples: Vec<(Vec<String>, f64)>,
 }
 
@@ -79,12 +99,18 @@ impl Family {
             help,
             kind,
             label_names,
+            runtime_label_names: Vec::new(),
             samples: Vec::new(),
         }
     }
 
     pub fn push(&mut self, labels: Vec<String>, value: f64) {
-        debug_assert_eq!(labels.len(), self.label_names.len(), "{}", self.name);
+        debug_assert_eq!(
+            labels.len(),
+            self.label_names.len() + self.runtime_label_names.len(),
+            "{}",
+            self.name
+        );
         self.samples.push((labels, value));
     }
 }
@@ -252,11 +278,20 @@ pub fn render_format(report: &Report, format: Format) -> Vec<u8> {
             *merged.entry(labels.as_slice()).or_default() += value;
         }
         let samples = merged.into_iter().map(|(labels, value)| {
-            let pairs = family
+            // Runtime label names (the pod labels an operator allow-listed)
+            // follow the fixed ones; a pod without such a label gets no
+            // pair rather than an empty one.
+            let names = family
                 .label_names
                 .iter()
+                .copied()
+                .chain(family.runtime_label_names.iter().map(String::as_str));
+            let fixed = family.label_names.len();
+            let pairs = names
                 .zip(labels)
-                .map(|(name, value)| (*name, value.as_str()));
+                .enumerate()
+                .filter(move |(i, (_, value))| *i < fixed || !value.is_empty())
+                .map(|(_, (name, value))| (name, value.as_str()));
             (pairs, value)
         });
         push_family(
@@ -577,6 +612,30 @@ mod tests {
             "process_cpu_seconds_total {reported}, getrusage {before}..{after}"
         );
         assert_eq!(text.matches("# TYPE process_cpu_seconds_total").count(), 1);
+    }
+
+    #[test]
+    fn runtime_labels_follow_the_static_ones_and_empty_ones_are_left_out() {
+        assert_eq!(
+            pod_label_name("app.kubernetes.io/part-of"),
+            "label_app_kubernetes_io_part_of"
+        );
+        let mut family = Family::new("ergon_x", "X.", Kind::Gauge, &["pod_uid"]);
+        family.runtime_label_names = vec!["label_app".into(), "label_team".into()];
+        family.push(vec!["u1".into(), "api".into(), "".into()], 1.0);
+        family.push(vec!["u2".into(), "".into(), "edge".into()], 1.0);
+        let text = String::from_utf8(render_report(&Report {
+            families: vec![family],
+        }))
+        .unwrap();
+        assert!(
+            text.contains("ergon_x{pod_uid=\"u1\",label_app=\"api\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ergon_x{pod_uid=\"u2\",label_team=\"edge\"} 1\n"),
+            "{text}"
+        );
     }
 
     #[test]

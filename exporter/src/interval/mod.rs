@@ -77,6 +77,8 @@ pub struct Settings {
     pub kubelet_roots: crate::workload::KubeletCgroupRoots,
     /// Where to write the online model fit, if anywhere.
     pub model_fit_output: Option<PathBuf>,
+    /// `--pod-labels` keys, exported on `ergon_pod_labels`; empty: none.
+    pub pod_labels: Vec<String>,
 }
 
 /// Everything cumulative: what the checkpoint saves.

@@ -31,6 +31,7 @@ pub const NODE_POWER: &str = "ergon_node_power_watts";
 pub const NODE_UNATTRIBUTED: &str = "ergon_node_unattributed_joules_total";
 pub const NODE_CPU_SECONDS: &str = "ergon_node_cpu_seconds_total";
 pub const POD_ENERGY: &str = "ergon_pod_energy_joules_total";
+pub const POD_LABELS: &str = "ergon_pod_labels";
 pub const CONTAINER_ENERGY: &str = "ergon_container_energy_joules_total";
 pub const CONTAINER_CPU_SECONDS: &str = "ergon_container_cpu_seconds_total";
 pub const CONTAINER_CPU_CYCLES: &str = "ergon_container_cpu_cycles_total";
@@ -119,6 +120,12 @@ pub fn catalogue() -> Vec<Family> {
             "Energy attributed to a pod: its cgroups' active share plus, under --idle-policy, its share of idle.",
             Counter,
             &["namespace", "pod", "pod_uid", "domain"],
+        ),
+        Family::new(
+            POD_LABELS,
+            "The --pod-labels of a pod as label_<key> labels, kube-state-metrics style; always 1. Join on pod_uid: `ergon_pod_energy_joules_total * on(pod_uid) group_left(label_app) ergon_pod_labels`.",
+            Gauge,
+            &["namespace", "pod", "pod_uid"],
         ),
         Family::new(
             CONTAINER_ENERGY,
@@ -347,7 +354,10 @@ pub(super) fn build(measure: &Loop) -> Report {
     let levels = measure.settings.metrics;
     let info = measure.probe.info();
     family(&mut families, BUILD_INFO).push(
-        vec![env!("CARGO_PKG_VERSION").into(), measure.kernel.clone()],
+        vec![
+            env!("CARGO_PKG_VERSION").into(),
+            bounded_label(&measure.kernel),
+        ],
         1.0,
     );
     family(&mut families, PROBE_INFO).push(
@@ -409,6 +419,11 @@ pub(super) fn build(measure: &Loop) -> Report {
     }
 
     let mut unknown_pods = 0;
+    let label_keys = &measure.settings.pod_labels;
+    family(&mut families, POD_LABELS).runtime_label_names = label_keys
+        .iter()
+        .map(|key| crate::export::pod_label_name(key))
+        .collect();
     for (uid, counters) in state.pods.workloads() {
         // Names stay with the counter once known; a uid the API never
         // described on this node stays unnamed and is counted.
@@ -419,6 +434,8 @@ pub(super) fn build(measure: &Loop) -> Report {
             continue;
         }
         let (namespace, name, _) = names_of(&counters.names);
+        let pod = measure.pods.pod(uid);
+        let uid = bounded_label(uid);
         for (domain, joules) in &counters.energy {
             family(&mut families, POD_ENERGY).push(
                 vec![
@@ -429,6 +446,19 @@ pub(super) fn build(measure: &Loop) -> Report {
                 ],
                 joules.total().0,
             );
+        }
+        // One info series per named pod, only where labels were asked for:
+        // labels never go on the energy series (their cardinality would
+        // multiply every series of the pod).
+        if let Some(pod) = pod.filter(|_| !label_keys.is_empty()) {
+            let mut labels = vec![namespace, name, uid];
+            labels.extend(label_keys.iter().map(|key| {
+                pod.labels
+                    .get(key)
+                    .map(|value| bounded_label(value))
+                    .unwrap_or_default()
+            }));
+            family(&mut families, POD_LABELS).push(labels, 1.0);
         }
     }
 
@@ -450,6 +480,7 @@ pub(super) fn build(measure: &Loop) -> Report {
             Workload::System { .. } if !levels.node => {}
             Workload::Container { container_id, .. } => {
                 let (namespace, pod_name, container) = names_of(&counters.names);
+                let container_id = bounded_label(container_id);
                 let labels = vec![namespace, pod_name, container, container_id.clone()];
                 family(&mut families, CONTAINER_CPU_SECONDS)
                     .push(labels.clone(), counters.cpu_ns as f64 / 1e9);
@@ -484,6 +515,7 @@ pub(super) fn build(measure: &Loop) -> Report {
                 }
             }
             Workload::System { bucket } => {
+                let bucket = &bounded_label(bucket);
                 family(&mut families, SYSTEM_CPU_SECONDS)
                     .push(vec![bucket.clone()], counters.cpu_ns as f64 / 1e9);
                 for (domain, joules) in &counters.energy {
@@ -511,8 +543,8 @@ pub(super) fn build(measure: &Loop) -> Report {
                 family(&mut families, PROCESS_ENERGY).push(
                     vec![
                         pid.to_string(),
-                        comm.clone(),
-                        container.clone(),
+                        bounded_label(&comm),
+                        bounded_label(&container),
                         domain.as_str().into(),
                     ],
                     joules.total().0,
@@ -589,6 +621,7 @@ mod tests {
             NODE_UNATTRIBUTED,
             NODE_CPU_SECONDS,
             POD_ENERGY,
+            POD_LABELS,
             CONTAINER_ENERGY,
             CONTAINER_CPU_SECONDS,
             CONTAINER_CPU_CYCLES,

@@ -73,6 +73,10 @@ fn event_domain(name: &str) -> Option<Domain> {
     }
 }
 
+/// Most CPUs a list may name: above Linux's largest `NR_CPUS` (8192), so a
+/// corrupt `0-4294967295` is refused instead of allocated.
+pub const MAX_CPUS: usize = 65_536;
+
 /// Parse a CPU list as sysfs writes it: "0", "0,36", "0-3,8".
 pub fn parse_cpu_list(path: &Path, text: &str) -> Result<Vec<u32>, MeterError> {
     let bad = || {
@@ -90,12 +94,18 @@ pub fn parse_cpu_list(path: &Path, text: &str) -> Result<Vec<u32>, MeterError> {
                     first.parse().map_err(|_| bad())?,
                     last.parse().map_err(|_| bad())?,
                 );
-                if first > last {
+                let count = (last as usize).saturating_sub(first as usize) + 1;
+                if first > last || cpus.len() + count > MAX_CPUS {
                     return Err(bad());
                 }
                 cpus.extend(first..=last);
             }
-            None => cpus.push(part.parse().map_err(|_| bad())?),
+            None => {
+                if cpus.len() >= MAX_CPUS {
+                    return Err(bad());
+                }
+                cpus.push(part.parse().map_err(|_| bad())?)
+            }
         }
     }
     if cpus.is_empty() {
@@ -465,6 +475,23 @@ impl Meter for PerfPowerMeter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found writing the `perf_power` fuzz target: a cpumask of
+    /// `0-4294967295` asked for a 16 GiB list.
+    #[test]
+    fn cpu_lists_longer_than_any_machine_are_refused() {
+        let path = Path::new("cpumask");
+        let Err(err) = parse_cpu_list(path, "0-100000000") else {
+            panic!("a list of 100 million CPUs was accepted");
+        };
+        let err = err.to_string();
+        assert!(
+            err.contains("cpumask") && err.contains("0-100000000"),
+            "{err}"
+        );
+        assert!(parse_cpu_list(path, "0-3,5-4294967295").is_err());
+        assert_eq!(parse_cpu_list(path, "0-8191").unwrap().len(), 8192);
+    }
 
     #[test]
     fn cpu_lists_parse_ranges_and_commas() {

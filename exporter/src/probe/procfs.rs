@@ -159,7 +159,7 @@ impl ProcfsProbe {
             // Children and parent are not read atomically: a few µs of skew
             // can make the difference negative; it is not usage.
             let slice = exclusive[&r.id].max(0) as u64;
-            counted.cpu_ns += slice;
+            counted.cpu_ns = counted.cpu_ns.saturating_add(slice);
         }
         self.first_sample_done = true;
         self.skipped_paths = skips.iter().map(|skip| skip.path.clone()).collect();
@@ -245,9 +245,13 @@ impl ProcfsProbe {
         }
         // user nice system idle iowait irq softirq [steal guest guest_nice]:
         // steal is time the hypervisor ran someone else; guest is in user.
-        let idle = fields[3] + fields[4];
-        let busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6];
-        Ok((idle * self.ns_per_tick, busy * self.ns_per_tick))
+        let sum = |indices: &[usize]| {
+            indices
+                .iter()
+                .fold(0u64, |sum, &i| sum.saturating_add(fields[i]))
+                .saturating_mul(self.ns_per_tick)
+        };
+        Ok((sum(&[3, 4]), sum(&[0, 1, 2, 5, 6])))
     }
 
     /// Reads every process's CPU time. The tables are rebuilt from what
@@ -303,7 +307,7 @@ impl ProcfsProbe {
                 });
                 continue;
             };
-            let cpu_ns = ticks * self.ns_per_tick;
+            let cpu_ns = ticks.saturating_mul(self.ns_per_tick);
             let base = self
                 .process_baseline
                 .get(&pid)
@@ -348,7 +352,8 @@ fn parse_pid_stat(text: &str) -> Option<(String, u64)> {
     // After the comm: state(0) ppid(1) ... utime(11) stime(12).
     let utime: u64 = rest.get(11)?.parse().ok()?;
     let stime: u64 = rest.get(12)?.parse().ok()?;
-    Some((comm, utime + stime))
+    // Host input: a sum past u64::MAX saturates rather than wrapping small.
+    Some((comm, utime.saturating_add(stime)))
 }
 
 fn read(path: &Path) -> Result<String, ProbeError> {
@@ -442,7 +447,7 @@ fn read_cgroup(dir: &Path) -> Result<Option<(u64, u64)>, ProbeError> {
             path: stat_path.clone(),
             detail: "no numeric `usage_usec` line".into(),
         })?;
-    Ok(Some((meta.ino(), usage_usec * 1000)))
+    Ok(Some((meta.ino(), usage_usec.saturating_mul(1000))))
 }
 
 #[cfg(test)]
@@ -459,6 +464,39 @@ mod tests {
     fn garbled_pid_stat_is_rejected() {
         assert_eq!(parse_pid_stat("42 (x) S 1"), None);
         assert_eq!(parse_pid_stat("garbage"), None);
+    }
+
+    /// Found writing the `procfs` fuzz target: counters near u64::MAX
+    /// overflowed the sums and products (a panic in debug builds, a wrapped,
+    /// tiny value in release).
+    #[test]
+    fn counters_near_u64_max_saturate_instead_of_overflowing() {
+        let max = u64::MAX;
+        let line = format!("42 (x) S 1 42 42 0 -1 4194560 100 0 0 0 {max} 3 0 0 20 0 1 0 100 0 0");
+        assert_eq!(parse_pid_stat(&line), Some(("x".into(), max)));
+
+        let root = tempfile::tempdir().unwrap();
+        let proc_dir = tempfile::tempdir().unwrap();
+        fs::write(root.path().join("cpu.stat"), format!("usage_usec {max}\n")).unwrap();
+        fs::write(
+            proc_dir.path().join("stat"),
+            format!("cpu  {max} {max} 1 {max} {max} 0 0 0 0 0\n"),
+        )
+        .unwrap();
+        fs::create_dir(proc_dir.path().join("42")).unwrap();
+        fs::write(proc_dir.path().join("42/stat"), &line).unwrap();
+        let config = ProbeConfig {
+            cgroup_root: root.path().to_owned(),
+            host_proc: proc_dir.path().to_owned(),
+            per_process: true,
+            ..ProbeConfig::local()
+        };
+        let mut probe = ProcfsProbe::start(&config, None).unwrap();
+        fs::write(root.path().join("cpu.stat"), "usage_usec 0\n").unwrap();
+        probe.sample().unwrap();
+        fs::write(root.path().join("cpu.stat"), format!("usage_usec {max}\n")).unwrap();
+        let snap = probe.sample().unwrap();
+        assert!(snap.cgroups.values().all(|c| c.cpu_ns > 0));
     }
 
     #[test]
