@@ -1210,8 +1210,12 @@ mod tests {
             ("cpu=100", "unknown domain"),
             ("package", "DOMAIN=WATTS"),
         ] {
-            let cli = Cli::load_from(&args(&["ergon", "--max-watts", bad]), |_| false).unwrap();
-            let err = cli.meter_config().unwrap_err();
+            // Refused when the settings are loaded, or at the latest when
+            // the meters are configured.
+            let err = match Cli::load_from(&args(&["ergon", "--max-watts", bad]), |_| false) {
+                Err(e) => e.to_string(),
+                Ok(cli) => cli.meter_config().unwrap_err(),
+            };
             assert!(
                 err.contains("--max-watts") && err.contains(says),
                 "{bad}: {err}"

@@ -280,9 +280,8 @@ mod tests {
         let sleeping = usage
             .alive
             .iter()
-            .find(|w| w.pod_uid() == Some(UID))
-            .unwrap_or_else(|| panic!("the sleeping pod is not alive: {:?}", usage.alive));
-        assert!(matches!(sleeping, Workload::Container { .. }));
+            .find(|w| matches!(w, Workload::Container { pod_uid, .. } if pod_uid == UID))
+            .unwrap_or_else(|| panic!("the sleeping container is not alive: {:?}", usage.alive));
         assert!(
             !usage.per_workload.contains_key(sleeping),
             "it used nothing"
