@@ -17,6 +17,7 @@
 mod auth;
 mod deadlines;
 mod health;
+pub mod otlp;
 mod server;
 mod tls;
 
@@ -78,6 +79,16 @@ impl Family {
         debug_assert_eq!(labels.len(), self.label_names.len(), "{}", self.name);
         self.samples.push((labels, value));
     }
+
+    /// The samples by label set, duplicates (e.g. two cgroups of one
+    /// container) summed: what every exposition of the family shows.
+    pub fn merged(&self) -> BTreeMap<&[String], f64> {
+        let mut merged: BTreeMap<&[String], f64> = BTreeMap::new();
+        for (labels, value) in &self.samples {
+            *merged.entry(labels.as_slice()).or_default() += value;
+        }
+        merged
+    }
 }
 
 /// Everything one interval computed, ready to be scraped.
@@ -118,6 +129,11 @@ impl Published {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// `read` applied to the latest report; `None` before the first interval.
+    pub fn with_latest<R>(&self, read: impl FnOnce(&Report) -> R) -> Option<R> {
+        self.snapshot().map(|snapshot| read(&snapshot.report))
     }
 
     /// Whether any interval has completed (readiness).
@@ -161,11 +177,7 @@ pub fn render_report(report: &Report) -> Vec<u8> {
             Kind::Counter => " counter\n",
             Kind::Gauge => " gauge\n",
         });
-        let mut merged: BTreeMap<&[String], f64> = BTreeMap::new();
-        for (labels, value) in &family.samples {
-            *merged.entry(labels.as_slice()).or_default() += value;
-        }
-        for (labels, value) in merged {
+        for (labels, value) in family.merged() {
             out.push_str(family.name);
             if !labels.is_empty() {
                 out.push('{');
