@@ -263,6 +263,12 @@ pub struct Cli {
     )]
     pub unhealthy_after_failed_intervals: u32,
 
+    /// Also push the metrics every interval to this OpenTelemetry collector
+    /// over OTLP/HTTP protobuf (e.g. http://otel-collector:4318; /v1/metrics
+    /// is appended when no path is given).
+    #[arg(long, env = "ERGON_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ergon=debug`.
     #[arg(long, env = "ERGON_LOG", default_value = "info")]
     pub log: String,

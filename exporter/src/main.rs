@@ -72,6 +72,21 @@ fn main() -> anyhow::Result<()> {
     let published = Published::default();
     let handle = ServerHandle::new(published.clone(), cli.interval)
         .with_unhealthy_after(cli.unhealthy_after_failed_intervals);
+    let otlp = match &cli.otlp_endpoint {
+        Some(endpoint) => Some(export::otlp::OtlpPush::start(
+            &export::otlp::OtlpOptions {
+                endpoint: endpoint.clone(),
+                interval: cli.interval,
+                node_name: cli.node_name.clone().unwrap_or_default(),
+                host_name: std::fs::read_to_string(cli.host_proc.join("sys/kernel/hostname"))
+                    .map(|name| name.trim().to_owned())
+                    .unwrap_or_default(),
+            },
+            &ergon::interval::catalogue(),
+            &handle,
+        )?),
+        None => None,
+    };
     let server_options = runtime.block_on(server_options(&cli))?;
     let (stop, stop_received) = std::sync::mpsc::channel::<()>();
 
@@ -113,6 +128,10 @@ fn main() -> anyhow::Result<()> {
     measuring
         .join()
         .map_err(|_| anyhow::anyhow!("the measurement thread panicked"))?;
+    // After the last interval published: the final push carries it.
+    if let Some(otlp) = otlp {
+        otlp.shutdown();
+    }
     drop(watcher);
     Ok(())
 }

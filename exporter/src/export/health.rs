@@ -75,6 +75,12 @@ impl ServerHandle {
         self.liveness.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// `ergon_last_successful_interval_timestamp_seconds`: Unix seconds of
+    /// the last measured interval, 0 before the first.
+    pub fn last_success_seconds(&self) -> f64 {
+        self.last_success.get()
+    }
+
     /// An interval was measured and published.
     pub fn interval_done(&self) {
         let mut liveness = self.lock();

@@ -24,6 +24,7 @@ mod deadlines;
 mod health;
 mod levels;
 mod negotiate;
+pub mod otlp;
 mod server;
 mod tls;
 
@@ -112,6 +113,16 @@ impl Family {
             self.name
         );
         self.samples.push((labels, value));
+    }
+
+    /// The samples by label set, duplicates (e.g. two cgroups of one
+    /// container) summed: what every exposition of the family shows.
+    pub fn merged(&self) -> BTreeMap<&[String], f64> {
+        let mut merged: BTreeMap<&[String], f64> = BTreeMap::new();
+        for (labels, value) in &self.samples {
+            *merged.entry(labels.as_slice()).or_default() += value;
+        }
+        merged
     }
 }
 
@@ -240,6 +251,11 @@ impl Published {
             .clone()
     }
 
+    /// `read` applied to the latest report; `None` before the first interval.
+    pub fn with_latest<R>(&self, read: impl FnOnce(&Report) -> R) -> Option<R> {
+        self.snapshot().map(|snapshot| read(&snapshot.report))
+    }
+
     /// Whether any interval has completed (readiness).
     pub fn is_ready(&self) -> bool {
         self.snapshot().is_some()
@@ -273,11 +289,7 @@ pub fn render_report(report: &Report) -> Vec<u8> {
 pub fn render_format(report: &Report, format: Format) -> Vec<u8> {
     let mut out = String::with_capacity(256 * 1024);
     for family in report.families.iter().filter(|f| !f.samples.is_empty()) {
-        let mut merged: BTreeMap<&[String], f64> = BTreeMap::new();
-        for (labels, value) in &family.samples {
-            *merged.entry(labels.as_slice()).or_default() += value;
-        }
-        let samples = merged.into_iter().map(|(labels, value)| {
+        let samples = family.merged().into_iter().map(|(labels, value)| {
             // Runtime label names (the pod labels an operator allow-listed)
             // follow the fixed ones; a pod without such a label gets no
             // pair rather than an empty one.
