@@ -118,7 +118,7 @@ const PROMETHEUS_SYNTHETIC_METRICS: [&str; 5] = [
 /// The exporter's metric catalogue as the contract lists it. Dashboards and
 /// rules may use only these (checked statically); the end-to-end test checks
 /// them against the real `/metrics`.
-const EXPORTER_METRICS: [&str; 21] = [
+const EXPORTER_METRICS: [&str; 23] = [
     "ergon_node_energy_joules_total",
     "ergon_node_power_watts",
     "ergon_node_cpu_seconds_total",
@@ -137,6 +137,8 @@ const EXPORTER_METRICS: [&str; 21] = [
     "ergon_probe_run_time_seconds_total",
     "ergon_probe_runs_total",
     "ergon_last_successful_interval_timestamp_seconds",
+    "ergon_grid_carbon_intensity_grams_per_kwh",
+    "ergon_grid_carbon_intensity_timestamp_seconds",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
     // Kept last: the only compat name listed in the contract; dashboards
@@ -1603,12 +1605,28 @@ fn promtool_accepts_the_stack_prometheus_config() {
     assert!(output.contains("SUCCESS"), "{output}");
 }
 
+/// The CO2e rules' arithmetic (joules / 3.6e6 × gCO2e/kWh, per pod,
+/// namespace and node) against known series: tests/rules/*.test.yaml.
+#[test]
+fn promtool_rule_unit_tests_pass() {
+    let output = run_ok(
+        Command::new(tool("promtool"))
+            .args(["test", "rules"])
+            .arg(repo_root().join("tests/rules/carbon.test.yaml")),
+    );
+    assert!(output.contains("SUCCESS"), "{output}");
+}
+
 #[test]
 fn rules_have_the_promised_records_and_alerts() {
     let rules = rule_expressions(&rules_path());
     let names: BTreeSet<&str> = rules.iter().map(|r| r.name.as_str()).collect();
     for expected in [
         "namespace:ergon_pod_energy_kwh:increase1d",
+        "pod:ergon_pod_co2e_grams_per_second:rate5m",
+        "namespace:ergon_pod_co2e_grams:increase1d",
+        "instance:ergon_node_co2e_grams:increase1d",
+        "ErgonCarbonIntensityStale",
         "ErgonExporterDown",
         "ErgonMeterDown",
         "ErgonProbeFellBackToProcfs",
@@ -2665,6 +2683,8 @@ fn live_dashboards_and_rules_return_data_from_a_real_exporter() {
     let exporter_port = free_port();
     let exporter_address: SocketAddr = format!("127.0.0.1:{exporter_port}").parse().unwrap();
     let exporter_log = dir.path().join("ergon.log");
+    let carbon_file = dir.path().join("grid-intensity");
+    fs::write(&carbon_file, "350\n").expect("write the carbon intensity file");
     let mut exporter_command = Command::new(&ergon_bin);
     exporter_command.arg(format!("--listen=127.0.0.1:{exporter_port}"));
     exporter_command.args([
@@ -2678,6 +2698,9 @@ fn live_dashboards_and_rules_return_data_from_a_real_exporter() {
         format!("--state-dir={}", dir.path().join("state").display()),
         format!("--kube-api={}", api.url()),
         format!("--node-name={}", ergon_testkit::pods::NODE),
+        // The CO2e panels and rules multiply by the exporter's intensity; a
+        // file (as a CronJob keeps it) also gives its timestamp.
+        format!("--carbon-intensity={}", carbon_file.display()),
     ]);
     let mut exporter = ChildGuard::spawn("ergon", &mut exporter_command, &exporter_log);
     wait_for("the exporter's /readyz", Duration::from_secs(60), || {

@@ -44,6 +44,20 @@ pub enum Compat {
     Kepler09,
 }
 
+/// Where pod names, container names and labels come from (`--pod-source`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PodSource {
+    /// The kubelet if it answers at start, else the API server watch (one
+    /// log line says why).
+    Auto,
+    /// Poll the node's kubelet `/pods` (RBAC: `get` on `nodes/proxy`); no
+    /// load on the API server.
+    Kubelet,
+    /// Watch this node's pods on the API server (RBAC: `list`, `watch` on
+    /// `pods`).
+    Apiserver,
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "ergon",
@@ -209,6 +223,40 @@ pub struct Cli {
     /// Kubernetes API URL (plain HTTP on loopback, for tests and proxies).
     #[arg(long, env = "ERGON_KUBE_API")]
     pub kube_api: Option<String>,
+
+    /// Where pod metadata comes from: the node's kubelet, the API server, or
+    /// auto (the kubelet, else the API server).
+    #[arg(long, env = "ERGON_POD_SOURCE", value_enum, default_value_t = PodSource::Auto)]
+    pub pod_source: PodSource,
+
+    /// The kubelet's base URL. Default: https://<NODE_NAME>:10250 (the
+    /// read-only port, where enabled: http://<node>:10255).
+    #[arg(long, env = "ERGON_KUBELET_URL")]
+    pub kubelet_url: Option<String>,
+
+    /// Bearer token file for the kubelet (re-read as it rotates).
+    #[arg(long, env = "ERGON_KUBELET_TOKEN_FILE", default_value = crate::workload::kubelet::SERVICE_ACCOUNT_TOKEN)]
+    pub kubelet_token_file: PathBuf,
+
+    /// CA bundle (PEM) the kubelet's serving certificate must chain to.
+    #[arg(long, env = "ERGON_KUBELET_CA_FILE", default_value = crate::workload::kubelet::SERVICE_ACCOUNT_CA)]
+    pub kubelet_ca_file: PathBuf,
+
+    /// Do not verify the kubelet's certificate (kubelets whose serving
+    /// certificate is self-signed rather than issued by the cluster CA).
+    #[arg(long, env = "ERGON_KUBELET_INSECURE_SKIP_TLS_VERIFY")]
+    pub kubelet_insecure_skip_tls_verify: bool,
+
+    /// Longest time between two kubelet polls; a new pod's cgroup asks for
+    /// one sooner (at most one per --interval).
+    #[arg(long, env = "ERGON_KUBELET_POLL_PERIOD", default_value = "60s", value_parser = parse_duration)]
+    pub kubelet_poll_period: Duration,
+
+    /// Grid carbon intensity in gCO2e/kWh, exported as
+    /// ergon_grid_carbon_intensity_grams_per_kwh: a number, or a file holding
+    /// one (re-read when it changes, so a CronJob or sidecar can update it).
+    #[arg(long, env = "ERGON_CARBON_INTENSITY")]
+    pub carbon_intensity: Option<String>,
 
     /// Pod label keys exported as labels (opt-in allow-list, comma-separated).
     #[arg(long, env = "ERGON_POD_LABELS", value_delimiter = ',')]

@@ -7,6 +7,7 @@
 //! loop that moves data along that path.
 
 pub mod attribute;
+pub mod carbon;
 pub mod checkpoint;
 pub mod config;
 pub mod doctor;

@@ -2,11 +2,13 @@
 //! watcher, measure on a thread, serve metrics on the async runtime.
 
 use anyhow::Context;
-use ergon::config::{Cli, Command};
+use ergon::config::{Cli, Command, PodSource};
 use ergon::export::{self, Published, ServerHandle};
 use ergon::interval::{Loop, Settings};
 use ergon::probe::Probe;
-use ergon::workload::{ApiSource, PodDirectory, PodWatcher, PodWatcherConfig};
+use ergon::workload::{
+    ApiSource, KubeletConfig, KubeletPoller, PodDirectory, PodWatcher, PodWatcherConfig,
+};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::load();
@@ -26,6 +28,12 @@ fn main() -> anyhow::Result<()> {
     let idle_watts = cli.idle_watts().map_err(anyhow::Error::msg)?;
     let meter_config = cli.meter_config().map_err(anyhow::Error::msg)?;
     let kubelet_roots = cli.kubelet_cgroup_roots().map_err(anyhow::Error::msg)?;
+    let carbon_source = cli
+        .carbon_intensity
+        .as_deref()
+        .map(ergon::carbon::CarbonSource::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -43,7 +51,7 @@ fn main() -> anyhow::Result<()> {
 
     let probe = Probe::start(&cli.probe_config()).context("starting the probe")?;
     let meters = ergon::meter::detect(&meter_config);
-    let watcher = runtime.block_on(start_pod_watcher(&cli));
+    let watcher = runtime.block_on(start_pod_feed(&cli));
     let pods = watcher
         .as_ref()
         .map(|w| w.directory().clone())
@@ -87,7 +95,9 @@ fn main() -> anyhow::Result<()> {
         )?),
         None => None,
     };
-    let server_options = runtime.block_on(server_options(&cli))?;
+    let mut server_options = runtime.block_on(server_options(&cli))?;
+    server_options.carbon =
+        carbon_source.map(|source| start_carbon(source, cli.interval, &runtime));
     let (stop, stop_received) = std::sync::mpsc::channel::<()>();
 
     let measuring = {
@@ -173,6 +183,98 @@ async fn server_options(cli: &Cli) -> anyhow::Result<export::ServerOptions> {
         options.auth = Some(std::sync::Arc::new(export::Authorizer::new(client)));
     }
     Ok(options)
+}
+
+/// `--carbon-intensity`: a file is read now and re-read (if changed) every
+/// interval on the runtime.
+fn start_carbon(
+    source: ergon::carbon::CarbonSource,
+    interval: std::time::Duration,
+    runtime: &tokio::runtime::Runtime,
+) -> ergon::carbon::CarbonIntensity {
+    let carbon = ergon::carbon::CarbonIntensity::new(source);
+    carbon.refresh();
+    let refreshed = carbon.clone();
+    runtime.spawn(async move {
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            refreshed.refresh();
+        }
+    });
+    carbon
+}
+
+/// Whichever source feeds the pod directory; dropping it stops the feed.
+enum PodFeed {
+    Kubelet(KubeletPoller),
+    Apiserver(PodWatcher),
+}
+
+impl PodFeed {
+    fn directory(&self) -> &PodDirectory {
+        match self {
+            PodFeed::Kubelet(poller) => poller.directory(),
+            PodFeed::Apiserver(watcher) => watcher.directory(),
+        }
+    }
+}
+
+/// `--pod-source`: the kubelet, the API server, or the kubelet if it answers
+/// at start and else the API server (one log line says why).
+async fn start_pod_feed(cli: &Cli) -> Option<PodFeed> {
+    let kubelet = || {
+        let node = cli.node_name.as_deref().unwrap_or_default();
+        let url = match &cli.kubelet_url {
+            Some(url) => url.clone(),
+            None if node.is_empty() => return None,
+            None => format!("https://{node}:{}", ergon::workload::kubelet::KUBELET_PORT),
+        };
+        let mut config = KubeletConfig::new(url);
+        config.token_file = Some(cli.kubelet_token_file.clone());
+        config.ca_file = Some(cli.kubelet_ca_file.clone());
+        config.insecure_skip_tls_verify = cli.kubelet_insecure_skip_tls_verify;
+        config.label_allowlist = cli.pod_labels.clone();
+        config.deleted_retention = cli.retention;
+        config.period = cli.kubelet_poll_period;
+        config.min_gap = cli.interval;
+        Some(config)
+    };
+    match cli.pod_source {
+        PodSource::Apiserver => start_pod_watcher(cli).await.map(PodFeed::Apiserver),
+        PodSource::Kubelet => {
+            let Some(config) = kubelet() else {
+                tracing::warn!(
+                    "--pod-source kubelet needs the node's name (NODE_NAME, downward API                      spec.nodeName) or --kubelet-url; labelling by pod uid only"
+                );
+                return None;
+            };
+            match KubeletPoller::spawn(config) {
+                Ok(poller) => Some(PodFeed::Kubelet(poller)),
+                Err(e) => {
+                    tracing::warn!("pod metadata unavailable, labelling by uid only: {e}");
+                    None
+                }
+            }
+        }
+        PodSource::Auto => {
+            let why = match kubelet() {
+                None => "no node name (NODE_NAME) or --kubelet-url".to_owned(),
+                Some(config) => match KubeletPoller::connect(config).await {
+                    Ok(poller) => {
+                        tracing::info!("pod metadata from the kubelet (--pod-source auto)");
+                        return Some(PodFeed::Kubelet(poller));
+                    }
+                    Err(e) => e.to_string(),
+                },
+            };
+            tracing::info!(
+                "pod metadata from the API server watch: the kubelet is not usable ({why})"
+            );
+            start_pod_watcher(cli).await.map(PodFeed::Apiserver)
+        }
+    }
 }
 
 /// Starts the pod watch where a Kubernetes API is configured. Without one,

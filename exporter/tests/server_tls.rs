@@ -8,32 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ergon::export::{ServerOptions, TlsFiles, tls_acceptor};
+use ergon_testkit::tls::self_signed;
 use server_support::{Binary, TestServer, report_of_pods};
-
-/// A self-signed certificate for 127.0.0.1 (its own CA), written to
-/// `<dir>/<name>.crt` and `<dir>/<name>.key`.
-fn self_signed(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let cert = dir.join(format!("{name}.crt"));
-    let key = dir.join(format!("{name}.key"));
-    let output = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
-        .arg("ec_paramgen_curve:prime256v1")
-        .args(["-nodes", "-days", "1", "-subj"])
-        .arg(format!("/CN={name}"))
-        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("running openssl");
-    assert!(
-        output.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (cert, key)
-}
 
 /// `curl` trusting only `ca`: the HTTP status, or curl's error.
 fn curl(port: u16, path: &str, ca: &Path) -> Result<(u16, String), String> {

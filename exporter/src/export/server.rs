@@ -87,6 +87,8 @@ pub struct ServerOptions {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Bearer-token authorization of `/metrics`.
     pub auth: Option<Arc<Authorizer>>,
+    /// The grid carbon intensity gauges (`--carbon-intensity`).
+    pub carbon: Option<crate::carbon::CarbonIntensity>,
 }
 
 impl Default for ServerOptions {
@@ -106,6 +108,7 @@ impl Default for ServerOptions {
             write_timeout: Duration::from_secs(10),
             tls: None,
             auth: None,
+            carbon: None,
         }
     }
 }
@@ -362,6 +365,11 @@ pub async fn serve(
     process
         .register(Box::new(scrapes.clone()))
         .expect("the scrape counter registers once");
+    if let Some(carbon) = &options.carbon {
+        process
+            .register(Box::new(carbon.clone()))
+            .expect("the carbon gauges register once");
+    }
     let shared = Arc::new(Shared {
         handle,
         process,

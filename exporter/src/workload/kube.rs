@@ -29,7 +29,7 @@
 //! - CPU requests are summed over the pod's regular containers, the value the
 //!   `cpu-requests` idle policy shares idle energy by.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -82,14 +82,25 @@ struct Directory {
     pods: HashMap<String, PodEntry>,
     /// Static pod config hash → mirror pod uid.
     uid_by_config_hash: HashMap<String, String>,
+    /// Uids looked up and not found since they were first missed, so that a
+    /// cgroup no pod list explains (an orphan the kubelet forgot) asks for
+    /// one poll, not one per interval forever.
+    missed_uids: HashSet<String>,
     state: ConnectionState,
 }
+
+/// Bound of [`Directory::missed_uids`]; past it the set starts over (at
+/// worst one more poll per forgotten uid).
+const MAX_MISSED_UIDS: usize = 4096;
 
 /// The node's pods, shared between the watcher task (writer) and the
 /// interval loop (readers). Cloning shares the same directory.
 #[derive(Clone, Debug, Default)]
 pub struct PodDirectory {
     inner: Arc<RwLock<Directory>>,
+    /// Woken when a lookup misses a uid for the first time: the kubelet
+    /// poller ([`super::kubelet`]) polls early for it.
+    unknown_pod: Arc<tokio::sync::Notify>,
 }
 
 impl PodDirectory {
@@ -100,12 +111,35 @@ impl PodDirectory {
     /// The pod with this uid (as the cgroup path gives it, so a static pod's
     /// config hash works too), including recently deleted pods.
     pub fn pod(&self, pod_uid: &str) -> Option<Arc<PodMeta>> {
-        let directory = self.read();
-        let uid = directory
-            .uid_by_config_hash
-            .get(pod_uid)
-            .map_or(pod_uid, String::as_str);
-        directory.pods.get(uid).map(|entry| Arc::clone(&entry.meta))
+        let found = {
+            let directory = self.read();
+            let uid = directory
+                .uid_by_config_hash
+                .get(pod_uid)
+                .map_or(pod_uid, String::as_str);
+            directory.pods.get(uid).map(|entry| Arc::clone(&entry.meta))
+        };
+        if found.is_none() {
+            self.missed(pod_uid);
+        }
+        found
+    }
+
+    fn missed(&self, pod_uid: &str) {
+        let mut directory = self.write();
+        if directory.missed_uids.len() >= MAX_MISSED_UIDS {
+            directory.missed_uids.clear();
+        }
+        if directory.missed_uids.insert(pod_uid.to_owned()) {
+            // `notify_one` keeps a permit when nobody waits yet, so a miss
+            // during a poll is not lost.
+            self.unknown_pod.notify_one();
+        }
+    }
+
+    /// Resolves when a lookup has missed a uid not missed before.
+    pub(super) async fn unknown_pod_seen(&self) {
+        self.unknown_pod.notified().await
     }
 
     /// Pods that exist now (deleted ones left out), e.g. for idle weights.
@@ -149,7 +183,7 @@ impl PodDirectory {
     }
 
     /// A complete list: its pods are current, every other pod is deleted.
-    fn replace_all(&self, listed: Vec<ConvertedPod>, now: Instant) {
+    pub(super) fn replace_all(&self, listed: Vec<ConvertedPod>, now: Instant) {
         let mut directory = self.write();
         let listed_uids: std::collections::HashSet<String> =
             listed.iter().map(|pod| pod.meta.uid.clone()).collect();
@@ -161,12 +195,19 @@ impl PodDirectory {
         for pod in listed {
             directory.insert(pod);
         }
+        let Directory {
+            missed_uids,
+            pods,
+            uid_by_config_hash,
+            ..
+        } = &mut *directory;
+        missed_uids.retain(|uid| !pods.contains_key(uid) && !uid_by_config_hash.contains_key(uid));
         directory.state.connected = true;
         directory.state.synced = true;
         directory.state.consecutive_failures = 0;
     }
 
-    fn prune_deleted(&self, retention: Duration, now: Instant) {
+    pub(super) fn prune_deleted(&self, retention: Duration, now: Instant) {
         let mut directory = self.write();
         let Directory {
             pods,
@@ -190,7 +231,7 @@ impl PodDirectory {
     }
 
     /// Records a failure; returns the number of consecutive failures.
-    fn record_failure(&self, error: String) -> u32 {
+    pub(super) fn record_failure(&self, error: String) -> u32 {
         let mut directory = self.write();
         let state = &mut directory.state;
         state.connected = false;
@@ -437,18 +478,18 @@ async fn run_watcher(client: kube::Client, config: PodWatcherConfig, directory: 
 }
 
 /// `initial × 2^(failures−1)`, at most `max`.
-fn retry_delay(failures: u32, initial: Duration, max: Duration) -> Duration {
+pub(super) fn retry_delay(failures: u32, initial: Duration, max: Duration) -> Duration {
     let doublings = failures.saturating_sub(1).min(16);
     initial.saturating_mul(1 << doublings).min(max)
 }
 
 #[derive(Debug)]
-struct ConvertedPod {
+pub(super) struct ConvertedPod {
     meta: PodMeta,
     config_hash: Option<String>,
 }
 
-fn convert_pod(pod: &Pod, label_allowlist: &[String]) -> ConvertedPod {
+pub(super) fn convert_pod(pod: &Pod, label_allowlist: &[String]) -> ConvertedPod {
     let metadata = &pod.metadata;
     let name = metadata.name.clone().unwrap_or_default();
     let namespace = metadata.namespace.clone().unwrap_or_default();
@@ -794,6 +835,35 @@ mod tests {
             Some("0c5b1c2e-0000-0000-0000-000000000002"),
             "the static pod's cgroup lost its name"
         );
+    }
+
+    #[tokio::test]
+    async fn a_missed_uid_asks_for_a_list_once() {
+        let directory = PodDirectory::new();
+        let asked = |directory: &PodDirectory| {
+            let directory = directory.clone();
+            async move {
+                tokio::time::timeout(Duration::from_millis(50), directory.unknown_pod_seen())
+                    .await
+                    .is_ok()
+            }
+        };
+        assert!(directory.pod("u-9").is_none());
+        assert!(asked(&directory).await, "the first miss did not ask");
+        assert!(directory.pod("u-9").is_none());
+        assert!(!asked(&directory).await, "the same uid asked twice");
+        // A list that still lacks it: still no second ask.
+        directory.replace_all(vec![convert(pod_json("u-1", "a"), &[])], Instant::now());
+        assert!(directory.pod("u-9").is_none());
+        assert!(
+            !asked(&directory).await,
+            "the orphan asked again after a list"
+        );
+        // Known pods never ask; another unknown uid does.
+        assert!(directory.pod("u-1").is_some());
+        assert!(!asked(&directory).await);
+        assert!(directory.pod("u-10").is_none());
+        assert!(asked(&directory).await);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Who used the CPU: cgroup id → cgroup path → container, pod or system
 //! bucket ([`cgroup`], [`resolver`]), and the names Kubernetes gives them
-//! ([`kube`]).
+//! ([`kube`], from an API server watch, or [`kubelet`], from the node's
+//! kubelet).
 //!
 //! Identity comes from the cgroup path alone, so energy is attributed to
 //! pod uids and container ids even when the Kubernetes API is away; the API
@@ -8,6 +9,7 @@
 
 pub mod cgroup;
 pub mod kube;
+pub mod kubelet;
 pub mod pid_cgroup;
 pub mod resolver;
 
@@ -15,5 +17,6 @@ pub use self::cgroup::{KubeletCgroupRoots, QosClass, Runtime, Workload, classify
 pub use self::kube::{
     ApiSource, ConnectionState, PodDirectory, PodMeta, PodWatcher, PodWatcherConfig,
 };
+pub use self::kubelet::{KubeletConfig, KubeletError, KubeletPoller};
 pub use self::pid_cgroup::cgroup_id_of_pid;
 pub use self::resolver::{CgroupResolver, ResolvedCgroup};

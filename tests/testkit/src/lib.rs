@@ -5,8 +5,10 @@
 //! Everything created here is removed by a guard's `Drop`, so a failing
 //! assertion still leaves the machine clean.
 pub mod kube_api;
+pub mod kubelet;
 pub mod pods;
 pub mod prometheus;
+pub mod tls;
 
 use std::ffi::CString;
 use std::os::unix::fs::MetadataExt;
