@@ -1415,7 +1415,7 @@ fn hardened_variant_adds_tls_auth_rbac_and_a_network_policy_the_default_does_not
     assert!(endpoint["bearerTokenFile"].is_string());
 
     let review_rules = |objects: &[Rendered]| -> Vec<Value> {
-        find(objects, "ClusterRole", "ergon").object["rules"]
+        find(objects, "ClusterRole", &format!("{HELM_NAMESPACE}-ergon")).object["rules"]
             .as_array()
             .unwrap()
             .iter()
@@ -1434,7 +1434,11 @@ fn hardened_variant_adds_tls_auth_rbac_and_a_network_policy_the_default_does_not
             json!({"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]}),
         ]
     );
-    let reader = find(&hardened, "ClusterRole", "ergon-metrics-reader");
+    let reader = find(
+        &hardened,
+        "ClusterRole",
+        &format!("{HELM_NAMESPACE}-ergon-metrics-reader"),
+    );
     assert_eq!(
         reader.object["rules"],
         json!([{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}])
@@ -1467,7 +1471,7 @@ fn hardened_variant_adds_tls_auth_rbac_and_a_network_policy_the_default_does_not
     assert!(
         !default
             .iter()
-            .any(|o| o.kind() == "NetworkPolicy" || o.name() == "ergon-metrics-reader")
+            .any(|o| o.kind() == "NetworkPolicy" || o.name().ends_with("-metrics-reader"))
     );
     let args = &find(&default, "DaemonSet", "ergon").object["spec"]["template"]["spec"]["containers"]
         [0]["args"];
