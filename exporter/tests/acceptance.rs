@@ -167,7 +167,7 @@ fn exited_pods_keep_their_energy_and_restarts_never_lower_a_counter() {
     let before: Vec<_> = later
         .samples
         .iter()
-        .filter(|(name, _, _)| name.starts_with("ergon_") && name.ends_with("_total"))
+        .filter(|(name, _, _)| support::persisted_counter(name))
         .cloned()
         .collect();
     exporter.kill();

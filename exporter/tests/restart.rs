@@ -78,10 +78,7 @@ fn a_deleted_pod_keeps_its_names_across_a_restart_and_counters_are_served_at_onc
     let counters: Vec<Sample> = before
         .samples
         .iter()
-        .filter(|(name, _, _)| name.starts_with("ergon_") && name.ends_with("_total"))
-        // The kernel's statistics of the program belong to the process that
-        // loaded it; they start again with the new one.
-        .filter(|(name, _, _)| !name.starts_with("ergon_probe_run"))
+        .filter(|(name, _, _)| support::persisted_counter(name))
         .cloned()
         .collect();
 

@@ -369,6 +369,9 @@ fn main() -> Result<()> {
             let host = run_tests(
                 cargo()
                     .args(["test", "--workspace", "--exclude", "ergon-ebpf"])
+                    // Every test binary runs, so one failure does not hide
+                    // the others' results.
+                    .arg("--no-fail-fast")
                     .args(&rest)
                     .env("ERGON_BIN", root().join("target/debug/ergon")),
                 &mut tally,

@@ -594,3 +594,24 @@ impl Drop for LoggedChild {
         let _ = self.child.wait();
     }
 }
+
+/// Whether a counter is one the checkpoint carries across an exporter
+/// restart: the accounting (energy, CPU time, residual, overflow). The
+/// exporter's own health counters (scrapes served, readings rejected,
+/// checkpoints set aside, the kernel's statistics of the loaded program)
+/// count one process's life, as `process_cpu_seconds_total` does, and start
+/// again with the new process.
+pub fn persisted_counter(name: &str) -> bool {
+    name.ends_with("_total")
+        && [
+            "ergon_node_",
+            "ergon_pod_",
+            "ergon_container_",
+            "ergon_system_",
+            "ergon_process_",
+            "ergon_attribution_residual_",
+            "ergon_probe_overflow_",
+        ]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+}
