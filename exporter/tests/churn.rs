@@ -245,6 +245,7 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
         &[
             rapl.host_sys_arg(),
             format!("--cgroup-root={}", support::cgroup2_root().display()),
+            support::kubelet_cgroup_root_arg(),
             "--meter=rapl".into(),
             "--idle-watts=package=10".into(),
             format!("--interval={}ms", interval.as_millis()),

@@ -16,6 +16,7 @@ fn start_exporter(rapl: &FakeRapl, api: &KubeApi, extra: &[&str]) -> ExporterPro
     let mut args = vec![
         rapl.host_sys_arg(),
         format!("--cgroup-root={}", support::cgroup2_root().display()),
+        support::kubelet_cgroup_root_arg(),
         "--meter=rapl".into(),
         "--interval=500ms".into(),
         format!("--kube-api={}", api.url()),

@@ -175,6 +175,7 @@ fn the_first_interval_has_energy_wherever_cpu_time_was_counted() {
         let mut args = meter_args.clone();
         args.extend([
             format!("--cgroup-root={}", support::cgroup2_root().display()),
+            support::kubelet_cgroup_root_arg(),
             "--interval=3s".into(),
             "--no-checkpoint".into(),
         ]);
