@@ -43,14 +43,15 @@ pub fn cargo_for(target: &str) -> Result<Command> {
     let mut cmd = super::cargo();
     let env_target = target.replace('-', "_");
     let linker = "aarch64-linux-gnu-gcc";
+    let runner = "qemu-aarch64 -L /usr/aarch64-linux-gnu";
     cmd.env("RUSTC_BOOTSTRAP", "1")
         .env(format!("CC_{env_target}"), linker)
         .env(format!("AR_{env_target}"), "aarch64-linux-gnu-ar")
         .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER", linker)
-        .env(
-            "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER",
-            "qemu-aarch64 -L /usr/aarch64-linux-gnu",
-        );
+        .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER", runner)
+        // Tests that re-run their own binary in a child need the emulator
+        // too (binfmt_misc is not registered here).
+        .env("ERGON_TEST_RUNNER", runner);
     Ok(cmd)
 }
 

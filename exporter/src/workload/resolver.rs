@@ -468,7 +468,20 @@ mod tests {
         for i in (0..SIBLINGS).step_by(100) {
             std::fs::create_dir(root.path().join(format!("sibling-{i}/leaf"))).unwrap();
         }
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        // Under emulation (`cargo xtask test` runs these tests for arm64
+        // under qemu-user) the test binary is re-run through the same
+        // emulator, which the kernel would not find by itself.
+        let exe = std::env::current_exe().unwrap();
+        let runner = std::env::var("ERGON_TEST_RUNNER").unwrap_or_default();
+        let mut runner = runner.split_whitespace();
+        let mut child = match runner.next() {
+            Some(emulator) => {
+                let mut child = std::process::Command::new(emulator);
+                child.args(runner).arg(exe);
+                child
+            }
+            None => std::process::Command::new(exe),
+        };
         child
             .args([
                 "--exact",
