@@ -35,6 +35,8 @@ fuzz_target!(|data: &[u8]| {
         per_process: true,
         max_cgroups: 16,
         max_processes: 16,
+        map_allocation: Default::default(),
+        map_memory_budget_bytes: 1 << 20,
         host_proc: proc.path().to_owned(),
         host_sys: proc.path().to_owned(),
         cgroup_root: cgroups.path().to_owned(),

@@ -121,14 +121,19 @@ fn wait_ready(cluster: &Cluster, profile: Profile) -> Result<()> {
     let pod = ready_pod(cluster)?;
     let log = cluster.kubectl(&["logs", "-n", NAMESPACE, &pod])?;
     eprintln!("e2e: {profile:?} profile: pod {pod} Ready; its log:\n{log}");
-    for (needle, what) in [
-        ("eBPF probe attached", "the eBPF probe it chose"),
-        ("meter found", "the meter it chose"),
-        ("pod watch started", "that it watches this node's pods"),
+    for (needles, what) in [
+        (&["eBPF probe attached"][..], "the eBPF probe it chose"),
+        (&["meter found"][..], "the meter it chose"),
+        // --pod-source auto (the chart's default): the real kubelet's
+        // /pods, or the API server watch where the kubelet refuses.
+        (
+            &["pod metadata from the kubelet", "pod watch started"][..],
+            "where it gets this node's pods from",
+        ),
     ] {
-        if !log.contains(needle) {
+        if !needles.iter().any(|needle| log.contains(needle)) {
             bail!(
-                "{profile:?} profile: the log of {pod} does not show {what} (no {needle:?} line)"
+                "{profile:?} profile: the log of {pod} does not show {what} (no {needles:?} line)"
             );
         }
     }
@@ -140,14 +145,17 @@ fn wait_ready(cluster: &Cluster, profile: Profile) -> Result<()> {
 fn check_rbac(cluster: &Cluster) -> Result<()> {
     let account = format!("system:serviceaccount:{NAMESPACE}:{RELEASE}");
     let can = |verb: &str, resource: &str| -> Result<bool> {
-        let out = cluster
-            .kubectl_command()
-            .args(["auth", "can-i", verb, resource, "--as", &account])
-            .args(["--all-namespaces"])
-            .output()?;
+        let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
+        let mut command = cluster.kubectl_command();
+        command.args(["auth", "can-i", verb, resource, "--as", &account]);
+        if !subresource.is_empty() {
+            command.args(["--subresource", subresource]);
+        }
+        let out = command.args(["--all-namespaces"]).output()?;
         Ok(String::from_utf8_lossy(&out.stdout).trim() == "yes")
     };
-    for (verb, resource) in [("list", "pods"), ("watch", "pods"), ("get", "nodes")] {
+    // --pod-source auto: the kubelet's /pods (nodes/proxy), else the watch.
+    for (verb, resource) in [("list", "pods"), ("watch", "pods"), ("get", "nodes/proxy")] {
         if !can(verb, resource)? {
             bail!("RBAC denies the exporter's ServiceAccount `{verb} {resource}`, which it needs");
         }
