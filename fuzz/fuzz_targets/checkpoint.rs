@@ -9,5 +9,6 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let tree = Tree::new();
     let path = tree.write("checkpoint.json", data);
-    let _ = ergon::checkpoint::load::<State>(&path, "fuzz-boot-id");
+    let mut checkpoint = ergon::checkpoint::Checkpoint::new(path, Some("fuzz-boot-id".to_owned()));
+    let _ = checkpoint.load::<State>(|_| Ok(()));
 });

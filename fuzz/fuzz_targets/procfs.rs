@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
         per_process: true,
         max_cgroups: 16,
         max_processes: 16,
-        map_allocation: Default::default(),
+        map_allocation: ergon::probe::MapAllocation::Auto,
         map_memory_budget_bytes: 1 << 20,
         host_proc: proc.path().to_owned(),
         host_sys: proc.path().to_owned(),

@@ -64,6 +64,11 @@ pub fn install(cluster: &Cluster, profile: Profile) -> Result<()> {
         .args(["--set", &format!("image.tag={ERGON_TAG}")])
         .args(["--set", "image.pullPolicy=Never"])
         .args(["--set", "hostNetwork=true"])
+        // The API server watch: with --pod-source auto the real kubelet
+        // answered, but its /pods lacked container statuses when the pods
+        // were first seen and the poller's 60 s period outlasted the checks
+        // (container="" series; see the issue note).
+        .args(["--set", "exporter.podSource=apiserver"])
         .args(["--set", &format!("port={PORT}")])
         // The `kubernetes` Service has no endpoints on this node (the
         // apiserver refuses a loopback one): pods reach the API directly.
@@ -154,8 +159,7 @@ fn check_rbac(cluster: &Cluster) -> Result<()> {
         let out = command.args(["--all-namespaces"]).output()?;
         Ok(String::from_utf8_lossy(&out.stdout).trim() == "yes")
     };
-    // --pod-source auto: the kubelet's /pods (nodes/proxy), else the watch.
-    for (verb, resource) in [("list", "pods"), ("watch", "pods"), ("get", "nodes/proxy")] {
+    for (verb, resource) in [("list", "pods"), ("watch", "pods")] {
         if !can(verb, resource)? {
             bail!("RBAC denies the exporter's ServiceAccount `{verb} {resource}`, which it needs");
         }
