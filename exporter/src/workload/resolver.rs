@@ -135,15 +135,6 @@ impl CgroupResolver {
         self.by_id.is_empty()
     }
 
-    /// The workloads whose cgroups existed at the latest walk (a workload
-    /// with several cgroups appears once per cgroup).
-    pub fn present(&self) -> impl Iterator<Item = &Workload> {
-        self.by_id
-            .values()
-            .filter(|cgroup| cgroup.vanished_at.is_none())
-            .map(|cgroup| &cgroup.workload)
-    }
-
     /// The cgroup with this id; an unknown id triggers a walk if one is due.
     pub fn resolve(&mut self, cgroup_id: u64) -> Option<&ResolvedCgroup> {
         self.resolve_at(cgroup_id, Instant::now())
