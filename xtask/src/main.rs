@@ -72,6 +72,10 @@ fn succeeds(cmd: &mut Command) -> bool {
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root());
+    // CI builds each tree once: incremental state would only add gigabytes.
+    if std::env::var_os("CI").is_some() {
+        cmd.env("CARGO_INCREMENTAL", "0");
+    }
     cmd
 }
 
@@ -331,6 +335,52 @@ fn soak(args: &[String]) -> Result<()> {
     run(&mut cmd)
 }
 
+/// What a full `cargo xtask test` writes, measured on a fresh machine
+/// (target/ in both architectures, the fuzz build, the Kubernetes build and
+/// images, packages): about 20 GB.
+const DISK_NEEDED_GB: u64 = 20;
+
+/// Warns, naming the figure, when the disk holding the repository has less
+/// free space than a full run writes: a run that fills the disk fails late
+/// and far from the cause (a linker's `No space left on device`).
+fn check_free_disk() {
+    let Ok(out) = Command::new("df")
+        .args(["--output=avail", "-B1G"])
+        .arg(root())
+        .output()
+    else {
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(free) = text
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse::<u64>().ok())
+    else {
+        return;
+    };
+    if free < DISK_NEEDED_GB {
+        eprintln!(
+            "warning: {free} GB free on the disk of {}; a full `cargo xtask test` writes about              {DISK_NEEDED_GB} GB (target/, the fuzz build, the e2e's Kubernetes under              /var/cache/ergon-e2e). Free space or expect `No space left on device`.",
+            root().display()
+        );
+    } else {
+        eprintln!("disk: {free} GB free (a full run writes about {DISK_NEEDED_GB} GB)");
+    }
+}
+
+/// In CI (`CI` set), removes a build directory no later step reads, so a
+/// fresh machine's disk holds one build tree at a time. Locally the tree is
+/// kept: it makes the next run incremental.
+fn release_in_ci(dir: &Path) {
+    if std::env::var_os("CI").is_some() && dir.exists() {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => eprintln!("CI: removed {} (not read again)", dir.display()),
+            Err(e) => eprintln!("CI: could not remove {}: {e}", dir.display()),
+        }
+    }
+}
+
 fn lint() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))
         .context("formatting differs: run `cargo fmt --all`")?;
@@ -359,6 +409,24 @@ fn main() -> Result<()> {
         "lint" => lint(),
         "test" => {
             setup()?;
+            check_free_disk();
+            // A filtered run (`cargo xtask test some_test`) is a quick loop:
+            // the arm64 unit tests, the fuzz smoke and the real cluster are
+            // then left out.
+            let everything = rest.is_empty();
+            let kube_build = if everything {
+                match e2e::prepare_in_background() {
+                    Ok(prepared) => Some(prepared),
+                    Err(e) => {
+                        // The e2e installs and builds again in the
+                        // foreground and fails there with this error.
+                        eprintln!("e2e preparation failed: {e:#}");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
             lint()?;
             // One profile (dev) and one feature set for every test binary:
             // `cargo test` builds target/debug/ergon with them, and the
@@ -377,11 +445,11 @@ fn main() -> Result<()> {
                 &mut tally,
                 None,
             )?;
-            // A filtered run (`cargo xtask test some_test`) is a quick loop:
-            // the arm64 unit tests and the real cluster are then left out.
-            let everything = rest.is_empty();
             // The same unit tests on arm64, under emulation (edge nodes).
             let arm64 = !everything || cross::unit_tests(&mut tally)?;
+            if everything {
+                release_in_ci(&root().join(format!("target/{}", cross::AARCH64)));
+            }
             // Every parser of host input under libFuzzer, briefly; the
             // smoke counts as one test.
             let fuzzed = !everything || {
@@ -390,8 +458,12 @@ fn main() -> Result<()> {
                     eprintln!("fuzz smoke failed: {e:#}");
                 }
                 tally.record(result.is_ok());
+                release_in_ci(&root().join("fuzz/target"));
                 result.is_ok()
             };
+            if let Some(prepared) = kube_build {
+                prepared.join();
+            }
             // The real cluster takes the binary the tests just built; it
             // counts as one test.
             let cluster = if everything {
