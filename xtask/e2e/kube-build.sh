@@ -23,6 +23,10 @@ GO=/usr/lib/go-1.19/bin/go
 log() { printf 'kube-build: %s\n' "$*" >&2; }
 
 mkdir -p "$WORK/src"
+# One build at a time (a background build of `cargo xtask test` and an
+# `cargo xtask e2e` would share the tree and the cache).
+exec 9>"$WORK/kube-build.lock"
+flock 9
 
 # 1. The orig tarball, through a private apt config so the machine's own
 # sources list is not touched.

@@ -251,6 +251,18 @@ pub fn run_all(args: &[String]) -> Result<()> {
     cluster::catch_interrupts();
     let started = Instant::now();
     let work = work_dir()?;
+    // One cluster per machine: its ports, docker and cgroups are global.
+    let lock_path = work.cache.join("e2e.lock");
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        eprintln!(
+            "e2e: another e2e on this machine holds {}; waiting for it to finish",
+            lock_path.display()
+        );
+        lock.lock()
+            .with_context(|| format!("locking {}", lock_path.display()))?;
+    }
     install_packages()?;
     let bin = kube_binaries(&work)?;
     let ergon_bin = std::env::var_os("ERGON_BIN")
@@ -266,6 +278,7 @@ pub fn run_all(args: &[String]) -> Result<()> {
         "e2e: every check passed in {:.0} s",
         started.elapsed().as_secs_f64()
     );
+    drop(lock);
     Ok(())
 }
 
