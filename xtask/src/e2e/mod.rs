@@ -317,7 +317,7 @@ fn checks(cluster: &mut Cluster, ergon_bin: &Path) -> Result<()> {
     chart::install(cluster, chart::Profile::LeastPrivilege)?;
     check_restart_keeps_counters(cluster, &prometheus, None)?;
 
-    step("every dashboard panel query returns data (tests/deploy.rs, on this cluster)");
+    step("every dashboard panel query returns data (tests/deploy/live.rs, on this cluster)");
     cluster::wait_for(
         "the recording rules to have been evaluated",
         Duration::from_secs(120),
@@ -331,7 +331,7 @@ fn checks(cluster: &mut Cluster, ergon_bin: &Path) -> Result<()> {
     run(crate::cargo()
         .args(["test", "-p", "ergon-deploy-tests", "--test", "deploy"])
         .args([
-            "cluster_dashboards_and_rules_return_data",
+            "live::cluster_dashboards_and_rules_return_data",
             "--",
             "--ignored",
             "--exact",
