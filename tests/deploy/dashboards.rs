@@ -22,6 +22,8 @@ pub struct PanelQuery {
     pub ref_id: String,
     /// As written, with Grafana template variables.
     pub expr: String,
+    /// The series' legend, as written (`{{component}}`, `redis`).
+    pub legend: String,
 }
 
 impl PanelQuery {
@@ -83,6 +85,7 @@ pub fn dashboard_queries(repo: &Path) -> Vec<PanelQuery> {
                         panel: panel["title"].as_str().unwrap_or("").to_string(),
                         ref_id: target["refId"].as_str().unwrap_or("").to_string(),
                         expr: expr.to_string(),
+                        legend: target["legendFormat"].as_str().unwrap_or("").to_string(),
                     });
                 }
             }

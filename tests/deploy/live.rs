@@ -20,6 +20,7 @@ use crate::common::*;
 use crate::dashboards::*;
 use crate::metrics::{COMPONENT_REQUEST_METRICS, MetricOrigin, metric_origin};
 use crate::rules::{recording_rule_names, rules_path};
+use crate::stack::PIPELINE_COMPONENTS;
 
 /// A child process that is killed and reaped when the guard goes away, on
 /// success and on panic alike.
@@ -476,6 +477,18 @@ pub fn live_dashboards_and_rules_return_data_from_a_real_exporter() {
     drop(pods);
 }
 
+/// An address `cargo xtask e2e` passes to the tests it runs on its cluster.
+fn cluster_address(name: &str) -> SocketAddr {
+    cluster_setting(name)
+        .parse()
+        .unwrap_or_else(|e| panic!("{name} is not an address (127.0.0.1:PORT): {e}"))
+}
+
+fn cluster_setting(name: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: run this test through `cargo xtask e2e`"))
+}
+
 /// The same dashboards and rules against the real single-node cluster of
 /// `cargo xtask e2e`, which runs this test once its exporter pod and
 /// Prometheus (pod discovery through the apiserver, the chart's rules) hold
@@ -485,17 +498,9 @@ pub fn live_dashboards_and_rules_return_data_from_a_real_exporter() {
 #[ignore = "needs the cluster of `cargo xtask e2e`, which runs it with ERGON_E2E_EXPORTER and \
             ERGON_E2E_PROMETHEUS set"]
 pub fn cluster_dashboards_and_rules_return_data() {
-    let address = |name: &str| -> SocketAddr {
-        std::env::var(name)
-            .unwrap_or_else(|_| {
-                panic!("{name} is not set: run this test through `cargo xtask e2e`")
-            })
-            .parse()
-            .unwrap_or_else(|e| panic!("{name} is not an address (127.0.0.1:PORT): {e}"))
-    };
     let (exporter, prometheus) = (
-        address("ERGON_E2E_EXPORTER"),
-        address("ERGON_E2E_PROMETHEUS"),
+        cluster_address("ERGON_E2E_EXPORTER"),
+        cluster_address("ERGON_E2E_PROMETHEUS"),
     );
     let include = |dashboard: &str| !dashboard.contains("vehicle-pipeline");
     let checked = dashboard_queries(&repo_root())
@@ -513,4 +518,142 @@ pub fn cluster_dashboards_and_rules_return_data() {
         "dashboards and rules against the e2e cluster:\n{}",
         problems.join("\n")
     );
+}
+
+/// The pipeline dashboard against the cluster of `cargo xtask e2e` once it
+/// runs part of the stack (ERGON_E2E_PIPELINE_COMPONENTS, by dashboard
+/// component name). Every panel query returns data; the panels by
+/// component give each running component its own series, above zero; the
+/// joules-per-request panel has a series for each component whose request
+/// counter the cluster's Prometheus scrapes
+/// (ERGON_E2E_PIPELINE_REQUEST_COUNTERS).
+#[test]
+#[ignore = "needs the cluster of `cargo xtask e2e` running the stack, which runs it with \
+            ERGON_E2E_PROMETHEUS and ERGON_E2E_PIPELINE_* set"]
+fn cluster_pipeline_dashboard_shows_each_running_component() {
+    let prometheus = cluster_address("ERGON_E2E_PROMETHEUS");
+    let list = |name: &str| -> Vec<String> {
+        cluster_setting(name)
+            .split(',')
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    let running = list("ERGON_E2E_PIPELINE_COMPONENTS");
+    let counted = list("ERGON_E2E_PIPELINE_REQUEST_COUNTERS");
+    for component in running.iter().chain(&counted) {
+        assert!(
+            PIPELINE_COMPONENTS.contains(&component.as_str()),
+            "{component} is not a pipeline component ({PIPELINE_COMPONENTS:?})"
+        );
+    }
+    let repo = repo_root();
+    let dashboard = "ergon-vehicle-pipeline.json";
+    let variables = dashboard_variables(&repo);
+    let queries: Vec<PanelQuery> = dashboard_queries(&repo)
+        .into_iter()
+        .filter(|q| q.dashboard == dashboard)
+        .collect();
+    assert!(
+        queries.iter().any(|q| q.legend == "{{component}}"),
+        "{dashboard} has no panel by component"
+    );
+    // The counters need a few scrapes of the new pods before rate() and
+    // increase() over the panels' ranges see them move.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let shown = loop {
+        match pipeline_panels(prometheus, &variables, &queries, &running, &counted) {
+            Ok(shown) => break shown,
+            Err(problems) if Instant::now() > deadline => panic!(
+                "the pipeline dashboard against the e2e cluster, after 180 s:\n{}",
+                problems.join("\n")
+            ),
+            Err(_) => thread::sleep(Duration::from_secs(5)),
+        }
+    };
+    for (panel, by_component) in shown {
+        for (component, value) in by_component {
+            eprintln!("{dashboard} / {panel}: {component} = {value:.6}");
+        }
+    }
+}
+
+/// A panel's title and its value per component.
+type PanelValues = (String, BTreeMap<String, f64>);
+
+/// Runs every panel query of the pipeline dashboard; returns, per panel by
+/// component, each component's value, or every problem found.
+fn pipeline_panels(
+    prometheus: SocketAddr,
+    variables: &[TemplateVariable],
+    queries: &[PanelQuery],
+    running: &[String],
+    counted: &[String],
+) -> Result<Vec<PanelValues>, Vec<String>> {
+    let values = live_variable_values(prometheus, variables, "ergon-vehicle-pipeline.json")
+        .map_err(|error| vec![error])?;
+    let mut problems = Vec::new();
+    let mut shown = Vec::new();
+    for query in queries {
+        let filled = substitute_template_variables(&query.expr, &values);
+        let result = match prometheus_query(prometheus, &filled) {
+            Ok(result) => result,
+            Err(error) => {
+                problems.push(format!("{}: `{filled}`: {error}", query.location()));
+                continue;
+            }
+        };
+        let value_of = |series: &Value| -> f64 {
+            series["value"][1]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(f64::NAN)
+        };
+        if query.legend == "{{component}}" {
+            let by_component: BTreeMap<String, f64> = result
+                .iter()
+                .map(|series| {
+                    (
+                        series["metric"]["component"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string(),
+                        value_of(series),
+                    )
+                })
+                .collect();
+            for component in running {
+                match by_component.get(component) {
+                    Some(value) if *value > 0.0 => {}
+                    other => problems.push(format!(
+                        "{}: component {component} runs but shows {other:?} (all: {by_component:?})",
+                        query.location()
+                    )),
+                }
+            }
+            shown.push((query.panel.clone(), by_component));
+        } else if PIPELINE_COMPONENTS.contains(&query.legend.as_str()) {
+            // Joules per request: one target per component.
+            if counted.contains(&query.legend) {
+                match result.first().map(value_of) {
+                    Some(value) if value.is_finite() && value > 0.0 => shown.push((
+                        query.panel.clone(),
+                        BTreeMap::from([(query.legend.clone(), value)]),
+                    )),
+                    other => problems.push(format!(
+                        "{}: {} has a scraped request counter but shows {other:?} for `{filled}`",
+                        query.location(),
+                        query.legend
+                    )),
+                }
+            }
+        } else if result.is_empty() {
+            problems.push(format!("{}: no data for `{filled}`", query.location()));
+        }
+    }
+    if problems.is_empty() {
+        Ok(shown)
+    } else {
+        Err(problems)
+    }
 }
