@@ -52,8 +52,31 @@ pub fn install_operator_crds(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
+/// The grid's carbon intensity as an operator keeps it: a ConfigMap that a
+/// CronJob rewrites, mounted by the chart (`exporter.carbonIntensity
+/// .configMap`). Without an intensity the exporter has no intensity series
+/// (absent, not 0), and the dashboards' CO2e panels and the staleness alert
+/// have nothing to show.
+const CARBON_CONFIGMAP: &str = "ergon-e2e-grid-intensity";
+
+fn apply_carbon_intensity(cluster: &Cluster) -> Result<()> {
+    let path = cluster.work.run.join("grid-intensity.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NAMESPACE}\n---\n\
+             apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {CARBON_CONFIGMAP}\n  \
+             namespace: {NAMESPACE}\ndata:\n  intensity: \"350\"\n"
+        ),
+    )?;
+    cluster
+        .kubectl(&["apply", "-f", &path.display().to_string()])
+        .map(|_| ())
+}
+
 /// `helm upgrade --install --wait` with the e2e's values for `profile`.
 pub fn install(cluster: &Cluster, profile: Profile) -> Result<()> {
+    apply_carbon_intensity(cluster)?;
     let chart = super::root().join("daemonset/helm/ergon");
     let mut cmd = helm(cluster);
     cmd.args(["upgrade", "--install", RELEASE])
@@ -70,6 +93,10 @@ pub fn install(cluster: &Cluster, profile: Profile) -> Result<()> {
         // (container="" series; see the issue note).
         .args(["--set", "exporter.podSource=apiserver"])
         .args(["--set", &format!("port={PORT}")])
+        .args([
+            "--set",
+            &format!("exporter.carbonIntensity.configMap={CARBON_CONFIGMAP}"),
+        ])
         // The `kubernetes` Service has no endpoints on this node (the
         // apiserver refuses a loopback one): pods reach the API directly.
         .args(["--set", "exporter.extraEnv[0].name=KUBERNETES_SERVICE_HOST"])
