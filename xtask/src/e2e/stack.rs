@@ -47,8 +47,9 @@ const EDGE_LABEL: &str = "vehicle-pipeline/edge";
 pub const DEPLOYED: [&str; 3] = ["redis", "influxdb", "prometheus"];
 /// Deployed components whose request counter the e2e's Prometheus scrapes
 /// under the job the dashboard divides by (redis_exporter, job `redis`).
-/// InfluxDB 1.6 has no /metrics; the stack's Prometheus is not annotated
-/// for scraping (it scrapes itself).
+/// InfluxDB 1.6's /metrics has Go's runtime metrics only (2.x adds
+/// http_api_requests_total); the stack's Prometheus is not annotated for
+/// scraping (it scrapes itself).
 pub const WITH_REQUEST_COUNTER: [&str; 1] = ["redis"];
 const CRDS: [&str; 3] = [
     "inferenceservices.serving.kserve.io",
@@ -139,8 +140,8 @@ fn deploy_and_check_inner(cluster: &Cluster, prometheus: &Prometheus) -> Result<
         ],
     )
     .context("the pipeline dashboard's panel queries against the cluster's Prometheus")?;
-    // The stack's annotated pods are scraped too (InfluxDB 1.6 has no
-    // /metrics): none of that may look like the exporter failing.
+    // The stack's annotated pods are scraped too, under their own jobs:
+    // none of that may look like the exporter failing.
     super::check_no_alerts(prometheus)
 }
 
