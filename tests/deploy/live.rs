@@ -573,7 +573,7 @@ fn cluster_pipeline_dashboard_shows_each_running_component() {
     };
     for (panel, by_component) in shown {
         for (component, value) in by_component {
-            eprintln!("{dashboard} / {panel}: {component} = {value:.6}");
+            eprintln!("{dashboard} / {panel}: {component} = {value:.4e}");
         }
     }
 }
