@@ -54,6 +54,11 @@ pub struct SeriesNames {
     pub pod: String,
     #[serde(default)]
     pub container: String,
+    /// The pod's sandbox (pause) container: its cgroup is a container's,
+    /// but the pod's metadata never names it. Its energy shows in the pod's
+    /// series only, not as a `container=""` series of its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sandbox: bool,
 }
 
 /// One meter source's node-level counters.
@@ -400,6 +405,7 @@ mod tests {
             namespace: "vehicle-pipeline".into(),
             pod: "job-once".into(),
             container: String::new(),
+            sandbox: false,
         };
         for (_, counters) in ledger.workloads_mut() {
             counters.names = Some(names.clone());

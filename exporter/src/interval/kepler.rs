@@ -521,6 +521,9 @@ pub(super) fn push(families: &mut [Family], measure: &Loop, node: &KeplerNode) {
         else {
             continue;
         };
+        if super::report::is_sandbox(&counters.names) {
+            continue;
+        }
         let (_, _, container) = super::report::names_of(&counters.names);
         let running = last.alive.contains(workload);
         let base = vec![
