@@ -64,11 +64,6 @@ pub fn install(cluster: &Cluster, profile: Profile) -> Result<()> {
         .args(["--set", &format!("image.tag={ERGON_TAG}")])
         .args(["--set", "image.pullPolicy=Never"])
         .args(["--set", "hostNetwork=true"])
-        // The API server watch: with --pod-source auto the real kubelet
-        // answered, but its /pods lacked container statuses when the pods
-        // were first seen and the poller's 60 s period outlasted the checks
-        // (container="" series; see the issue note).
-        .args(["--set", "exporter.podSource=apiserver"])
         .args(["--set", &format!("port={PORT}")])
         // The `kubernetes` Service has no endpoints on this node (the
         // apiserver refuses a loopback one): pods reach the API directly.
@@ -83,9 +78,13 @@ pub fn install(cluster: &Cluster, profile: Profile) -> Result<()> {
             "--set",
             &format!("exporter.extraArgs={{--retention={RETENTION}}}"),
         ]);
+    // The default profile keeps the chart's default pod source (auto: the
+    // real kubelet's /pods); the second pass watches the API server, so
+    // both sources meet the real cluster.
     if let Profile::LeastPrivilege = profile {
         cmd.args(["--set", "securityProfile=least-privilege"])
-            .args(["--set", "leastPrivilege.capabilities={SYS_ADMIN}"]);
+            .args(["--set", "leastPrivilege.capabilities={SYS_ADMIN}"])
+            .args(["--set", "exporter.podSource=apiserver"]);
     }
     super::run(&mut cmd).with_context(|| format!("helm install of the {profile:?} profile"))?;
     wait_ready(cluster, profile)
@@ -126,28 +125,29 @@ fn wait_ready(cluster: &Cluster, profile: Profile) -> Result<()> {
     let pod = ready_pod(cluster)?;
     let log = cluster.kubectl(&["logs", "-n", NAMESPACE, &pod])?;
     eprintln!("e2e: {profile:?} profile: pod {pod} Ready; its log:\n{log}");
-    for (needles, what) in [
-        (&["eBPF probe attached"][..], "the eBPF probe it chose"),
-        (&["meter found"][..], "the meter it chose"),
-        // --pod-source auto (the chart's default): the real kubelet's
-        // /pods, or the API server watch where the kubelet refuses.
-        (
-            &["pod metadata from the kubelet", "pod watch started"][..],
-            "where it gets this node's pods from",
-        ),
+    // --pod-source auto must take the real kubelet here (a fallback to the
+    // API server would hide a broken kubelet client); apiserver watches.
+    let pod_source = match profile {
+        Profile::Privileged => "pod metadata from the kubelet",
+        Profile::LeastPrivilege => "pod watch started",
+    };
+    for (needle, what) in [
+        ("eBPF probe attached", "the eBPF probe it chose"),
+        ("meter found", "the meter it chose"),
+        (pod_source, "where it gets this node's pods from"),
     ] {
-        if !needles.iter().any(|needle| log.contains(needle)) {
+        if !log.contains(needle) {
             bail!(
-                "{profile:?} profile: the log of {pod} does not show {what} (no {needles:?} line)"
+                "{profile:?} profile: the log of {pod} does not show {what} (no `{needle}` line)"
             );
         }
     }
-    check_rbac(cluster)
+    check_rbac(cluster, profile)
 }
 
-/// The ServiceAccount may read pods (all the exporter needs) and nothing
-/// it does not need.
-fn check_rbac(cluster: &Cluster) -> Result<()> {
+/// The ServiceAccount may read pods the way its pod source does (all the
+/// exporter needs) and nothing it does not need.
+fn check_rbac(cluster: &Cluster, profile: Profile) -> Result<()> {
     let account = format!("system:serviceaccount:{NAMESPACE}:{RELEASE}");
     let can = |verb: &str, resource: &str| -> Result<bool> {
         let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
@@ -159,12 +159,22 @@ fn check_rbac(cluster: &Cluster) -> Result<()> {
         let out = command.args(["--all-namespaces"]).output()?;
         Ok(String::from_utf8_lossy(&out.stdout).trim() == "yes")
     };
-    for (verb, resource) in [("list", "pods"), ("watch", "pods")] {
+    // auto needs the kubelet's nodes/proxy and, for its fallback, the
+    // watch; apiserver only the watch.
+    let kubelet = matches!(profile, Profile::Privileged);
+    let mut needed = vec![("list", "pods"), ("watch", "pods")];
+    let mut denied = vec![("delete", "pods"), ("list", "secrets"), ("create", "pods")];
+    if kubelet {
+        needed.push(("get", "nodes/proxy"));
+    } else {
+        denied.push(("get", "nodes/proxy"));
+    }
+    for (verb, resource) in needed {
         if !can(verb, resource)? {
             bail!("RBAC denies the exporter's ServiceAccount `{verb} {resource}`, which it needs");
         }
     }
-    for (verb, resource) in [("delete", "pods"), ("list", "secrets"), ("create", "pods")] {
+    for (verb, resource) in denied {
         if can(verb, resource)? {
             bail!(
                 "RBAC allows the exporter's ServiceAccount `{verb} {resource}`, which it does not need"
