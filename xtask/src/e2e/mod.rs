@@ -155,6 +155,9 @@ fn work_dir() -> Result<WorkDir> {
 pub struct Prepared {
     thread: std::thread::JoinHandle<Result<()>>,
     log: PathBuf,
+    /// The build's process group (its own, so the whole build can be
+    /// reniced).
+    group: u32,
 }
 
 /// Installs the e2e's packages (in the foreground: apt holds a lock) and
@@ -165,16 +168,24 @@ pub fn prepare_in_background() -> Result<Prepared> {
     let log = work.cache.join("kube-build.log");
     let log_file =
         std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let thread = std::thread::spawn(move || {
-        let status = Command::new("nice")
+    let mut child = {
+        use std::os::unix::process::CommandExt;
+        Command::new("nice")
             .args(["-n", "19", "bash"])
             .arg(script("kube-build.sh"))
             .env("ERGON_E2E_WORK", &work.cache)
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
-            .status()
-            .context("running xtask/e2e/kube-build.sh")?;
+            .spawn()
+            .context("running xtask/e2e/kube-build.sh")?
+    };
+    let group = child.id();
+    let thread = std::thread::spawn(move || {
+        let status = child
+            .wait()
+            .context("waiting for xtask/e2e/kube-build.sh")?;
         if !status.success() {
             bail!("the background Kubernetes build failed ({status})");
         }
@@ -184,7 +195,7 @@ pub fn prepare_in_background() -> Result<Prepared> {
         "e2e: building Kubernetes in the background at low priority (log: {})",
         log.display()
     );
-    Ok(Prepared { thread, log })
+    Ok(Prepared { thread, log, group })
 }
 
 impl Prepared {
@@ -192,6 +203,15 @@ impl Prepared {
     /// log's tail (the e2e then retries in the foreground).
     pub fn join(self) {
         let start = Instant::now();
+        // Whatever is left of the build is now what the run waits for: back
+        // to normal priority (a busy machine would otherwise starve it).
+        if !self.thread.is_finished() {
+            let _ = Command::new("renice")
+                .args(["-n", "0", "-g", &self.group.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
         let result = self
             .thread
             .join()
