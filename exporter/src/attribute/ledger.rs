@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Attribution, Usage, WorkloadJoules};
+use super::{Attribution, SharedSplit, Usage, WorkloadJoules};
 use crate::units::{Domain, Joules, Nanos};
 
 /// Default time a workload's counters are kept after it was last seen.
@@ -116,11 +116,34 @@ impl<K: Eq + Hash + Clone> Ledger<K> {
     /// energy count as seen at `now`.
     pub fn apply(&mut self, attribution: &Attribution<K>, now: Nanos) {
         for (key, joules) in &attribution.per_workload {
-            let counters = self.entry(key, now);
-            let domain = counters.energy.entry(attribution.domain).or_default();
-            add(&mut domain.active, joules.active);
-            add(&mut domain.idle, joules.idle);
+            self.update(key, now, |counters| {
+                let domain = counters.energy.entry(attribution.domain).or_default();
+                add(&mut domain.active, joules.active);
+                add(&mut domain.idle, joules.idle);
+            });
         }
+        self.add_node(attribution);
+    }
+
+    /// Adds several domains split by the same shares: the same counters as
+    /// [`Ledger::apply`] of each domain's split, each key visited once.
+    pub fn apply_shared(&mut self, split: &SharedSplit<'_, K>, now: Nanos) {
+        for (key, domains) in split.per_key() {
+            self.update(key, now, |counters| {
+                for (domain, joules) in domains {
+                    add(
+                        &mut counters.energy.entry(domain).or_default().active,
+                        joules,
+                    );
+                }
+            });
+        }
+        for attribution in split.domains() {
+            self.add_node(attribution);
+        }
+    }
+
+    fn add_node(&mut self, attribution: &Attribution<K>) {
         let node = self
             .node
             .entry((attribution.domain, attribution.source.clone()))
@@ -137,9 +160,10 @@ impl<K: Eq + Hash + Clone> Ledger<K> {
     /// Adds one interval's CPU usage; workloads in `usage` count as seen.
     pub fn add_usage(&mut self, usage: &HashMap<K, Usage>, now: Nanos) {
         for (key, used) in usage {
-            let counters = self.entry(key, now);
-            counters.cpu_ns = counters.cpu_ns.saturating_add(used.cpu_ns);
-            counters.cycles = counters.cycles.saturating_add(used.cycles);
+            self.update(key, now, |counters| {
+                counters.cpu_ns = counters.cpu_ns.saturating_add(used.cpu_ns);
+                counters.cycles = counters.cycles.saturating_add(used.cycles);
+            });
         }
     }
 
@@ -233,10 +257,22 @@ impl<K: Eq + Hash + Clone> Ledger<K> {
             .map(|((domain, source), counters)| (*domain, source.as_str(), counters))
     }
 
-    fn entry(&mut self, key: &K, now: Nanos) -> &mut WorkloadCounters {
-        let counters = self.workloads.entry(key.clone()).or_default();
-        counters.last_seen = counters.last_seen.max(now);
-        counters
+    /// Applies `change` to `key`'s counters (new ones if it has none) and
+    /// marks it seen at `now`. The key is cloned only when it is new: most
+    /// keys of an interval were there the interval before, and cloning a
+    /// container's identity allocates.
+    fn update(&mut self, key: &K, now: Nanos, change: impl FnOnce(&mut WorkloadCounters)) {
+        if let Some(counters) = self.workloads.get_mut(key) {
+            counters.last_seen = counters.last_seen.max(now);
+            change(counters);
+        } else {
+            let mut counters = WorkloadCounters {
+                last_seen: now,
+                ..WorkloadCounters::default()
+            };
+            change(&mut counters);
+            self.workloads.insert(key.clone(), counters);
+        }
     }
 }
 
