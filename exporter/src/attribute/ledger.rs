@@ -77,13 +77,23 @@ pub struct NodeCounters {
 ))]
 pub struct Ledger<K> {
     #[serde(with = "as_entries")]
-    workloads: HashMap<K, WorkloadCounters>,
+    workloads: HashMap<K, WorkloadCounters, KeyHasher>,
     #[serde(with = "as_entries")]
-    node: HashMap<(Domain, String), NodeCounters>,
+    node: HashMap<(Domain, String), NodeCounters, KeyHasher>,
     /// Configuration, not state: set again after restoring a checkpoint.
     #[serde(skip, default = "default_retention")]
     retention: Duration,
 }
+
+/// The ledger's maps hash with foldhash (hashbrown's default hasher, seeded
+/// per process) instead of std's SipHash: every interval looks up each
+/// workload's counters several times (usage, every domain's energy,
+/// liveness), and SipHash over a container's identity (pod uid and 64-hex
+/// container id) was half the instructions of an interval with 5,000
+/// processes (callgrind, BENCHMARKS.md). The keys are cgroup identities and
+/// pids, which only root on the node chooses; the random seed keeps their
+/// order unpredictable as std's does.
+type KeyHasher = foldhash::fast::RandomState;
 
 fn default_retention() -> Duration {
     DEFAULT_RETENTION
@@ -98,8 +108,8 @@ impl<K: Eq + Hash + Clone> Default for Ledger<K> {
 impl<K: Eq + Hash + Clone> Ledger<K> {
     pub fn new(retention: Duration) -> Self {
         Ledger {
-            workloads: HashMap::new(),
-            node: HashMap::new(),
+            workloads: HashMap::default(),
+            node: HashMap::default(),
             retention,
         }
     }
@@ -286,21 +296,22 @@ fn add(counter: &mut Joules, delta: Joules) {
 /// A map as a sequence of `(key, value)` pairs, for keys that are not strings.
 mod as_entries {
     use std::collections::HashMap;
-    use std::hash::Hash;
+    use std::hash::{BuildHasher, Hash};
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
-        map: &HashMap<K, V>,
+    pub fn serialize<K: Serialize, V: Serialize, H, S: Serializer>(
+        map: &HashMap<K, V, H>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(map)
     }
 
-    pub fn deserialize<'de, K, V, D>(deserializer: D) -> Result<HashMap<K, V>, D::Error>
+    pub fn deserialize<'de, K, V, H, D>(deserializer: D) -> Result<HashMap<K, V, H>, D::Error>
     where
         K: Deserialize<'de> + Eq + Hash,
         V: Deserialize<'de>,
+        H: BuildHasher + Default,
         D: Deserializer<'de>,
     {
         Ok(Vec::<(K, V)>::deserialize(deserializer)?
