@@ -52,8 +52,30 @@ pub fn install_operator_crds(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
+/// The grid's carbon intensity, in the ConfigMap the chart mounts
+/// (`exporter.carbonIntensity.configMap`): the dashboards' CO2e panels and
+/// the carbon rules need it, and the file path is the one whose timestamp
+/// the staleness alert reads.
+pub const CARBON_CONFIGMAP: &str = "grid-carbon";
+pub const CARBON_GRAMS_PER_KWH: &str = "350";
+
+/// The release's namespace and the carbon ConfigMap, which an operator (or
+/// a grid-data CronJob) creates beside the chart.
+fn create_carbon_configmap(cluster: &Cluster) -> Result<()> {
+    let manifest = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NAMESPACE}\n---\n\
+         apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {CARBON_CONFIGMAP}\n  \
+         namespace: {NAMESPACE}\ndata:\n  intensity: \"{CARBON_GRAMS_PER_KWH}\"\n"
+    );
+    let path = cluster.work.run.join("carbon-configmap.yaml");
+    std::fs::write(&path, manifest).with_context(|| format!("writing {}", path.display()))?;
+    cluster.kubectl(&["apply", "-f", &path.display().to_string()])?;
+    Ok(())
+}
+
 /// `helm upgrade --install --wait` with the e2e's values for `profile`.
 pub fn install(cluster: &Cluster, profile: Profile) -> Result<()> {
+    create_carbon_configmap(cluster)?;
     let chart = super::root().join("daemonset/helm/ergon");
     let mut cmd = helm(cluster);
     cmd.args(["upgrade", "--install", RELEASE])
@@ -64,6 +86,10 @@ pub fn install(cluster: &Cluster, profile: Profile) -> Result<()> {
         .args(["--set", &format!("image.tag={ERGON_TAG}")])
         .args(["--set", "image.pullPolicy=Never"])
         .args(["--set", "hostNetwork=true"])
+        .args([
+            "--set",
+            &format!("exporter.carbonIntensity.configMap={CARBON_CONFIGMAP}"),
+        ])
         .args(["--set", &format!("port={PORT}")])
         // The `kubernetes` Service has no endpoints on this node (the
         // apiserver refuses a loopback one): pods reach the API directly.
