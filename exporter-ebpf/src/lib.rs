@@ -35,6 +35,11 @@ pub const GLOBAL_PMU_MASK: &str = "PMU_MASK";
 /// `struct task_struct` (from its BTF), read by the `tp_btf` programs; 0
 /// makes them ask `bpf_get_current_pid_tgid` instead.
 pub const GLOBAL_TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
+/// Global set at load time: byte offsets of `task_struct.cgroups`,
+/// `css_set.dfl_cgrp`, `cgroup.kn` and `kernfs_node.id` (from the kernel's
+/// BTF), the path to the cgroup id the `tp_btf` programs follow; zeros make
+/// them call `bpf_get_current_cgroup_id` instead.
+pub const GLOBAL_CGROUP_ID_PATH: &str = "CGROUP_ID_PATH";
 
 /// Program names, as the loader finds them in the object: the accounting
 /// programs on maps allocated on demand...

@@ -87,6 +87,12 @@ mod programs {
     /// BTF (aya-ebpf has no CO-RE reads); 0 where user space did not find it.
     #[unsafe(no_mangle)]
     static TASK_PID_OFFSET: u32 = 0;
+    /// Byte offsets of `task_struct.cgroups`, `css_set.dfl_cgrp`,
+    /// `cgroup.kn` and `kernfs_node.id`: the path
+    /// `bpf_get_current_cgroup_id` follows, read directly by the `tp_btf`
+    /// programs; zeros where user space did not find them.
+    #[unsafe(no_mangle)]
+    static CGROUP_ID_PATH: [u32; 4] = [0; 4];
 
     /// What piles up in a CPU's state before it is added to the cgroup map.
     const PENDING_FLUSH_NS: u64 = 1_000_000;
@@ -118,6 +124,34 @@ mod programs {
         }
     }
 
+    /// The cgroup v2 id of the task switched out: `prev->cgroups->dfl_cgrp
+    /// ->kn->id`, four loads through BTF-typed pointers instead of a helper
+    /// call, where user space found the offsets.
+    #[inline(always)]
+    fn btf_cgroup_id(ctx: &BtfTracePointContext) -> u64 {
+        let path = [0, 1, 2, 3].map(|i| global(&CGROUP_ID_PATH[i]) as usize);
+        if path[0] == 0 {
+            return unsafe { bpf_get_current_cgroup_id() };
+        }
+        let prev: *const u8 = ctx.arg(1);
+        // SAFETY: loads through BTF-typed kernel pointers; the verifier
+        // checks each against the kernel's types and makes them fault-safe.
+        unsafe {
+            let load = |base: *const u8, at: usize| {
+                core::ptr::read_volatile(base.add(at) as *const *const u8)
+            };
+            let css_set = load(prev, path[0]);
+            let cgroup = load(css_set, path[1]);
+            let kernfs_node = load(cgroup, path[2]);
+            core::ptr::read_volatile(kernfs_node.add(path[3]) as *const u64)
+        }
+    }
+
+    #[inline(always)]
+    fn current_cgroup_id(_ctx: &TracePointContext) -> u64 {
+        unsafe { bpf_get_current_cgroup_id() }
+    }
+
     #[inline(always)]
     fn tp_switch(ctx: &TracePointContext) -> Switch {
         // A direct load from the record (the verifier allows it in
@@ -131,25 +165,37 @@ mod programs {
 
     #[btf_tracepoint(function = "sched_switch")]
     pub fn sched_switch_btf(ctx: BtfTracePointContext) -> i32 {
-        account(&ctx, btf_switch(&ctx), &CGROUPS, &THREADS);
+        account(&ctx, btf_switch(&ctx), btf_cgroup_id, &CGROUPS, &THREADS);
         0
     }
 
     #[tracepoint(category = "sched", name = "sched_switch")]
     pub fn sched_switch_tp(ctx: TracePointContext) -> u32 {
-        account(&ctx, tp_switch(&ctx), &CGROUPS, &THREADS);
+        account(&ctx, tp_switch(&ctx), current_cgroup_id, &CGROUPS, &THREADS);
         0
     }
 
     #[btf_tracepoint(function = "sched_switch")]
     pub fn sched_switch_btf_prealloc(ctx: BtfTracePointContext) -> i32 {
-        account(&ctx, btf_switch(&ctx), &CGROUPS_PREALLOC, &THREADS_PREALLOC);
+        account(
+            &ctx,
+            btf_switch(&ctx),
+            btf_cgroup_id,
+            &CGROUPS_PREALLOC,
+            &THREADS_PREALLOC,
+        );
         0
     }
 
     #[tracepoint(category = "sched", name = "sched_switch")]
     pub fn sched_switch_tp_prealloc(ctx: TracePointContext) -> u32 {
-        account(&ctx, tp_switch(&ctx), &CGROUPS_PREALLOC, &THREADS_PREALLOC);
+        account(
+            &ctx,
+            tp_switch(&ctx),
+            current_cgroup_id,
+            &CGROUPS_PREALLOC,
+            &THREADS_PREALLOC,
+        );
         0
     }
 
@@ -307,6 +353,7 @@ mod programs {
     fn account<C: aya_ebpf::EbpfContext>(
         ctx: &C,
         switch: Switch,
+        cgroup_id_of_prev: fn(&C) -> u64,
         cgroups: &PerCpuHashMap<u64, CgroupCounters>,
         threads: &HashMap<u32, ThreadCounters>,
     ) {
@@ -356,7 +403,7 @@ mod programs {
             instructions: pmu_delta[1],
             cache_misses: pmu_delta[2],
         };
-        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
+        let cgroup_id = cgroup_id_of_prev(ctx);
         // Cgroup ids start at 1 (the root), so 0 means nothing pending.
         if cgroup_id == state.pending_cgroup_id {
             state.pending.add(&slice);

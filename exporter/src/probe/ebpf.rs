@@ -14,10 +14,10 @@ use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 use ergon_ebpf::{
-    CgroupCounters, CpuState, GLOBAL_PER_PROCESS, GLOBAL_PMU_MASK, GLOBAL_TASK_PID_OFFSET,
-    MAP_CGROUP_OVERFLOW, MAP_CGROUPS, MAP_CGROUPS_PREALLOC, MAP_CPU_STATE, MAP_PMU,
-    MAP_PROCESS_OVERFLOW, MAP_THREADS, MAP_THREADS_PREALLOC, PROG_TP_BTF, PROG_TP_BTF_PREALLOC,
-    PROG_TRACEPOINT, PROG_TRACEPOINT_PREALLOC, ThreadCounters,
+    CgroupCounters, CpuState, GLOBAL_CGROUP_ID_PATH, GLOBAL_PER_PROCESS, GLOBAL_PMU_MASK,
+    GLOBAL_TASK_PID_OFFSET, MAP_CGROUP_OVERFLOW, MAP_CGROUPS, MAP_CGROUPS_PREALLOC, MAP_CPU_STATE,
+    MAP_PMU, MAP_PROCESS_OVERFLOW, MAP_THREADS, MAP_THREADS_PREALLOC, PROG_TP_BTF,
+    PROG_TP_BTF_PREALLOC, PROG_TRACEPOINT, PROG_TRACEPOINT_PREALLOC, ThreadCounters,
 };
 
 use super::kernel_btf::{self, KernelFacts};
@@ -236,8 +236,12 @@ impl EbpfProbe {
             .filter(|_| config.read_task_fields)
             .and_then(|facts| facts.task_pid_offset)
             .unwrap_or(0);
+        let cgroup_id_path = facts
+            .filter(|_| config.read_task_fields)
+            .and_then(|facts| facts.cgroup_id_path)
+            .unwrap_or([0; 4]);
         // The programs need no relocation against kernel BTF (no CO-RE
-        // reads; the one field they read comes in `TASK_PID_OFFSET`).
+        // reads; the offsets of the fields they read come as globals).
         let mut bpf = loader_without_kernel_btf()
             .btf(None)
             .map_max_entries(variant.cgroups, bounds.cgroups)
@@ -247,6 +251,7 @@ impl EbpfProbe {
             .override_global(GLOBAL_PER_PROCESS, &per_process, true)
             .override_global(GLOBAL_PMU_MASK, &mask, true)
             .override_global(GLOBAL_TASK_PID_OFFSET, &task_pid_offset, true)
+            .override_global(GLOBAL_CGROUP_ID_PATH, &cgroup_id_path, true)
             .load(EBPF_OBJECT)
             .map_err(|e| ProbeError::Load(error_chain(&e)))?;
         // Before anything takes a map out of `bpf`: fds stay what they are.
@@ -535,9 +540,10 @@ fn kernel_facts(config: &ProbeConfig) -> Option<KernelFacts> {
     let btf_path = wants_btf(config)?;
     match kernel_btf::scan(&btf_path) {
         Ok(facts) => {
-            if facts.task_pid_offset.is_none() {
+            if facts.task_pid_offset.is_none() || facts.cgroup_id_path.is_none() {
                 tracing::info!(
-                    "no task_struct.pid in {}: the tp_btf program asks a helper for the pid",
+                    "{} lacks task_struct.pid or the fields to the task's cgroup id: the \
+                     tp_btf program asks helpers for them",
                     btf_path.display()
                 );
             }
@@ -546,7 +552,8 @@ fn kernel_facts(config: &ProbeConfig) -> Option<KernelFacts> {
         Err(e) => {
             tracing::info!(
                 "reading {} in one pass failed ({e}): aya parses it whole (start-up memory \
-                 peak ~15 MB higher) and the tp_btf program asks a helper for the pid",
+                 peak ~15 MB higher) and the tp_btf program asks helpers for the pid and \
+                 the cgroup id",
                 btf_path.display()
             );
             None

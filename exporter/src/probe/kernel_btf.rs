@@ -2,10 +2,12 @@
 //!
 //! aya 0.14 turns `/sys/kernel/btf/vmlinux` (5.5 MB, ~127,000 types on the
 //! test machines) into ~15 MB of Rust values whenever it uses BTF: that parse
-//! was the exporter's start-up memory peak. The probe needs two facts from
+//! was the exporter's start-up memory peak. The probe needs a few facts from
 //! it: the id of the typedef `btf_trace_sched_switch` (what a `tp_btf`
-//! program is attached by) and the offset of `pid` in `struct task_struct`
-//! (read by the `tp_btf` programs). [`scan`] reads the file once, front to
+//! program is attached by) and the offsets of the fields the `tp_btf`
+//! programs read (`task_struct.pid`, and the path to the task's cgroup id:
+//! `task_struct.cgroups`, `css_set.dfl_cgrp`, `cgroup.kn`, `kernfs_node.id`,
+//! which is what `bpf_get_current_cgroup_id` follows). [`scan`] reads the file once, front to
 //! back, through a small buffer; [`attach_btf`] hands aya a BTF that holds
 //! that typedef at its kernel id and nothing else, which aya parses in a
 //! fraction of the memory.
@@ -24,6 +26,15 @@ const KIND_PTR: u32 = 2;
 const KIND_STRUCT: u32 = 4;
 const KIND_TYPEDEF: u32 = 8;
 
+/// The struct fields whose byte offsets the `tp_btf` programs need.
+const FIELDS: [(&str, &str); 5] = [
+    ("task_struct", "pid"),
+    ("task_struct", "cgroups"),
+    ("css_set", "dfl_cgrp"),
+    ("cgroup", "kn"),
+    ("kernfs_node", "id"),
+];
+
 /// The facts of one kernel's BTF the probe uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelFacts {
@@ -31,6 +42,9 @@ pub struct KernelFacts {
     pub sched_switch_typedef_id: u32,
     /// Byte offset of `pid` in `struct task_struct`, where found.
     pub task_pid_offset: Option<u32>,
+    /// Byte offsets of `task_struct.cgroups`, `css_set.dfl_cgrp`,
+    /// `cgroup.kn` and `kernfs_node.id`, where all are found.
+    pub cgroup_id_path: Option<[u32; 4]>,
 }
 
 fn invalid(detail: impl Into<String>) -> io::Error {
@@ -101,18 +115,26 @@ pub fn scan(path: &Path) -> io::Result<KernelFacts> {
     );
 
     file.seek(SeekFrom::Start(hdr_len + str_off))?;
-    let names = ["btf_trace_sched_switch", "task_struct", "pid"];
+    let mut names = vec!["btf_trace_sched_switch"];
+    for (structure, member) in FIELDS {
+        names.extend([structure, member]);
+    }
     let offsets = string_offsets((&mut file).take(str_len), &names)?;
-    let [Some(typedef_name), task_struct_name, pid_name] = offsets[..] else {
-        return Err(invalid("no btf_trace_sched_switch among the strings"));
-    };
+    let typedef_name =
+        offsets[0].ok_or_else(|| invalid("no btf_trace_sched_switch among the strings"))?;
+    // Per field: its struct's and its member's name offsets.
+    let wanted: Vec<(Option<u32>, Option<u32>)> = offsets[1..]
+        .chunks(2)
+        .map(|pair| (pair[0], pair[1]))
+        .collect();
 
     file.seek(SeekFrom::Start(hdr_len + type_off))?;
     let mut types = (&mut file).take(type_len);
-    let (mut typedef_id, mut task_pid_offset) = (None, None);
+    let mut typedef_id = None;
+    let mut field_offsets: Vec<Option<u32>> = vec![None; FIELDS.len()];
     let mut head = [0u8; 12];
     let mut id = 0u32;
-    while typedef_id.is_none() || (task_pid_offset.is_none() && task_struct_name.is_some()) {
+    while typedef_id.is_none() || field_offsets.iter().any(Option::is_none) {
         match types.read_exact(&mut head) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
@@ -126,25 +148,35 @@ pub fn scan(path: &Path) -> io::Result<KernelFacts> {
         if kind == KIND_TYPEDEF && name == typedef_name {
             typedef_id = Some(id);
         }
-        if kind == KIND_STRUCT && Some(name) == task_struct_name && task_pid_offset.is_none() {
+        let is_wanted =
+            |field: usize| field_offsets[field].is_none() && wanted[field].0 == Some(name);
+        if kind == KIND_STRUCT && (0..FIELDS.len()).any(is_wanted) {
+            let fields: Vec<usize> = (0..FIELDS.len()).filter(|&f| is_wanted(f)).collect();
             let mut member = [0u8; 12];
             for _ in 0..vlen {
                 types.read_exact(&mut member)?;
                 let bits = u32_at(&member, 8);
                 // With kind_flag set, the top byte is a bitfield's size.
                 let bit_offset = if kind_flag { bits & 0x00ff_ffff } else { bits };
-                if Some(u32_at(&member, 0)) == pid_name && bit_offset % 8 == 0 {
-                    task_pid_offset = Some(bit_offset / 8);
+                for &field in &fields {
+                    if Some(u32_at(&member, 0)) == wanted[field].1 && bit_offset % 8 == 0 {
+                        field_offsets[field] = Some(bit_offset / 8);
+                    }
                 }
             }
             continue;
         }
         io::copy(&mut (&mut types).take(tail), &mut io::sink())?;
     }
+    let path = [1, 2, 3, 4].map(|field| field_offsets[field]);
     Ok(KernelFacts {
         sched_switch_typedef_id: typedef_id
             .ok_or_else(|| invalid("no typedef btf_trace_sched_switch"))?,
-        task_pid_offset,
+        task_pid_offset: field_offsets[0],
+        cgroup_id_path: match path {
+            [Some(a), Some(b), Some(c), Some(d)] => Some([a, b, c, d]),
+            _ => None,
+        },
     })
 }
 
@@ -199,6 +231,7 @@ mod tests {
             .unwrap();
         assert_eq!(facts.sched_switch_typedef_id, expected);
         assert!(facts.task_pid_offset.is_some(), "{facts:?}");
+        assert!(facts.cgroup_id_path.is_some(), "{facts:?}");
     }
 
     #[test]

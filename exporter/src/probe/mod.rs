@@ -76,10 +76,11 @@ pub struct ProbeConfig {
     pub max_processes: u32,
     /// How the kernel's hash maps get their memory.
     pub map_allocation: MapAllocation,
-    /// Let the `tp_btf` programs read `task_struct.pid` at the offset found
-    /// in the kernel's BTF (cheaper than a helper call, and it tells them
-    /// when a CPU goes idle). Off, or where the offset is not found, they
-    /// use `bpf_get_current_pid_tgid`: the portable path, which tests force.
+    /// Let the `tp_btf` programs read the outgoing task's pid and cgroup id
+    /// through `task_struct` at the offsets found in the kernel's BTF
+    /// (cheaper than helper calls). Off, or where the offsets are not found,
+    /// they call `bpf_get_current_pid_tgid` and `bpf_get_current_cgroup_id`:
+    /// the portable path, which a test forces.
     pub read_task_fields: bool,
     /// What the kernel maps may cost at worst (every entry used); the cgroup
     /// map's bound is lowered to fit it on nodes with many CPUs.
