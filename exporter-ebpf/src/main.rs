@@ -28,9 +28,11 @@
 //! space therefore sees at most 1 ms of each CPU's time late (until that
 //! CPU's next switch-out), never lost and never twice. Whether the task
 //! switched out is the idle task is read from the tracepoint's own record
-//! (classic tracepoint) or from `task_struct.pid` at the offset user space
-//! found in the kernel's BTF (`tp_btf`); without that offset the program
-//! asks `bpf_get_current_pid_tgid`.
+//! (classic tracepoint) or from `task_struct.pid` (`tp_btf`); on `tp_btf`
+//! its cgroup id is read through `prev->cgroups->dfl_cgrp->kn->id` too,
+//! at offsets user space found in the kernel's BTF (aya-ebpf has no CO-RE
+//! reads). Without those offsets the programs call
+//! `bpf_get_current_pid_tgid` and `bpf_get_current_cgroup_id`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
