@@ -26,7 +26,9 @@
 //! state, and finally the full program), all attached at once, so each
 //! step's cost is the difference of neighbours in one run.
 //!
-//! Prints `result probe_cost.<hook>.{ergon_ns,empty_ns,added_ns,leader_ns,switches}`
+//! Prints `result probe_cost.foreign_programs` (other `sched_switch`
+//! programs found loaded at the start: a run with any is flattered) and
+//! `result probe_cost.<hook>.{ergon_ns,empty_ns,added_ns,leader_ns,switches}`
 //! and `result probe_cost.tp_btf.ladder.<rung>_ns` (median of the storms).
 //! Run: `cargo xtask bench` (as root), or alone:
 //! `cargo bench -p ergon --bench probe_cost`.
@@ -82,11 +84,30 @@ fn ns_per_run((time, runs): (Duration, u64)) -> f64 {
     time.as_nanos() as f64 / runs as f64
 }
 
+/// Programs already loaded with `sched_switch` in their name (other
+/// exporters, other sessions' tests). Attached ahead of ours on the hook,
+/// they read the same task and cgroup data first and flatter every figure
+/// behind them, so a run that had any is to be discounted.
+fn foreign_sched_switch_programs() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str().is_some_and(|n| n.contains("sched_switch")))
+        .count()
+}
+
 fn main() {
     if !common::benchmarking() {
         return;
     }
     common::unwind_on_interrupt();
+    let foreign = foreign_sched_switch_programs();
+    if foreign > 0 {
+        eprintln!(
+            "probe_cost: {foreign} other sched_switch program(s) already loaded (`bpftool prog show`): \
+             they may run ahead of ours and flatter these figures; discount this run"
+        );
+    }
+    common::result("probe_cost.foreign_programs", foreign as f64);
     for (hook, choice) in [
         ("tp_btf", HookChoice::TpBtf),
         ("tracepoint", HookChoice::Tracepoint),
