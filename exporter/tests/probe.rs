@@ -26,26 +26,36 @@ fn cgroup_ns(probe: &mut Probe, id: u64) -> u64 {
         .unwrap_or(0)
 }
 
+/// A busy child in a new pod-shaped cgroup for 300 ms: what `probe`
+/// counted for the cgroup, and what the kernel charged the child.
+fn counted_and_charged(probe: &mut Probe, name: &str) -> (u64, Duration) {
+    let cgroup = CgroupGuard::pod_shaped(name);
+    // The first switch on each CPU after attaching has no start stamp.
+    std::thread::sleep(Duration::from_millis(20));
+    let before = cgroup_ns(probe, cgroup.id());
+    let child = BusyChild::spawn_in(&cgroup.path);
+    std::thread::sleep(Duration::from_millis(300));
+    let charged = child.stop();
+    flush_cpus();
+    (cgroup_ns(probe, cgroup.id()) - before, charged)
+}
+
+fn assert_within_5_percent(what: &str, counted: u64, charged: Duration) {
+    let err = relative_error(counted as f64, charged.as_nanos() as f64);
+    assert!(
+        err < 0.05,
+        "{what} counted {counted} ns, kernel charged {charged:?} ({:.2}% off)",
+        err * 100.0
+    );
+}
+
 #[test]
 fn busy_process_in_pod_cgroup_is_counted_within_5_percent() {
     let _lock = cpu_lock();
     let mut probe = start(ProbeMode::Ebpf);
     assert_eq!(probe.info().mode, "ebpf");
-    let cgroup = CgroupGuard::pod_shaped("busy");
-    // The first switch on each CPU after attaching has no start stamp.
-    std::thread::sleep(Duration::from_millis(20));
-    let before = cgroup_ns(&mut probe, cgroup.id());
-    let child = BusyChild::spawn_in(&cgroup.path);
-    std::thread::sleep(Duration::from_millis(300));
-    let charged = child.stop();
-    flush_cpus();
-    let counted = cgroup_ns(&mut probe, cgroup.id()) - before;
-    let err = relative_error(counted as f64, charged.as_nanos() as f64);
-    assert!(
-        err < 0.05,
-        "probe counted {counted} ns, kernel charged {charged:?} ({:.2}% off)",
-        err * 100.0
-    );
+    let (counted, charged) = counted_and_charged(&mut probe, "busy");
+    assert_within_5_percent("probe", counted, charged);
 }
 
 #[test]
@@ -484,4 +494,21 @@ fn every_rung_of_the_benchmark_ladder_passes_the_verifier_and_attaches() {
     for rung in &rungs {
         assert!(rung.stats().is_some(), "kernel statistics readable");
     }
+}
+
+/// The portable path of the `tp_btf` programs (pid from a helper, no
+/// `task_struct` read), forced on this kernel: still what the kernel charged.
+#[test]
+fn tp_btf_without_task_fields_counts_like_the_kernel() {
+    let _lock = cpu_lock();
+    let config = ProbeConfig {
+        mode: ProbeMode::Ebpf,
+        hook: ergon::probe::HookChoice::TpBtf,
+        read_task_fields: false,
+        ..ProbeConfig::local()
+    };
+    let mut probe = Probe::start(&config).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(probe.info().hook, "tp_btf");
+    let (counted, charged) = counted_and_charged(&mut probe, "portable");
+    assert_within_5_percent("portable tp_btf", counted, charged);
 }
