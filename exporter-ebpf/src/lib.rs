@@ -31,6 +31,15 @@ pub const MAP_PMU: [&str; 3] = ["PMU_CYCLES", "PMU_INSTRUCTIONS", "PMU_CACHE_MIS
 pub const GLOBAL_PER_PROCESS: &str = "PER_PROCESS";
 /// Global set at load time: bit `i` set means `MAP_PMU[i]` holds counters.
 pub const GLOBAL_PMU_MASK: &str = "PMU_MASK";
+/// Global set at load time: byte offset of `pid` in the kernel's
+/// `struct task_struct` (from its BTF), read by the `tp_btf` programs; 0
+/// makes them ask `bpf_get_current_pid_tgid` instead.
+pub const GLOBAL_TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
+/// Global set at load time: byte offsets of `task_struct.cgroups`,
+/// `css_set.dfl_cgrp`, `cgroup.kn` and `kernfs_node.id` (from the kernel's
+/// BTF), the path to the cgroup id the `tp_btf` programs follow; zeros make
+/// them call `bpf_get_current_cgroup_id` instead.
+pub const GLOBAL_CGROUP_ID_PATH: &str = "CGROUP_ID_PATH";
 
 /// Program names, as the loader finds them in the object: the accounting
 /// programs on maps allocated on demand...
@@ -111,6 +120,11 @@ pub struct CpuState {
     /// Keys that found their map full and went to an overflow bucket.
     pub overflowed_cgroup_keys: u64,
     pub overflowed_process_keys: u64,
+    /// The cgroup whose consecutive slices on this CPU are being summed in
+    /// `pending` before they go to the cgroup map (0: none). User space
+    /// does not read these: they reach the map within 1 ms of CPU time.
+    pub pending_cgroup_id: u64,
+    pub pending: CgroupCounters,
 }
 
 #[cfg(feature = "user")]

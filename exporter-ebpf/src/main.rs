@@ -18,13 +18,21 @@
 //! When a bounded map is full the slice goes to that map's overflow bucket,
 //! so the totals stay whole.
 //!
-//! Memory: the hash maps are allocated on demand (`BPF_F_NO_PREALLOC`), so
-//! they cost what is in them, not their bound times the CPU count; user
-//! space also sizes the bounds from a memory budget (see the loader). Since
-//! Linux 6.1 (`bpf_mem_alloc`) run-time allocation is safe in tracing
-//! programs; older kernels warn about it (`WARN_ONCE`) or, with
-//! `PREEMPT_RT`, refuse it, so every program exists twice: on the on-demand
-//! maps and on preallocated twins, and the loader picks one pair.
+//! Cost (measured with `cargo bench --bench probe_cost`, see BENCHMARKS.md):
+//! every helper call costs ~20–30 ns on the test VMs and a hash lookup ~50,
+//! so the program calls as few as it can. Consecutive slices of one cgroup
+//! on a CPU (a task and the idle task taking turns, or several tasks of one
+//! pod) are summed in that CPU's state and reach the cgroup map when the CPU
+//! switches out a task of another cgroup, or once 1 ms has piled up: the
+//! hash lookup is paid once per run of a cgroup, not once per switch. User
+//! space therefore sees at most 1 ms of each CPU's time late (until that
+//! CPU's next switch-out), never lost and never twice. Whether the task
+//! switched out is the idle task is read from the tracepoint's own record
+//! (classic tracepoint) or from `task_struct.pid` (`tp_btf`); on `tp_btf`
+//! its cgroup id is read through `prev->cgroups->dfl_cgrp->kn->id` too,
+//! at offsets user space found in the kernel's BTF (aya-ebpf has no CO-RE
+//! reads). Without those offsets the programs call
+//! `bpf_get_current_pid_tgid` and `bpf_get_current_cgroup_id`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -77,28 +85,119 @@ mod programs {
     static PER_PROCESS: u32 = 0;
     #[unsafe(no_mangle)]
     static PMU_MASK: u32 = 0;
+    /// Byte offset of `pid` in the kernel's `struct task_struct`, from its
+    /// BTF (aya-ebpf has no CO-RE reads); 0 where user space did not find it.
+    #[unsafe(no_mangle)]
+    static TASK_PID_OFFSET: u32 = 0;
+    /// Byte offsets of `task_struct.cgroups`, `css_set.dfl_cgrp`,
+    /// `cgroup.kn` and `kernfs_node.id`: the path
+    /// `bpf_get_current_cgroup_id` follows, read directly by the `tp_btf`
+    /// programs; zeros where user space did not find them.
+    #[unsafe(no_mangle)]
+    static CGROUP_ID_PATH: [u32; 4] = [0; 4];
+
+    /// What piles up in a CPU's state before it is added to the cgroup map.
+    const PENDING_FLUSH_NS: u64 = 1_000_000;
+    /// `prev_pid` in the classic tracepoint's record
+    /// (`/sys/kernel/tracing/events/sched/sched_switch/format`): after the
+    /// 8-byte common header and the 16-byte `prev_comm`, on every kernel.
+    const TP_PREV_PID: usize = 24;
+
+    /// Whether the task switched out is the idle task (pid 0).
+    struct Switch {
+        prev_idle: bool,
+    }
+
+    #[inline(always)]
+    fn btf_switch(ctx: &BtfTracePointContext) -> Switch {
+        let offset = global(&TASK_PID_OFFSET);
+        if offset == 0 {
+            return Switch {
+                prev_idle: bpf_get_current_pid_tgid() as u32 == 0,
+            };
+        }
+        // sched_switch(bool preempt, struct task_struct *prev,
+        //              struct task_struct *next, unsigned int prev_state):
+        // a BTF-typed pointer the verifier lets the program read directly.
+        let prev: *const u8 = ctx.arg(1);
+        let pid = unsafe { core::ptr::read_volatile(prev.add(offset as usize) as *const i32) };
+        Switch {
+            prev_idle: pid == 0,
+        }
+    }
+
+    /// The cgroup v2 id of the task switched out: `prev->cgroups->dfl_cgrp
+    /// ->kn->id`, four loads through BTF-typed pointers instead of a helper
+    /// call, where user space found the offsets.
+    #[inline(always)]
+    fn btf_cgroup_id(ctx: &BtfTracePointContext) -> u64 {
+        let path = [0, 1, 2, 3].map(|i| global(&CGROUP_ID_PATH[i]) as usize);
+        if path[0] == 0 {
+            return unsafe { bpf_get_current_cgroup_id() };
+        }
+        let prev: *const u8 = ctx.arg(1);
+        // SAFETY: loads through BTF-typed kernel pointers; the verifier
+        // checks each against the kernel's types and makes them fault-safe.
+        unsafe {
+            let load = |base: *const u8, at: usize| {
+                core::ptr::read_volatile(base.add(at) as *const *const u8)
+            };
+            let css_set = load(prev, path[0]);
+            let cgroup = load(css_set, path[1]);
+            let kernfs_node = load(cgroup, path[2]);
+            core::ptr::read_volatile(kernfs_node.add(path[3]) as *const u64)
+        }
+    }
+
+    #[inline(always)]
+    fn current_cgroup_id(_ctx: &TracePointContext) -> u64 {
+        unsafe { bpf_get_current_cgroup_id() }
+    }
+
+    #[inline(always)]
+    fn tp_switch(ctx: &TracePointContext) -> Switch {
+        // A direct load from the record (the verifier allows it in
+        // tracepoint programs); `read_at` would be a helper call.
+        let record = aya_ebpf::EbpfContext::as_ptr(ctx) as *const u8;
+        let pid = unsafe { core::ptr::read_volatile(record.add(TP_PREV_PID) as *const i32) };
+        Switch {
+            prev_idle: pid == 0,
+        }
+    }
 
     #[btf_tracepoint(function = "sched_switch")]
     pub fn sched_switch_btf(ctx: BtfTracePointContext) -> i32 {
-        account(&ctx, &CGROUPS, &THREADS);
+        account(&ctx, btf_switch(&ctx), btf_cgroup_id, &CGROUPS, &THREADS);
         0
     }
 
     #[tracepoint(category = "sched", name = "sched_switch")]
     pub fn sched_switch_tp(ctx: TracePointContext) -> u32 {
-        account(&ctx, &CGROUPS, &THREADS);
+        account(&ctx, tp_switch(&ctx), current_cgroup_id, &CGROUPS, &THREADS);
         0
     }
 
     #[btf_tracepoint(function = "sched_switch")]
     pub fn sched_switch_btf_prealloc(ctx: BtfTracePointContext) -> i32 {
-        account(&ctx, &CGROUPS_PREALLOC, &THREADS_PREALLOC);
+        account(
+            &ctx,
+            btf_switch(&ctx),
+            btf_cgroup_id,
+            &CGROUPS_PREALLOC,
+            &THREADS_PREALLOC,
+        );
         0
     }
 
     #[tracepoint(category = "sched", name = "sched_switch")]
     pub fn sched_switch_tp_prealloc(ctx: TracePointContext) -> u32 {
-        account(&ctx, &CGROUPS_PREALLOC, &THREADS_PREALLOC);
+        account(
+            &ctx,
+            tp_switch(&ctx),
+            current_cgroup_id,
+            &CGROUPS_PREALLOC,
+            &THREADS_PREALLOC,
+        );
         0
     }
 
@@ -215,9 +314,48 @@ mod programs {
         if rc == 0 { Some(value.counter) } else { None }
     }
 
+    /// Adds what piled up in this CPU's state to its cgroup's counters (or,
+    /// where the map is full, to the overflow bucket), and empties it.
+    #[inline(always)]
+    fn flush_pending<C: aya_ebpf::EbpfContext>(
+        ctx: &C,
+        cgroups: &PerCpuHashMap<u64, CgroupCounters>,
+        state: &mut CpuState,
+    ) {
+        let cgroup_id = state.pending_cgroup_id;
+        if cgroup_id == 0 {
+            return;
+        }
+        let pending = state.pending;
+        state.pending_cgroup_id = 0;
+        state.pending = CgroupCounters::default();
+        if let Some(counters) = cgroups.get_ptr_mut(&cgroup_id) {
+            unsafe { (*counters).add(&pending) };
+        } else if cgroups
+            .insert(&cgroup_id, &pending, BPF_ANY as u64)
+            .is_err()
+        {
+            // Map full. Only this CPU writes its slot of a per-CPU element,
+            // so BPF_ANY cannot overwrite another CPU's counts.
+            if state.overflowed_cgroup_keys == 0 {
+                warn!(
+                    ctx,
+                    "cgroup map full: cgroup {} and later new cgroups go to the overflow bucket; raise --max-cgroups",
+                    cgroup_id
+                );
+            }
+            state.overflowed_cgroup_keys += 1;
+            if let Some(bucket) = CGROUP_OVERFLOW.get_ptr_mut(0) {
+                unsafe { (*bucket).add(&pending) };
+            }
+        }
+    }
+
     #[inline(always)]
     fn account<C: aya_ebpf::EbpfContext>(
         ctx: &C,
+        switch: Switch,
+        cgroup_id_of_prev: fn(&C) -> u64,
         cgroups: &PerCpuHashMap<u64, CgroupCounters>,
         threads: &HashMap<u32, ThreadCounters>,
     ) {
@@ -255,8 +393,7 @@ mod programs {
             return;
         }
         let slice_ns = now - last;
-        let pid_tgid = bpf_get_current_pid_tgid();
-        if pid_tgid as u32 == 0 {
+        if switch.prev_idle {
             state.idle_ns += slice_ns;
             return;
         }
@@ -268,26 +405,21 @@ mod programs {
             instructions: pmu_delta[1],
             cache_misses: pmu_delta[2],
         };
-        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-        if let Some(counters) = cgroups.get_ptr_mut(&cgroup_id) {
-            unsafe { (*counters).add(&slice) };
-        } else if cgroups.insert(&cgroup_id, &slice, BPF_ANY as u64).is_err() {
-            // Map full. Only this CPU writes its slot of a per-CPU element,
-            // so BPF_ANY cannot overwrite another CPU's counts.
-            if state.overflowed_cgroup_keys == 0 {
-                warn!(
-                    ctx,
-                    "cgroup map full: cgroup {} and later new cgroups go to the overflow bucket; raise --max-cgroups",
-                    cgroup_id
-                );
-            }
-            state.overflowed_cgroup_keys += 1;
-            if let Some(bucket) = CGROUP_OVERFLOW.get_ptr_mut(0) {
-                unsafe { (*bucket).add(&slice) };
-            }
+        let cgroup_id = cgroup_id_of_prev(ctx);
+        // Cgroup ids start at 1 (the root), so 0 means nothing pending.
+        if cgroup_id == state.pending_cgroup_id {
+            state.pending.add(&slice);
+        } else {
+            flush_pending(ctx, cgroups, state);
+            state.pending_cgroup_id = cgroup_id;
+            state.pending = slice;
+        }
+        if state.pending.cpu_ns >= PENDING_FLUSH_NS {
+            flush_pending(ctx, cgroups, state);
         }
 
         if global(&PER_PROCESS) != 0 {
+            let pid_tgid = bpf_get_current_pid_tgid();
             let tid = pid_tgid as u32;
             let tgid = (pid_tgid >> 32) as u32;
             let known = threads.get_ptr_mut(&tid);

@@ -5,10 +5,11 @@
 //! have been read: cgroup usage deltas grouped by workload (500 containers,
 //! one per pod, plus a few system buckets, all of them busy: the worst
 //! case), five RAPL domains of a two-socket node (package, core, uncore,
-//! dram, psys) each split with `ergon::attribute::attribute`, the splits
-//! and usage added to the per-workload and per-pod `Ledger`s, liveness
-//! marked, and expired workloads pruned. With `--per-process`, the same
-//! split again over 5,000 processes into the process ledger.
+//! dram, psys) each split by the interval's `ergon::attribute::Shares`, the
+//! splits and usage added to the per-workload and per-pod `Ledger`s,
+//! liveness marked, and expired workloads pruned. With `--per-process`, the
+//! same energy split again over 5,000 processes (`SharedSplit`, booked in
+//! one pass), as `interval::book` does.
 //!
 //! The render is what the first scrape after an interval does (later scrapes
 //! of the interval reuse its bytes): `ergon::export::render_report` formats
@@ -19,6 +20,12 @@
 //! iterations. Prints `result attribution.{cpu_us_per_interval,
 //! per_process_cpu_us_per_interval}` and `result render.{cpu_us,bytes,series,
 //! gzip_bytes,openmetrics_bytes,openmetrics_gzip_bytes,gzip_cpu_us}`.
+//!
+//! `--part cgroups|per-process|render --repeat N` runs that step alone, N
+//! times after the same set-up, and prints nothing: for counting
+//! instructions, which a shared machine does not disturb. Under
+//! `valgrind --tool=callgrind`, the total of `--repeat 2N` minus that of
+//! `--repeat N` is N steps with the set-up cancelled (BENCHMARKS.md).
 
 mod common;
 
@@ -150,39 +157,53 @@ impl Node {
             let entry = usage.entry(self.workload_of[id].clone()).or_default();
             entry.cpu_ns += used.cpu_ns;
         }
-        let process_usage: HashMap<u32, Usage> = if per_process {
-            self.processes
-                .iter()
-                .map(|(pid, _)| {
-                    (
-                        *pid,
-                        Usage {
-                            cpu_ns: self.random.next(2_000_000),
-                            cycles: 0,
-                        },
-                    )
-                })
-                .filter(|(_, u)| u.cpu_ns > 0)
-                .collect()
-        } else {
-            HashMap::new()
-        };
+        // Sized for every process the probe reports, as `interval::group` does.
+        let mut process_usage: HashMap<u32, Usage> = HashMap::new();
+        if per_process {
+            process_usage.reserve(self.processes.len());
+            process_usage.extend(
+                self.processes
+                    .iter()
+                    .map(|(pid, _)| {
+                        (
+                            *pid,
+                            Usage {
+                                cpu_ns: self.random.next(2_000_000),
+                                cycles: 0,
+                            },
+                        )
+                    })
+                    .filter(|(_, u)| u.cpu_ns > 0),
+            );
+        }
+        // As `interval::book` does: shares once per interval, multiplied
+        // out per domain; the processes' domains booked in one pass.
         let no_idle_weights = HashMap::new();
-        for domain in DOMAINS {
-            let measured = 20.0 + self.random.next(1_000) as f64 / 10.0;
-            let energy = DomainEnergy {
-                domain,
-                source: "rapl".into(),
-                energy: Joules(measured),
-                idle: Joules(measured / 3.0),
-            };
-            let split = attribute::attribute(&energy, &usage, &no_idle_weights);
+        let by_usage = attribute::Shares::of_usage(&usage);
+        let idle = attribute::Shares::of_weights(&no_idle_weights);
+        let energies: Vec<DomainEnergy> = DOMAINS
+            .iter()
+            .map(|&domain| {
+                let measured = 20.0 + self.random.next(1_000) as f64 / 10.0;
+                DomainEnergy {
+                    domain,
+                    source: "rapl".into(),
+                    energy: Joules(measured),
+                    idle: Joules(measured / 3.0),
+                }
+            })
+            .collect();
+        for energy in &energies {
+            let split = by_usage.split(energy, &idle);
             self.workloads.apply(&split, now);
             self.pods.apply(&ergon::interval::by_pod(&split), now);
-            if per_process {
-                let by_process = attribute::attribute(&energy, &process_usage, &HashMap::new());
-                self.process_ledger.apply(&by_process, now);
-            }
+        }
+        if per_process {
+            let by_process = attribute::SharedSplit::new(
+                attribute::Shares::of_usage(&process_usage),
+                energies.iter(),
+            );
+            self.process_ledger.apply_shared(&by_process, now);
         }
         self.workloads.add_usage(&usage, now);
         let mut pod_usage: HashMap<String, Usage> = HashMap::new();
@@ -293,7 +314,34 @@ impl Node {
     }
 }
 
+/// `--part`: one step alone, `repeat` times, after the usual set-up.
+fn run_part(part: &str, repeat: u32) {
+    let per_process = part != "cgroups";
+    let mut node = Node::new();
+    for _ in 0..WARMUP_INTERVALS {
+        node.interval(per_process);
+    }
+    match part {
+        "cgroups" | "per-process" => {
+            for _ in 0..repeat {
+                node.interval(per_process);
+            }
+        }
+        "render" => {
+            let report = node.report();
+            for _ in 0..repeat {
+                std::hint::black_box(export::render_report(&report));
+            }
+        }
+        other => panic!("--part takes cgroups, per-process or render, got {other:?}"),
+    }
+}
+
 fn main() {
+    if let Some(part) = common::flag("--part") {
+        let repeat = common::numeric_flag("--repeat", 100);
+        return run_part(&part, u32::try_from(repeat).expect("--repeat fits in u32"));
+    }
     if !common::benchmarking() {
         return;
     }

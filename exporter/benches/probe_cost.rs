@@ -9,6 +9,15 @@
 //! median of the differences; both hooks (`tp_btf` and the classic
 //! tracepoint) are measured.
 //!
+//! Position matters: the first program on the hook after a context switch
+//! runs ~50 ns slower than the same program later in the chain (measured
+//! here with two copies of Ergon's program attached one after the other:
+//! 156 and 108 ns). So a *leader*, one more empty program, is attached
+//! first and takes that cost (reported as `leader_ns`); Ergon's program
+//! comes second, before the empty reference and the ladder, so it still
+//! pays for every cache miss on its own data, and the empty reference it is
+//! compared with sits in a position like its own.
+//!
 //! On `tp_btf` the same storms also price the probe's anatomy, the way
 //! cloudflare/ebpf_exporter benchmarks empty, simple and complex probes: a
 //! ladder of programs (`ergon_ebpf::PROG_LADDER_BTF`), each one step more of
@@ -17,7 +26,9 @@
 //! state, and finally the full program), all attached at once, so each
 //! step's cost is the difference of neighbours in one run.
 //!
-//! Prints `result probe_cost.<hook>.{ergon_ns,empty_ns,added_ns,switches}`
+//! Prints `result probe_cost.foreign_programs` (other `sched_switch`
+//! programs found loaded at the start: a run with any is flattered) and
+//! `result probe_cost.<hook>.{ergon_ns,empty_ns,added_ns,leader_ns,switches}`
 //! and `result probe_cost.tp_btf.ladder.<rung>_ns` (median of the storms).
 //! Run: `cargo xtask bench` (as root), or alone:
 //! `cargo bench -p ergon --bench probe_cost`.
@@ -73,11 +84,30 @@ fn ns_per_run((time, runs): (Duration, u64)) -> f64 {
     time.as_nanos() as f64 / runs as f64
 }
 
+/// Programs already loaded with `sched_switch` in their name (other
+/// exporters, other sessions' tests). Attached ahead of ours on the hook,
+/// they read the same task and cgroup data first and flatter every figure
+/// behind them, so a run that had any is to be discounted.
+fn foreign_sched_switch_programs() -> usize {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| p.name_as_str().is_some_and(|n| n.contains("sched_switch")))
+        .count()
+}
+
 fn main() {
     if !common::benchmarking() {
         return;
     }
     common::unwind_on_interrupt();
+    let foreign = foreign_sched_switch_programs();
+    if foreign > 0 {
+        eprintln!(
+            "probe_cost: {foreign} other sched_switch program(s) already loaded (`bpftool prog show`): \
+             they may run ahead of ours and flatter these figures; discount this run"
+        );
+    }
+    common::result("probe_cost.foreign_programs", foreign as f64);
     for (hook, choice) in [
         ("tp_btf", HookChoice::TpBtf),
         ("tracepoint", HookChoice::Tracepoint),
@@ -88,6 +118,8 @@ fn main() {
             pmu: PmuChoice::Off,
             ..ProbeConfig::local()
         };
+        let leader =
+            ReferenceProgram::empty(hook, &config.host_sys).expect("loading the leading program");
         let probe = EbpfProbe::start(&config).expect("loading the probe (run as root)");
         let empty =
             ReferenceProgram::empty(hook, &config.host_sys).expect("loading the empty program");
@@ -105,11 +137,12 @@ fn main() {
         };
         let mut ladder_ns: Vec<Vec<f64>> = vec![Vec::new(); ladder.len()];
         let _stats = StatsOn::enable();
-        let (mut ergon_ns, mut empty_ns, mut added_ns, mut switches) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut ergon_ns, mut empty_ns, mut added_ns, mut switches, mut leader_ns) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..STORMS_PER_HOOK {
             common::check_interrupt();
             let (probe_before, empty_before) = (probe.program_stats(), empty.stats());
+            let leader_before = leader.stats();
             let rungs_before: Vec<_> = ladder.iter().map(|(_, p)| p.stats()).collect();
             storm();
             for ((rung_ns, (_, program)), before) in
@@ -119,15 +152,17 @@ fn main() {
             }
             let ergon = between(probe_before, probe.program_stats());
             let baseline = between(empty_before, empty.stats());
+            leader_ns.push(ns_per_run(between(leader_before, leader.stats())));
             ergon_ns.push(ns_per_run(ergon));
             empty_ns.push(ns_per_run(baseline));
             added_ns.push(ns_per_run(ergon) - ns_per_run(baseline));
             switches.push(ergon.1 as f64);
             eprintln!(
-                "probe_cost hook={hook} switches={} ergon_ns={:.1} empty_ns={:.1}",
+                "probe_cost hook={hook} switches={} ergon_ns={:.1} empty_ns={:.1} leader_ns={:.1}",
                 ergon.1,
                 ns_per_run(ergon),
-                ns_per_run(baseline)
+                ns_per_run(baseline),
+                leader_ns.last().expect("pushed above")
             );
         }
         common::result(
@@ -141,6 +176,10 @@ fn main() {
         common::result(
             &format!("probe_cost.{hook}.added_ns"),
             common::median(&added_ns),
+        );
+        common::result(
+            &format!("probe_cost.{hook}.leader_ns"),
+            common::median(&leader_ns),
         );
         common::result(
             &format!("probe_cost.{hook}.switches"),

@@ -30,6 +30,11 @@ use prometheus::proto::MetricFamily;
 
 pub const CARBON_INTENSITY: &str = "ergon_grid_carbon_intensity_grams_per_kwh";
 pub const CARBON_INTENSITY_TIMESTAMP: &str = "ergon_grid_carbon_intensity_timestamp_seconds";
+pub const CARBON_INTENSITY_HELP: &str = "Carbon intensity of the grid's electricity in gCO2e/kWh \
+     (--carbon-intensity). CO2e grams = joules / 3.6e6 * this.";
+pub const CARBON_INTENSITY_TIMESTAMP_HELP: &str = "Unix time of the carbon intensity in use: when \
+     its file last changed (absent for a fixed --carbon-intensity). Alert when it falls behind the \
+     grid data's period.";
 
 /// Grams of CO₂-equivalent emitted per kilowatt-hour drawn from the grid.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -99,18 +104,11 @@ impl CarbonIntensity {
     /// A fixed value is in use at once; a file is read by the first
     /// [`refresh`](Self::refresh).
     pub fn new(source: CarbonSource) -> CarbonIntensity {
-        let intensity = prometheus::Gauge::new(
-            CARBON_INTENSITY,
-            "Carbon intensity of the grid's electricity in gCO2e/kWh (--carbon-intensity). \
-             CO2e grams = joules / 3.6e6 * this.",
-        )
-        .expect("a valid metric name");
-        let timestamp = prometheus::Gauge::new(
-            CARBON_INTENSITY_TIMESTAMP,
-            "Unix time of the carbon intensity in use: when its file last changed (absent for a \
-             fixed --carbon-intensity). Alert when it falls behind the grid data's period.",
-        )
-        .expect("a valid metric name");
+        let intensity = prometheus::Gauge::new(CARBON_INTENSITY, CARBON_INTENSITY_HELP)
+            .expect("a valid metric name");
+        let timestamp =
+            prometheus::Gauge::new(CARBON_INTENSITY_TIMESTAMP, CARBON_INTENSITY_TIMESTAMP_HELP)
+                .expect("a valid metric name");
         let mut reading = Reading::default();
         if let CarbonSource::Fixed(value) = source {
             reading.value = Some((value, None));

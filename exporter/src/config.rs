@@ -680,6 +680,7 @@ impl Cli {
             max_cgroups: self.max_cgroups,
             max_processes: self.max_processes,
             map_allocation: self.map_allocation,
+            read_task_fields: true,
             map_memory_budget_bytes: self.map_memory_budget_mib * 1024 * 1024,
             host_proc: self.host_proc.clone(),
             host_sys: self.host_sys.clone(),

@@ -80,6 +80,7 @@ fn main() -> anyhow::Result<()> {
     let published = Published::default();
     let handle = ServerHandle::new(published.clone(), cli.interval)
         .with_unhealthy_after(cli.unhealthy_after_failed_intervals);
+    let carbon = carbon_source.map(|source| start_carbon(source, cli.interval, &runtime));
     let otlp = match &cli.otlp_endpoint {
         Some(endpoint) => Some(export::otlp::OtlpPush::start(
             &export::otlp::OtlpOptions {
@@ -92,12 +93,12 @@ fn main() -> anyhow::Result<()> {
             },
             &ergon::interval::catalogue(),
             &handle,
+            carbon.as_ref(),
         )?),
         None => None,
     };
     let mut server_options = runtime.block_on(server_options(&cli))?;
-    server_options.carbon =
-        carbon_source.map(|source| start_carbon(source, cli.interval, &runtime));
+    server_options.carbon = carbon;
     let (stop, stop_received) = std::sync::mpsc::channel::<()>();
 
     let measuring = {

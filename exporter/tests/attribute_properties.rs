@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ergon::attribute::{
     ActiveBasis, Attribution, DomainEnergy, GpuProcessSample, IdleEstimator, LearnedIdleConfig,
-    Ledger, Usage, attribute, attribute_by_weights, gpu_usage_by_workload,
+    Ledger, SharedSplit, Shares, Usage, attribute, attribute_by_weights, gpu_usage_by_workload,
 };
 use ergon::units::{Domain, Joules, Nanos, Watts};
 use proptest::prelude::*;
@@ -237,6 +237,71 @@ proptest! {
                 prop_assert!(after.active_unattributed.0 >= before.active_unattributed.0);
                 prop_assert!(after.active.0.is_finite() && after.idle.0.is_finite());
             }
+        }
+    }
+
+    /// The per-process path (shares once per interval, every domain booked
+    /// in one visit per key) books bit for bit what a split and an `apply`
+    /// per domain book, whatever the meters report (two sources of one
+    /// domain, zero, negative, NaN).
+    #[test]
+    fn one_pass_over_domains_books_what_a_split_per_domain_books(
+        intervals in prop::collection::vec(
+            (
+                usage_map(),
+                prop::collection::vec(
+                    (prop::sample::select(Domain::ALL.to_vec()), any_f64(), any_f64(), 0u8..2),
+                    0..7,
+                ),
+            ),
+            1..6,
+        ),
+    ) {
+        let mut per_domain: Ledger<u16> = Ledger::new(Duration::from_secs(300));
+        let mut one_pass: Ledger<u16> = Ledger::new(Duration::from_secs(300));
+        for (step, (usage, energies)) in intervals.into_iter().enumerate() {
+            let now = Nanos(step as u64 * 5_000_000_000);
+            let energies: Vec<DomainEnergy> = energies
+                .into_iter()
+                .map(|(domain, joules, idle, source)| DomainEnergy {
+                    domain,
+                    source: format!("meter:{domain}-{source}"),
+                    energy: Joules(joules),
+                    idle: Joules(idle),
+                })
+                .collect();
+            let splits: Vec<Attribution<u16>> = energies
+                .iter()
+                .map(|energy| attribute(energy, &usage, &HashMap::new()))
+                .collect();
+            for split in &splits {
+                per_domain.apply(split, now);
+            }
+            let shared = SharedSplit::new(Shares::of_usage(&usage), energies.iter());
+            one_pass.apply_shared(&shared, now);
+            for (split, summary) in splits.iter().zip(shared.domains()) {
+                prop_assert_eq!(split.basis, summary.basis);
+                prop_assert_eq!(split.measured, summary.measured);
+                prop_assert_eq!(split.idle, summary.idle);
+                prop_assert_eq!(split.node_idle, summary.node_idle);
+                prop_assert_eq!(split.node_active_unattributed, summary.node_active_unattributed);
+                let (a, b) = (split.residual.0, summary.residual.0);
+                prop_assert!(a == b || (a.is_nan() && b.is_nan()) || (a - b).abs() <= 1e-9 * split.measured.0, "residual {} vs {}", a, b);
+            }
+            let mut keys: Vec<u16> = per_domain.workloads().map(|(k, _)| *k).collect();
+            keys.sort_unstable();
+            let mut one_pass_keys: Vec<u16> = one_pass.workloads().map(|(k, _)| *k).collect();
+            one_pass_keys.sort_unstable();
+            prop_assert_eq!(&keys, &one_pass_keys);
+            for key in &keys {
+                prop_assert_eq!(per_domain.workload(key), one_pass.workload(key), "workload {}", key);
+            }
+            let node = |ledger: &Ledger<u16>| {
+                let mut node: Vec<_> = ledger.node().map(|(d, s, c)| (d, s.to_owned(), *c)).collect();
+                node.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+                node
+            };
+            prop_assert_eq!(node(&per_domain), node(&one_pass));
         }
     }
 }

@@ -1,5 +1,7 @@
 //! A real `ergon` process without the capabilities eBPF needs takes the
-//! procfs fallback, says why in its log, and still serves usage.
+//! procfs fallback, says why in its log, and still serves usage; one that
+//! may not `chroot` loads the probe all the same, with aya's parse of the
+//! kernel's BTF that the chroot avoids, and says so once.
 
 use ergon_testkit as support;
 
@@ -9,8 +11,10 @@ use std::time::Duration;
 
 use support::{LoggedChild, free_port, http_get};
 
-#[test]
-fn without_bpf_capabilities_the_exporter_falls_back_and_says_why() {
+/// A real `ergon` on a free port, logging at info, with the capabilities
+/// `dropped` removed from its bounding set, so that even root cannot hold
+/// them after exec.
+fn exporter_without(dropped: &'static [i32]) -> (LoggedChild, u16) {
     let port = free_port();
     let mut command = Command::new(env!("CARGO_BIN_EXE_ergon"));
     command
@@ -24,12 +28,10 @@ fn without_bpf_capabilities_the_exporter_falls_back_and_says_why() {
         ])
         .env("ERGON_LOG", "info")
         .env("NO_COLOR", "1");
-    // CAP_SYS_ADMIN (21), CAP_PERFMON (38), CAP_BPF (39): dropped from the
-    // bounding set, so even root cannot hold them after exec.
     // SAFETY: prctl is async-signal-safe and allocates nothing.
     unsafe {
-        command.pre_exec(|| {
-            for cap in [21, 38, 39] {
+        command.pre_exec(move || {
+            for &cap in dropped {
                 if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -37,7 +39,13 @@ fn without_bpf_capabilities_the_exporter_falls_back_and_says_why() {
             Ok(())
         });
     }
-    let mut exporter = LoggedChild::spawn(&mut command);
+    (LoggedChild::spawn(&mut command), port)
+}
+
+#[test]
+fn without_bpf_capabilities_the_exporter_falls_back_and_says_why() {
+    // CAP_SYS_ADMIN (21), CAP_PERFMON (38), CAP_BPF (39).
+    let (mut exporter, port) = exporter_without(&[21, 38, 39]);
     let fallback_line = exporter.wait_for_line("falling back to procfs", Duration::from_secs(30));
     assert!(
         fallback_line.contains("CAP_BPF") && fallback_line.contains("privileged"),
@@ -58,4 +66,17 @@ fn without_bpf_capabilities_the_exporter_falls_back_and_says_why() {
         "{metrics}"
     );
     assert!(metrics.contains("ergon_system_cpu_seconds_total"));
+}
+
+#[test]
+fn without_chroot_the_probe_still_loads_and_the_log_says_what_it_costs() {
+    // CAP_SYS_CHROOT (18).
+    let (mut exporter, _port) = exporter_without(&[18]);
+    let line = exporter.wait_for_line("could not chroot", Duration::from_secs(30));
+    assert!(
+        line.contains("CAP_SYS_CHROOT") && line.contains("memory peak"),
+        "the line must say what is lost and what would avoid it: {line}"
+    );
+    let attached = exporter.wait_for_line("eBPF probe attached", Duration::from_secs(30));
+    assert!(attached.contains("mode=ebpf"), "{attached}");
 }

@@ -201,9 +201,10 @@ fn assert_cumulative_monotonic(metric: &Metric) {
     }
 }
 
-fn start_exporter(rapl: &FakeRapl, api: &Api, endpoint_arg: String) -> ExporterProcess {
+fn start_exporter(rapl: &FakeRapl, api: &Api, extra: &[String]) -> ExporterProcess {
     let mut args = support::pods::exporter_args(rapl, api);
-    args.extend(["--interval=500ms".into(), endpoint_arg]);
+    args.push("--interval=500ms".into());
+    args.extend_from_slice(extra);
     ExporterProcess::start(ERGON.as_ref(), &args)
 }
 
@@ -221,7 +222,12 @@ fn pushed_metrics_match_the_scrape() {
     let pod = TestPod::start("vehicle-pipeline", "vehicle-api-7d9f", 1);
     let api = Api::start(&[&pod]);
     let receiver = Receiver::start();
-    let exporter = start_exporter(&rapl, &api, receiver.endpoint_arg());
+    // A fixed carbon intensity: its gauge is pushed like every other family.
+    let exporter = start_exporter(
+        &rapl,
+        &api,
+        &[receiver.endpoint_arg(), "--carbon-intensity=350".into()],
+    );
 
     let before = exporter.eventually("the pod's energy", |m| pod_energy(m, &pod) > 0.0);
     // The second push to arrive after this scrape was collected after it.
@@ -308,6 +314,10 @@ fn pushed_metrics_match_the_scrape() {
         scraped_node(&before),
         scraped_node(&after)
     );
+    assert_eq!(
+        pushed(&request, "ergon_grid_carbon_intensity_grams_per_kwh", &[]),
+        350.0
+    );
     let watts = pushed(&request, "ergon_node_power_watts", &[("domain", "package")]);
     assert!(
         (watts - 40.0).abs() < 6.0,
@@ -332,7 +342,7 @@ fn collector_down_at_start_gets_everything_once_up_and_memory_stays_flat() {
     let api = Api::start(&[&pod]);
     let port = support::free_port();
     let address: SocketAddr = ([127, 0, 0, 1], port).into();
-    let exporter = start_exporter(&rapl, &api, format!("--otlp-endpoint=http://{address}"));
+    let exporter = start_exporter(&rapl, &api, &[format!("--otlp-endpoint=http://{address}")]);
 
     // Twenty failed pushes and their retries, none queued.
     std::thread::sleep(Duration::from_secs(2));

@@ -244,3 +244,43 @@ pub fn the_exporter_keeps_its_state_in_the_mounted_directory_unless_told_not_to(
         "{without:?}"
     );
 }
+
+#[test]
+fn otlp_endpoint_value_passes_the_flag_and_the_schema_refuses_https() {
+    let args = |objects: &[Rendered]| -> Vec<String> {
+        find(objects, "DaemonSet", "ergon").object["spec"]["template"]["spec"]["containers"][0]
+            ["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect()
+    };
+    let default = args(&helm_template(None));
+    assert!(
+        !default.iter().any(|a| a.starts_with("--otlp-endpoint")),
+        "{default:?}"
+    );
+    let pushed = args(&helm_template_with(
+        HELM_NAMESPACE,
+        None,
+        &["exporter.otlpEndpoint=http://$(HOST_IP):4318"],
+    ));
+    assert!(
+        pushed.contains(&"--otlp-endpoint=http://$(HOST_IP):4318".to_owned()),
+        "{pushed:?}"
+    );
+    let refused = Command::new(tool("helm"))
+        .args(["template", "ergon"])
+        .arg(chart_dir())
+        .args(["--set", "exporter.otlpEndpoint=https://collector:4318"])
+        .output()
+        .expect("run helm");
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("otlpEndpoint"),
+        "the schema let https through: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}

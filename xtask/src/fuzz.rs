@@ -1,4 +1,4 @@
-//! `cargo xtask fuzz [--seconds N] [TARGET…]`: runs each cargo-fuzz target
+//! `cargo xtask fuzz [--seconds N] [--dev] [TARGET…]`: runs each cargo-fuzz target
 //! of `fuzz/` (libFuzzer) for N seconds (default 60), seeded with the corpus
 //! kept in the repository, under AddressSanitizer and with memory limits, so
 //! a panic, an overflow or an unbounded allocation on any host input fails.
@@ -48,6 +48,10 @@ fn cargo_fuzz() -> Command {
 
 pub fn run_all(args: &[String]) -> Result<()> {
     let mut seconds: u32 = 60;
+    // `--dev`: unoptimised instrumented builds. The smoke of `cargo xtask
+    // test` runs each target for seconds, where compiling the optimised
+    // tree would take longer than the fuzzing.
+    let mut profile = "--release";
     let mut targets: Vec<String> = Vec::new();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -64,8 +68,11 @@ pub fn run_all(args: &[String]) -> Result<()> {
                         format!("--seconds `{value}`: use a whole number from 1 to 86400")
                     })?;
             }
+            "--dev" => profile = "--dev",
             other if other.starts_with('-') => {
-                bail!("cargo xtask fuzz: unknown option `{other}`; use --seconds N [TARGET…]")
+                bail!(
+                    "cargo xtask fuzz: unknown option `{other}`; use --seconds N [--dev] [TARGET…]"
+                )
             }
             target => targets.push(target.to_owned()),
         }
@@ -92,7 +99,8 @@ pub fn run_all(args: &[String]) -> Result<()> {
             known.join(", ")
         );
     }
-    run(cargo_fuzz().args(["build", "--debug-assertions"])).context("building the fuzz targets")?;
+    run(cargo_fuzz().args(["build", profile, "--debug-assertions"]))
+        .context("building the fuzz targets")?;
     for target in &targets {
         let corpus = root().join("fuzz/corpus").join(target);
         // New inputs land here, outside the repository, and are cleared
@@ -104,7 +112,7 @@ pub fn run_all(args: &[String]) -> Result<()> {
         std::fs::create_dir_all(&artifacts)
             .with_context(|| format!("creating {}", artifacts.display()))?;
         let result = run(cargo_fuzz()
-            .args(["run", "--debug-assertions", target])
+            .args(["run", profile, "--debug-assertions", target])
             .arg(&found)
             .arg(&corpus)
             .arg("--")

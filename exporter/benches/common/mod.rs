@@ -21,6 +21,9 @@
 
 pub use ergon_testkit as support;
 
+pub mod cost;
+pub mod scrape_load;
+
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,6 +45,18 @@ pub fn benchmarking() -> bool {
         eprintln!("not measuring: run with `cargo bench` or `cargo xtask bench`");
     }
     bench
+}
+
+/// The start of a benchmark that runs pods and an exporter: serves the
+/// child role if this process is one of its children, returns false under
+/// `cargo test`, and otherwise makes Ctrl-C unwind through the guards.
+pub fn start_measuring() -> bool {
+    serve_child_role();
+    if !benchmarking() {
+        return false;
+    }
+    unwind_on_interrupt();
+    true
 }
 
 /// The value of `--name VALUE` or `--name=VALUE` on the command line.
@@ -317,6 +332,10 @@ pub enum PodActivity {
     Busy,
     /// One process runs for 2 ms and exits; the cgroup stays.
     Once,
+    /// One process wakes every 4 s for 20 µs (the rest sleep): the cgroup
+    /// runs in every 5 s interval at a negligible load, so thousands of
+    /// them are live cgroups without being a CPU load of their own.
+    Light,
 }
 
 /// `pods` pod-shaped cgroups (systemd driver, containerd; one container
@@ -373,6 +392,7 @@ impl PodSet {
                 PodActivity::Mostly => child_command(&["waker", "1000", "200"]),
                 PodActivity::Busy => child_command(&["waker", "80", "20000"]),
                 PodActivity::Once => child_command(&["spin", "2000"]),
+                PodActivity::Light => child_command(&["waker", "4000", "20"]),
             };
             processes.push(spawn_in(&cgroup.path, active));
             for _ in 1..processes_per_pod {
@@ -539,11 +559,17 @@ impl Exporter {
         scrape(self.port()).expect("the exporter answers /metrics")
     }
 
-    /// How many of `uids` have a pod energy series.
+    /// How many of `uids` have a pod energy series. The body's uids are
+    /// collected once: looking each uid up in the body took minutes at
+    /// thousands of pods.
     pub fn pods_seen<'a>(&self, uids: impl Iterator<Item = &'a str>) -> usize {
         let body = self.scrape();
-        uids.filter(|uid| body.contains(&format!("pod_uid=\"{uid}\"")))
-            .count()
+        let shown: std::collections::HashSet<&str> = body
+            .split("pod_uid=\"")
+            .skip(1)
+            .filter_map(|rest| rest.split_once('"').map(|(uid, _)| uid))
+            .collect();
+        uids.filter(|uid| shown.contains(uid)).count()
     }
 
     /// Waits (at most `limit`) until every pod of `pods` has series.

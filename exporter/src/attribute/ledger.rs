@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Attribution, Usage, WorkloadJoules};
+use super::{Attribution, SharedSplit, Usage, WorkloadJoules};
 use crate::units::{Domain, Joules, Nanos};
 
 /// Default time a workload's counters are kept after it was last seen.
@@ -54,6 +54,11 @@ pub struct SeriesNames {
     pub pod: String,
     #[serde(default)]
     pub container: String,
+    /// The pod's sandbox (pause) container: its cgroup is a container's,
+    /// but the pod's metadata never names it. Its energy shows in the pod's
+    /// series only, not as a `container=""` series of its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sandbox: bool,
 }
 
 /// One meter source's node-level counters.
@@ -77,13 +82,23 @@ pub struct NodeCounters {
 ))]
 pub struct Ledger<K> {
     #[serde(with = "as_entries")]
-    workloads: HashMap<K, WorkloadCounters>,
+    workloads: HashMap<K, WorkloadCounters, KeyHasher>,
     #[serde(with = "as_entries")]
-    node: HashMap<(Domain, String), NodeCounters>,
+    node: HashMap<(Domain, String), NodeCounters, KeyHasher>,
     /// Configuration, not state: set again after restoring a checkpoint.
     #[serde(skip, default = "default_retention")]
     retention: Duration,
 }
+
+/// The ledger's maps hash with foldhash (hashbrown's default hasher, seeded
+/// per process) instead of std's SipHash: every interval looks up each
+/// workload's counters several times (usage, every domain's energy,
+/// liveness), and SipHash over a container's identity (pod uid and 64-hex
+/// container id) was half the instructions of an interval with 5,000
+/// processes (callgrind, BENCHMARKS.md). The keys are cgroup identities and
+/// pids, which only root on the node chooses; the random seed keeps their
+/// order unpredictable as std's does.
+type KeyHasher = foldhash::fast::RandomState;
 
 fn default_retention() -> Duration {
     DEFAULT_RETENTION
@@ -98,8 +113,8 @@ impl<K: Eq + Hash + Clone> Default for Ledger<K> {
 impl<K: Eq + Hash + Clone> Ledger<K> {
     pub fn new(retention: Duration) -> Self {
         Ledger {
-            workloads: HashMap::new(),
-            node: HashMap::new(),
+            workloads: HashMap::default(),
+            node: HashMap::default(),
             retention,
         }
     }
@@ -116,11 +131,34 @@ impl<K: Eq + Hash + Clone> Ledger<K> {
     /// energy count as seen at `now`.
     pub fn apply(&mut self, attribution: &Attribution<K>, now: Nanos) {
         for (key, joules) in &attribution.per_workload {
-            let counters = self.entry(key, now);
-            let domain = counters.energy.entry(attribution.domain).or_default();
-            add(&mut domain.active, joules.active);
-            add(&mut domain.idle, joules.idle);
+            self.update(key, now, |counters| {
+                let domain = counters.energy.entry(attribution.domain).or_default();
+                add(&mut domain.active, joules.active);
+                add(&mut domain.idle, joules.idle);
+            });
         }
+        self.add_node(attribution);
+    }
+
+    /// Adds several domains split by the same shares: the same counters as
+    /// [`Ledger::apply`] of each domain's split, each key visited once.
+    pub fn apply_shared(&mut self, split: &SharedSplit<'_, K>, now: Nanos) {
+        for (key, domains) in split.per_key() {
+            self.update(key, now, |counters| {
+                for (domain, joules) in domains {
+                    add(
+                        &mut counters.energy.entry(domain).or_default().active,
+                        joules,
+                    );
+                }
+            });
+        }
+        for attribution in split.domains() {
+            self.add_node(attribution);
+        }
+    }
+
+    fn add_node(&mut self, attribution: &Attribution<K>) {
         let node = self
             .node
             .entry((attribution.domain, attribution.source.clone()))
@@ -137,9 +175,10 @@ impl<K: Eq + Hash + Clone> Ledger<K> {
     /// Adds one interval's CPU usage; workloads in `usage` count as seen.
     pub fn add_usage(&mut self, usage: &HashMap<K, Usage>, now: Nanos) {
         for (key, used) in usage {
-            let counters = self.entry(key, now);
-            counters.cpu_ns = counters.cpu_ns.saturating_add(used.cpu_ns);
-            counters.cycles = counters.cycles.saturating_add(used.cycles);
+            self.update(key, now, |counters| {
+                counters.cpu_ns = counters.cpu_ns.saturating_add(used.cpu_ns);
+                counters.cycles = counters.cycles.saturating_add(used.cycles);
+            });
         }
     }
 
@@ -233,10 +272,22 @@ impl<K: Eq + Hash + Clone> Ledger<K> {
             .map(|((domain, source), counters)| (*domain, source.as_str(), counters))
     }
 
-    fn entry(&mut self, key: &K, now: Nanos) -> &mut WorkloadCounters {
-        let counters = self.workloads.entry(key.clone()).or_default();
-        counters.last_seen = counters.last_seen.max(now);
-        counters
+    /// Applies `change` to `key`'s counters (new ones if it has none) and
+    /// marks it seen at `now`. The key is cloned only when it is new: most
+    /// keys of an interval were there the interval before, and cloning a
+    /// container's identity allocates.
+    fn update(&mut self, key: &K, now: Nanos, change: impl FnOnce(&mut WorkloadCounters)) {
+        if let Some(counters) = self.workloads.get_mut(key) {
+            counters.last_seen = counters.last_seen.max(now);
+            change(counters);
+        } else {
+            let mut counters = WorkloadCounters {
+                last_seen: now,
+                ..WorkloadCounters::default()
+            };
+            change(&mut counters);
+            self.workloads.insert(key.clone(), counters);
+        }
     }
 }
 
@@ -250,21 +301,22 @@ fn add(counter: &mut Joules, delta: Joules) {
 /// A map as a sequence of `(key, value)` pairs, for keys that are not strings.
 mod as_entries {
     use std::collections::HashMap;
-    use std::hash::Hash;
+    use std::hash::{BuildHasher, Hash};
 
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
-        map: &HashMap<K, V>,
+    pub fn serialize<K: Serialize, V: Serialize, H, S: Serializer>(
+        map: &HashMap<K, V, H>,
         serializer: S,
     ) -> Result<S::Ok, S::Error> {
         serializer.collect_seq(map)
     }
 
-    pub fn deserialize<'de, K, V, D>(deserializer: D) -> Result<HashMap<K, V>, D::Error>
+    pub fn deserialize<'de, K, V, H, D>(deserializer: D) -> Result<HashMap<K, V, H>, D::Error>
     where
         K: Deserialize<'de> + Eq + Hash,
         V: Deserialize<'de>,
+        H: BuildHasher + Default,
         D: Deserializer<'de>,
     {
         Ok(Vec::<(K, V)>::deserialize(deserializer)?
@@ -400,6 +452,7 @@ mod tests {
             namespace: "vehicle-pipeline".into(),
             pod: "job-once".into(),
             container: String::new(),
+            sandbox: false,
         };
         for (_, counters) in ledger.workloads_mut() {
             counters.names = Some(names.clone());

@@ -24,6 +24,12 @@
 //! GPU energy goes through the same split with weights from per-process
 //! utilisation ([`gpu_usage_by_workload`], [`attribute_by_weights`]).
 //! [`Ledger`] accumulates the results into counters that never decrease.
+//!
+//! Each key's fraction `weight / Σweights` depends on the interval's usage,
+//! not on the domain: an interval computes its [`Shares`] once and every
+//! domain multiplies them by its joules. The per-process split, thousands of
+//! keys over every CPU domain, is booked from one [`SharedSplit`] in one
+//! visit per process instead of a map per domain (issue 13; BENCHMARKS.md).
 
 mod gpu;
 mod idle;
@@ -118,18 +124,7 @@ pub fn attribute<K: Eq + Hash + Clone>(
     usage: &HashMap<K, Usage>,
     idle_weights: &HashMap<K, f64>,
 ) -> Attribution<K> {
-    let pmu_counted = usage.values().all(|u| u.cpu_ns == 0 || u.cycles > 0);
-    let total_cycles: u128 = usage.values().map(|u| u128::from(u.cycles)).sum();
-    let total_cpu_ns: u128 = usage.values().map(|u| u128::from(u.cpu_ns)).sum();
-    let (basis, by): (ActiveBasis, fn(&Usage) -> u64) = if pmu_counted && total_cycles > 0 {
-        (ActiveBasis::Cycles, |u| u.cycles)
-    } else if total_cpu_ns > 0 {
-        (ActiveBasis::CpuTime, |u| u.cpu_ns)
-    } else {
-        (ActiveBasis::NoUsage, |_| 0)
-    };
-    let weights = usage.iter().map(|(key, u)| (key, by(u) as f64));
-    split(energy, basis, weights, idle_weights)
+    Shares::of_usage(usage).split(energy, &Shares::of_weights(idle_weights))
 }
 
 /// Splits one interval's energy by arbitrary non-negative active weights
@@ -139,82 +134,229 @@ pub fn attribute_by_weights<K: Eq + Hash + Clone>(
     active_weights: &HashMap<K, f64>,
     idle_weights: &HashMap<K, f64>,
 ) -> Attribution<K> {
-    let weights = active_weights.iter().map(|(key, weight)| (key, *weight));
-    split(energy, ActiveBasis::Weights, weights, idle_weights)
+    Shares::of_weights(active_weights).split(energy, &Shares::of_weights(idle_weights))
 }
 
-fn split<'a, K: Eq + Hash + Clone + 'a>(
-    energy: &DomainEnergy,
+/// Each key's fraction of one interval's weights, `weight / Σweights`, for
+/// the keys with a positive, finite weight; empty when no weight is positive.
+/// A split gives each key `joules × fraction`: the product the split made
+/// when it summed the weights per domain, so the joules are the same f64.
+#[derive(Clone, Debug)]
+pub struct Shares<'a, K> {
     basis: ActiveBasis,
-    active_weights: impl Iterator<Item = (&'a K, f64)> + Clone,
-    idle_weights: &HashMap<K, f64>,
-) -> Attribution<K> {
+    fractions: Vec<(&'a K, f64)>,
+}
+
+impl<'a, K: Eq + Hash + Clone> Shares<'a, K> {
+    /// Shares by usage: cycles when every workload that used CPU time also
+    /// has a cycle count, else CPU time (see the module docs).
+    pub fn of_usage(usage: &'a HashMap<K, Usage>) -> Self {
+        let pmu_counted = usage.values().all(|u| u.cpu_ns == 0 || u.cycles > 0);
+        let total_cycles: u128 = usage.values().map(|u| u128::from(u.cycles)).sum();
+        let total_cpu_ns: u128 = usage.values().map(|u| u128::from(u.cpu_ns)).sum();
+        let (basis, by): (ActiveBasis, fn(&Usage) -> u64) = if pmu_counted && total_cycles > 0 {
+            (ActiveBasis::Cycles, |u| u.cycles)
+        } else if total_cpu_ns > 0 {
+            (ActiveBasis::CpuTime, |u| u.cpu_ns)
+        } else {
+            (ActiveBasis::NoUsage, |_| 0)
+        };
+        Shares::new(basis, usage.iter().map(|(key, u)| (key, by(u) as f64)))
+    }
+
+    /// Shares by caller-supplied weights (GPU utilisation, idle weights).
+    pub fn of_weights(weights: &'a HashMap<K, f64>) -> Self {
+        Shares::new(
+            ActiveBasis::Weights,
+            weights.iter().map(|(key, weight)| (key, *weight)),
+        )
+    }
+
+    fn new(basis: ActiveBasis, weights: impl Iterator<Item = (&'a K, f64)> + Clone) -> Self {
+        let usable = |w: &(&'a K, f64)| w.1 > 0.0 && w.1.is_finite();
+        let total: f64 = weights.clone().filter(usable).map(|(_, w)| w).sum();
+        let fractions = if total > 0.0 && total.is_finite() {
+            weights
+                .filter(usable)
+                .map(|(key, weight)| (key, weight / total))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Shares { basis, fractions }
+    }
+
+    /// What the active part is split by.
+    pub fn basis(&self) -> ActiveBasis {
+        self.basis
+    }
+
+    /// Keys with a share.
+    pub fn len(&self) -> usize {
+        self.fractions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fractions.is_empty()
+    }
+
+    /// Gives each key `joules × fraction`; returns what is left
+    /// undistributed: all of it when nothing has a share or `joules` is not
+    /// positive, else 0.
+    fn share_out(&self, joules: f64, mut give: impl FnMut(&'a K, f64)) -> f64 {
+        if joules <= 0.0 || self.fractions.is_empty() {
+            return joules;
+        }
+        for &(key, fraction) in &self.fractions {
+            give(key, joules * fraction);
+        }
+        0.0
+    }
+
+    /// Splits one domain's energy: its active part by these shares, its
+    /// idle part by `idle`.
+    pub fn split(&self, energy: &DomainEnergy, idle: &Shares<'a, K>) -> Attribution<K> {
+        let (measured, idle_joules) = clamped(energy);
+        let active = measured - idle_joules;
+        let mut per_workload: HashMap<K, WorkloadJoules> =
+            HashMap::with_capacity(self.len().max(idle.len()));
+        let active_left = self.share_out(active, |key, joules| {
+            per_workload.entry(key.clone()).or_default().active = Joules(joules);
+        });
+        let idle_left = idle.share_out(idle_joules, |key, joules| {
+            per_workload.entry(key.clone()).or_default().idle = Joules(joules);
+        });
+        let handed_out: f64 = per_workload
+            .values()
+            .map(|w| w.active.0 + w.idle.0)
+            .sum::<f64>()
+            + idle_left
+            + active_left;
+        Attribution {
+            per_workload,
+            ..self.summary(
+                energy,
+                (measured, idle_joules),
+                active_left,
+                idle_left,
+                handed_out,
+            )
+        }
+    }
+
+    /// The split's figures without the per-key map.
+    fn summary(
+        &self,
+        energy: &DomainEnergy,
+        (measured, idle): (f64, f64),
+        active_left: f64,
+        idle_left: f64,
+        handed_out: f64,
+    ) -> Attribution<K> {
+        Attribution {
+            domain: energy.domain,
+            source: energy.source.clone(),
+            basis: if active_left > 0.0 {
+                ActiveBasis::NoUsage
+            } else {
+                self.basis
+            },
+            per_workload: HashMap::new(),
+            node_idle: Joules(idle_left),
+            node_active_unattributed: Joules(active_left),
+            measured: Joules(measured),
+            idle: Joules(idle),
+            residual: Joules(energy.energy.0 - handed_out),
+        }
+    }
+}
+
+/// The meter's value as split: 0 when negative or not a number; and the
+/// idle estimate clamped to `[0, measured]` (NaN compares false both ways
+/// and ends at 0).
+fn clamped(energy: &DomainEnergy) -> (f64, f64) {
     let measured = if energy.energy.0 > 0.0 && energy.energy.0.is_finite() {
         energy.energy.0
     } else {
         0.0
     };
-    // NaN idle compares false both ways and ends at 0.
     let idle = if energy.idle.0 > 0.0 {
         energy.idle.0.min(measured)
     } else {
         0.0
     };
-    let active = measured - idle;
-
-    let mut per_workload: HashMap<K, WorkloadJoules> = HashMap::new();
-    let active_left = share_out(active, active_weights, |key, joules| {
-        per_workload.entry(key.clone()).or_default().active = Joules(joules);
-    });
-    let idle_left = share_out(
-        idle,
-        idle_weights.iter().map(|(k, w)| (k, *w)),
-        |key, joules| {
-            per_workload.entry(key.clone()).or_default().idle = Joules(joules);
-        },
-    );
-    let basis = if active_left > 0.0 {
-        ActiveBasis::NoUsage
-    } else {
-        basis
-    };
-
-    let handed_out: f64 = per_workload
-        .values()
-        .map(|w| w.active.0 + w.idle.0)
-        .sum::<f64>()
-        + idle_left
-        + active_left;
-    Attribution {
-        domain: energy.domain,
-        source: energy.source.clone(),
-        basis,
-        per_workload,
-        node_idle: Joules(idle_left),
-        node_active_unattributed: Joules(active_left),
-        measured: Joules(measured),
-        idle: Joules(idle),
-        residual: Joules(energy.energy.0 - handed_out),
-    }
+    (measured, idle)
 }
 
-/// Gives each key `joules × weight / Σweights` (keys with no positive,
-/// finite weight get nothing); returns what is left undistributed: all of
-/// it when no weight is positive, else 0.
-fn share_out<'a, K: 'a>(
-    joules: f64,
-    weights: impl Iterator<Item = (&'a K, f64)> + Clone,
-    mut give: impl FnMut(&'a K, f64),
-) -> f64 {
-    let usable = |w: &(&'a K, f64)| w.1 > 0.0 && w.1.is_finite();
-    let total: f64 = weights.clone().filter(usable).map(|(_, w)| w).sum();
-    if joules <= 0.0 || !(total > 0.0 && total.is_finite()) {
-        return joules;
+/// Several domains' energy split by one set of [`Shares`], idle left on the
+/// node: the per-process split of every CPU domain. Per key and domain the
+/// same joules as [`Shares::split`] with no idle weights, but no map is
+/// built per domain: [`Ledger::apply_shared`] books every domain of a key
+/// in one visit.
+#[derive(Clone, Debug)]
+pub struct SharedSplit<'a, K> {
+    shares: Shares<'a, K>,
+    /// Per domain, the split's figures (`per_workload` empty).
+    domains: Vec<Attribution<K>>,
+    /// `(domain, active joules)` of the domains whose active energy went to
+    /// the shares.
+    shared: Vec<(Domain, f64)>,
+}
+
+impl<'a, K: Eq + Hash + Clone> SharedSplit<'a, K> {
+    pub fn new<'e>(
+        shares: Shares<'a, K>,
+        energies: impl Iterator<Item = &'e DomainEnergy>,
+    ) -> Self {
+        let mut domains = Vec::new();
+        let mut shared = Vec::new();
+        for energy in energies {
+            let (measured, idle) = clamped(energy);
+            let active = measured - idle;
+            // Σ over the keys of `active × fraction`, in the keys' order.
+            let mut given = 0.0;
+            let active_left = shares.share_out(active, |_, joules| given += joules);
+            if active > 0.0 && !shares.is_empty() {
+                shared.push((energy.domain, active));
+            }
+            // No idle weights: the idle part stays on the node.
+            let idle_left = idle;
+            let handed_out = given + idle_left + active_left;
+            domains.push(shares.summary(
+                energy,
+                (measured, idle),
+                active_left,
+                idle_left,
+                handed_out,
+            ));
+        }
+        SharedSplit {
+            shares,
+            domains,
+            shared,
+        }
     }
-    for (key, weight) in weights.filter(usable) {
-        give(key, joules * (weight / total));
+
+    /// Per domain: the split's figures, without the per-key map.
+    pub fn domains(&self) -> &[Attribution<K>] {
+        &self.domains
     }
-    0.0
+
+    /// Each key with a share and its active joules in every domain that had
+    /// active energy to split (keys appear once; domains in the order given).
+    pub fn per_key(&self) -> impl Iterator<Item = (&'a K, impl Iterator<Item = (Domain, Joules)>)> {
+        let shared = &self.shared;
+        self.shares
+            .fractions
+            .iter()
+            .filter(move |_| !shared.is_empty())
+            .map(move |&(key, fraction)| {
+                let joules = shared
+                    .iter()
+                    .map(move |&(domain, active)| (domain, Joules(active * fraction)));
+                (key, joules)
+            })
+    }
 }
 
 #[cfg(test)]

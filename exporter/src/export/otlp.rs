@@ -27,6 +27,9 @@
 //!   [`attribute_key`]); the node is a resource attribute (`k8s.node.name`,
 //!   `host.name`). The `--compat kepler*` families are Prometheus dashboard
 //!   aliases of the same energy and are not pushed.
+//! - `--carbon-intensity` is pushed as the same two gauges `/metrics` serves
+//!   (absent while no intensity is known, as there), so a collector-side
+//!   pipeline can turn joules into CO₂e as the recording rules do.
 
 use std::time::Duration;
 
@@ -38,6 +41,10 @@ use opentelemetry_sdk::metrics::periodic_reader_with_async_runtime::PeriodicRead
 use opentelemetry_sdk::metrics::{SdkMeterProvider, Stream, Temporality};
 
 use super::{Family, Kind, Published, ServerHandle};
+use crate::carbon::{
+    CARBON_INTENSITY, CARBON_INTENSITY_HELP, CARBON_INTENSITY_TIMESTAMP,
+    CARBON_INTENSITY_TIMESTAMP_HELP, CarbonIntensity,
+};
 
 /// The OTLP/HTTP path of metrics, appended to an endpoint given without a
 /// path (as the collector's `otlphttp` exporter does).
@@ -151,6 +158,7 @@ impl OtlpPush {
         options: &OtlpOptions,
         catalogue: &[Family],
         handle: &ServerHandle,
+        carbon: Option<&CarbonIntensity>,
     ) -> Result<OtlpPush, OtlpError> {
         let url = metrics_url(&options.endpoint)?;
         let exporter = opentelemetry_otlp::MetricExporter::builder()
@@ -203,6 +211,9 @@ impl OtlpPush {
             .with_unit("s")
             .with_callback(move |observer| observer.observe(liveness.last_success_seconds(), &[]))
             .build();
+        if let Some(carbon) = carbon {
+            register_carbon(&meter, carbon);
+        }
         Ok(OtlpPush { provider })
     }
 
@@ -263,6 +274,33 @@ fn register(meter: &Meter, family: &Family, published: &Published) {
                 .build();
         }
     }
+}
+
+/// The carbon intensity and, for a file, its time: observed only while a
+/// value is known.
+fn register_carbon(meter: &Meter, carbon: &CarbonIntensity) {
+    let intensity = carbon.clone();
+    meter
+        .f64_observable_gauge(CARBON_INTENSITY)
+        .with_description(CARBON_INTENSITY_HELP)
+        .with_unit("g/(kW.h)")
+        .with_callback(move |observer| {
+            if let Some((value, _)) = intensity.current() {
+                observer.observe(value.0, &[]);
+            }
+        })
+        .build();
+    let timestamp = carbon.clone();
+    meter
+        .f64_observable_gauge(CARBON_INTENSITY_TIMESTAMP)
+        .with_description(CARBON_INTENSITY_TIMESTAMP_HELP)
+        .with_unit("s")
+        .with_callback(move |observer| {
+            if let Some((_, Some(unix_time))) = timestamp.current() {
+                observer.observe(unix_time, &[]);
+            }
+        })
+        .build();
 }
 
 /// `process.pid` is an integer in the conventions; every other value stays

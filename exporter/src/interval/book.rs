@@ -8,18 +8,19 @@
 
 use std::collections::HashMap;
 
-use crate::attribute::{self, Attribution, DomainEnergy};
+use crate::attribute::{self, Attribution, DomainEnergy, SharedSplit, Shares};
 use crate::units::{Domain, Nanos};
 use crate::workload::Workload;
 
 use super::State;
 use super::group::IntervalUsage;
 
-/// One meter source's domain, split.
-pub(super) struct DomainAttribution {
-    pub workloads: Attribution<Workload>,
-    /// The same energy split per process (`--per-process`, CPU domains).
-    pub processes: Option<Attribution<u32>>,
+/// One interval's energy, split.
+pub(super) struct Split<'a> {
+    /// Per meter source's domain, among workloads.
+    pub workloads: Vec<Attribution<Workload>>,
+    /// The CPU domains again, per process (`--per-process`).
+    pub processes: Option<SharedSplit<'a, u32>>,
 }
 
 /// What splits an interval's energy besides CPU usage.
@@ -32,38 +33,54 @@ pub(super) struct Weights<'a> {
 }
 
 /// Stage 4: every domain's energy split among the workloads that used it.
-pub(super) fn split(
+/// Shares are computed once per interval (they depend on the usage, not on
+/// the domain) and multiplied out per domain.
+pub(super) fn split<'a>(
     energies: &[DomainEnergy],
-    usage: &IntervalUsage,
-    weights: &Weights,
-) -> Vec<DomainAttribution> {
-    energies
+    usage: &'a IntervalUsage,
+    weights: &Weights<'a>,
+) -> Split<'a> {
+    let by_usage = Shares::of_usage(&usage.per_workload);
+    let idle = Shares::of_weights(weights.idle);
+    let by_gpu = weights.gpu.map(Shares::of_weights);
+    let no_idle = HashMap::new();
+    let workloads = energies
         .iter()
-        .map(|energy| {
-            let workloads = match (weights.gpu, energy.domain) {
-                (Some(gpu), Domain::Gpu) => {
-                    attribute::attribute_by_weights(energy, gpu, &HashMap::new())
-                }
-                _ => attribute::attribute(energy, &usage.per_workload, weights.idle),
-            };
-            let processes = (weights.per_process && energy.domain != Domain::Gpu)
-                .then(|| attribute::attribute(energy, &usage.per_process, &HashMap::new()));
-            DomainAttribution {
-                workloads,
-                processes,
-            }
+        .map(|energy| match (&by_gpu, energy.domain) {
+            (Some(gpu), Domain::Gpu) => gpu.split(energy, &Shares::of_weights(&no_idle)),
+            _ => by_usage.split(energy, &idle),
         })
-        .collect()
+        .collect();
+    let processes = weights.per_process.then(|| {
+        SharedSplit::new(
+            Shares::of_usage(&usage.per_process),
+            energies
+                .iter()
+                .filter(|energy| energy.domain != Domain::Gpu),
+        )
+    });
+    Split {
+        workloads,
+        processes,
+    }
 }
 
 /// The same attribution, summed per pod (what the per-pod ledger takes).
 pub fn by_pod(attribution: &Attribution<Workload>) -> Attribution<String> {
-    let mut per_pod: HashMap<String, attribute::WorkloadJoules> = HashMap::new();
+    let mut per_pod: HashMap<String, attribute::WorkloadJoules> =
+        HashMap::with_capacity(attribution.per_workload.len());
     for (workload, joules) in &attribution.per_workload {
-        if let Some(uid) = workload.pod_uid() {
-            let entry = per_pod.entry(uid.to_owned()).or_default();
-            entry.active += joules.active;
-            entry.idle += joules.idle;
+        let Some(uid) = workload.pod_uid() else {
+            continue;
+        };
+        let add = |sum: &mut attribute::WorkloadJoules| {
+            sum.active += joules.active;
+            sum.idle += joules.idle;
+        };
+        // Most pods have one container: look up before allocating a key.
+        match per_pod.get_mut(uid) {
+            Some(sum) => add(sum),
+            None => add(per_pod.entry(uid.to_owned()).or_default()),
         }
     }
     Attribution {
@@ -81,14 +98,8 @@ pub fn by_pod(attribution: &Attribution<Workload>) -> Attribution<String> {
 
 impl State {
     /// Stage 5: adds one interval's shares and usage to the counters.
-    pub(super) fn book(
-        &mut self,
-        attributions: &[DomainAttribution],
-        usage: &IntervalUsage,
-        mono: Nanos,
-    ) {
-        for split in attributions {
-            let attribution = &split.workloads;
+    pub(super) fn book(&mut self, split: &Split, usage: &IntervalUsage, mono: Nanos) {
+        for attribution in &split.workloads {
             // Below f64 resolution of the measured energy a residual is
             // rounding, not energy: keep the counter at an honest 0.
             let residual = attribution.residual.0;
@@ -97,9 +108,9 @@ impl State {
             }
             self.workloads.apply(attribution, mono);
             self.pods.apply(&by_pod(attribution), mono);
-            if let Some(processes) = &split.processes {
-                self.processes.apply(processes, mono);
-            }
+        }
+        if let Some(processes) = &split.processes {
+            self.processes.apply_shared(processes, mono);
         }
         self.workloads.add_usage(&usage.per_workload, mono);
         self.pods.add_usage(&usage.per_pod(), mono);

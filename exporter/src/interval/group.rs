@@ -155,6 +155,8 @@ impl Grouping {
         now: &UsageSnapshot,
         usage: &mut IntervalUsage,
     ) {
+        usage.per_process.reserve(now.processes.len());
+        usage.process_labels.reserve(now.processes.len());
         for (pid, process) in &now.processes {
             let used = delta(
                 &process.counters,

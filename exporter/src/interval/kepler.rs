@@ -36,7 +36,7 @@ use crate::units::{Domain, Joules};
 use crate::workload::{Runtime, Workload};
 
 use super::Loop;
-use super::book::DomainAttribution;
+use super::book::Split;
 use super::group::IntervalUsage;
 
 pub const NODE_CPU_JOULES: &str = "kepler_node_cpu_joules_total";
@@ -282,11 +282,7 @@ pub struct KeplerInterval {
 }
 
 impl KeplerInterval {
-    pub(super) fn new(
-        attributions: &[DomainAttribution],
-        usage: &IntervalUsage,
-        seconds: f64,
-    ) -> KeplerInterval {
+    pub(super) fn new(split: &Split, usage: &IntervalUsage, seconds: f64) -> KeplerInterval {
         let mut last = KeplerInterval {
             seconds,
             utilisation: usage.cpu.utilisation(),
@@ -294,8 +290,7 @@ impl KeplerInterval {
             live_pids: usage.process_labels.iter().map(|(pid, _)| *pid).collect(),
             ..Default::default()
         };
-        for split in attributions {
-            let attribution = &split.workloads;
+        for attribution in &split.workloads {
             let domain = attribution.domain;
             let node = last
                 .node
@@ -319,14 +314,12 @@ impl KeplerInterval {
                         .or_default() += joules.total();
                 }
             }
-            if let Some(processes) = &split.processes {
-                for (pid, joules) in &processes.per_workload {
-                    *last
-                        .processes
-                        .entry(*pid)
-                        .or_default()
-                        .entry(domain)
-                        .or_default() += joules.total();
+        }
+        if let Some(processes) = &split.processes {
+            for (pid, domains) in processes.per_key() {
+                let of_pid = last.processes.entry(*pid).or_default();
+                for (domain, joules) in domains {
+                    *of_pid.entry(domain).or_default() += joules;
                 }
             }
         }
@@ -521,6 +514,9 @@ pub(super) fn push(families: &mut [Family], measure: &Loop, node: &KeplerNode) {
         else {
             continue;
         };
+        if super::report::is_sandbox(&counters.names) {
+            continue;
+        }
         let (_, _, container) = super::report::names_of(&counters.names);
         let running = last.alive.contains(workload);
         let base = vec![

@@ -235,12 +235,12 @@ impl Loop {
             gpu: gpu_weights.as_ref(),
             per_process: self.settings.per_process,
         };
-        let attributions = book::split(&measurement.energies, &usage, &weights);
-        self.state.book(&attributions, &usage, mono);
+        let split = book::split(&measurement.energies, &usage, &weights);
+        self.state.book(&split, &usage, mono);
         self.last = measurement.last;
         if self.kepler_node.is_some() {
             let seconds = measurement.elapsed.as_secs_f64();
-            self.last.kepler = Some(kepler::KeplerInterval::new(&attributions, &usage, seconds));
+            self.last.kepler = Some(kepler::KeplerInterval::new(&split, &usage, seconds));
         }
         self.forget_the_dead(&usage, now, mono);
     }

@@ -264,10 +264,20 @@ pub fn catalogue() -> Vec<Family> {
 /// the directory does not know keeps the names it had. Names are stored as
 /// exported (bounded), which also bounds the checkpoint.
 pub(super) fn remember_names(state: &mut State, pods: &PodDirectory) {
-    name_series(state, |uid| pods.pod(uid));
+    name_series(
+        state,
+        |uid| pods.pod(uid),
+        |uid, container_id| pods.missed_container(uid, container_id),
+    );
 }
 
-fn name_series(state: &mut State, pod: impl Fn(&str) -> Option<Arc<PodMeta>>) {
+/// `pod` looks a pod up; `unnamed` is told of a container id that a known
+/// pod's metadata does not name yet (so the pod source can ask again).
+fn name_series(
+    state: &mut State,
+    pod: impl Fn(&str) -> Option<Arc<PodMeta>>,
+    unnamed: impl Fn(&str, &str),
+) {
     let update = |names: &mut Option<SeriesNames>, fresh: SeriesNames| {
         if names.as_ref() != Some(&fresh) {
             *names = Some(fresh);
@@ -279,6 +289,7 @@ fn name_series(state: &mut State, pod: impl Fn(&str) -> Option<Arc<PodMeta>>) {
                 namespace: bounded_label(&meta.namespace),
                 pod: bounded_label(&meta.name),
                 container: String::new(),
+                sandbox: false,
             };
             update(&mut counters.names, fresh);
         }
@@ -293,20 +304,30 @@ fn name_series(state: &mut State, pod: impl Fn(&str) -> Option<Arc<PodMeta>>) {
             continue;
         };
         let Some(meta) = pod(pod_uid) else { continue };
-        // A restarted container's old id leaves the pod's status: its
-        // counter keeps the container name it had.
-        let container = match meta.containers.get(container_id) {
-            Some(name) => bounded_label(name),
-            None => counters
-                .names
-                .as_ref()
-                .map(|names| names.container.clone())
-                .unwrap_or_default(),
+        let known = counters
+            .names
+            .as_ref()
+            .map(|names| names.container.clone())
+            .filter(|name| !name.is_empty());
+        let (container, sandbox) = match (meta.containers.get(container_id), known) {
+            (Some(name), _) => (bounded_label(name), false),
+            // A restarted container's old id leaves the pod's status: its
+            // counter keeps the container name it had.
+            (None, Some(name)) => (name, false),
+            // The status lags the runtime: not named yet; ask again.
+            (None, None) if meta.containers_pending => {
+                unnamed(pod_uid, container_id);
+                (String::new(), false)
+            }
+            // Every container of the pod has its id and this is none of
+            // them: the sandbox, folded into the pod.
+            (None, None) => (String::new(), true),
         };
         let fresh = SeriesNames {
             namespace: bounded_label(&meta.namespace),
             pod: bounded_label(&meta.name),
             container,
+            sandbox,
         };
         update(&mut counters.names, fresh);
     }
@@ -322,6 +343,12 @@ pub(super) fn publish_restored(measure: &mut Loop, published: &Published) {
         remember_names(&mut measure.state, &measure.pods);
         published.publish(build(measure));
     }
+}
+
+/// Whether these are the names of a pod's sandbox container (see
+/// [`SeriesNames::sandbox`]).
+pub(super) fn is_sandbox(names: &Option<SeriesNames>) -> bool {
+    names.as_ref().is_some_and(|names| names.sandbox)
 }
 
 pub(super) fn names_of(names: &Option<SeriesNames>) -> (String, String, String) {
@@ -477,6 +504,8 @@ pub(super) fn build(measure: &Loop) -> Report {
     for (workload, counters) in state.workloads.workloads() {
         match workload {
             Workload::Container { .. } if !levels.container => {}
+            // The pause container: in the pod's total only.
+            Workload::Container { .. } if is_sandbox(&counters.names) => {}
             Workload::System { .. } if !levels.node => {}
             Workload::Container { container_id, .. } => {
                 let (namespace, pod_name, container) = names_of(&counters.names);
@@ -702,11 +731,12 @@ mod tests {
             "u-1".to_owned(),
             pod_meta("u-1", "job-once", &[("c0ffee", "main")]),
         )]);
-        name_series(&mut state, |uid| directory.get(uid).cloned());
+        name_series(&mut state, |uid| directory.get(uid).cloned(), |_, _| {});
         let expected = SeriesNames {
             namespace: "vehicle-pipeline".into(),
             pod: "job-once".into(),
             container: "main".into(),
+            sandbox: false,
         };
         let names = |state: &State| {
             (
@@ -733,14 +763,72 @@ mod tests {
             "u-1".into(),
             pod_meta("u-1", "job-once", &[("beef", "main")]),
         );
-        name_series(&mut state, |uid| directory.get(uid).cloned());
+        name_series(&mut state, |uid| directory.get(uid).cloned(), |_, _| {});
         assert_eq!(
             names(&state),
             (Some(expected.clone()), Some(pod_names.clone()))
         );
         // The directory forgets the pod while its counters are retained.
         directory.clear();
-        name_series(&mut state, |uid| directory.get(uid).cloned());
+        name_series(&mut state, |uid| directory.get(uid).cloned(), |_, _| {});
         assert_eq!(names(&state), (Some(expected), Some(pod_names)));
+    }
+
+    #[test]
+    fn the_sandbox_is_folded_into_its_pod_and_a_lagging_container_asks_again() {
+        use crate::attribute::Usage;
+        use crate::units::Nanos;
+        use crate::workload::QosClass;
+        use std::cell::RefCell;
+        use std::collections::HashMap;
+        let container = |id: &str| Workload::Container {
+            pod_uid: "u-1".into(),
+            container_id: id.into(),
+            runtime: crate::workload::cgroup::Runtime::Docker,
+            qos: QosClass::Burstable,
+        };
+        let used = Usage {
+            cpu_ns: 10,
+            cycles: 0,
+        };
+        let mut state = State::new(std::time::Duration::from_secs(900));
+        state.workloads.add_usage(
+            &HashMap::from([(container("pause1"), used), (container("c0ffee"), used)]),
+            Nanos(1),
+        );
+        let names = |state: &State, id: &str| {
+            state
+                .workloads
+                .workload(&container(id))
+                .unwrap()
+                .names
+                .clone()
+                .unwrap()
+        };
+        // The status lists no container yet: both ids may be containers;
+        // neither is folded and both ask for another look.
+        let asked = RefCell::new(Vec::new());
+        let mut meta = Arc::try_unwrap(pod_meta("u-1", "job-once", &[])).unwrap();
+        meta.containers_pending = true;
+        let pending = Arc::new(meta);
+        name_series(
+            &mut state,
+            |_| Some(Arc::clone(&pending)),
+            |uid, id| asked.borrow_mut().push(format!("{uid}/{id}")),
+        );
+        asked.borrow_mut().sort();
+        assert_eq!(*asked.borrow(), ["u-1/c0ffee", "u-1/pause1"]);
+        assert!(!names(&state, "pause1").sandbox);
+        // Complete: c0ffee is `main`; the id no status names is the sandbox.
+        let complete = pod_meta("u-1", "job-once", &[("c0ffee", "main")]);
+        name_series(
+            &mut state,
+            |_| Some(Arc::clone(&complete)),
+            |_, id| panic!("{id} asked although the pod is complete"),
+        );
+        assert_eq!(names(&state, "c0ffee").container, "main");
+        assert!(!names(&state, "c0ffee").sandbox);
+        assert!(names(&state, "pause1").sandbox);
+        assert!(is_sandbox(&Some(names(&state, "pause1"))));
     }
 }

@@ -149,6 +149,7 @@ mod tests {
                 namespace: "n".repeat(63),
                 pod: long.clone(),
                 container: "c".repeat(63),
+                sandbox: false,
             });
         }
         for pid in processes.keys() {

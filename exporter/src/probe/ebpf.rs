@@ -14,12 +14,13 @@ use aya::maps::{MapData, PerCpuArray, PerCpuHashMap};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 use ergon_ebpf::{
-    CgroupCounters, CpuState, GLOBAL_PER_PROCESS, GLOBAL_PMU_MASK, MAP_CGROUP_OVERFLOW,
-    MAP_CGROUPS, MAP_CGROUPS_PREALLOC, MAP_CPU_STATE, MAP_PMU, MAP_PROCESS_OVERFLOW, MAP_THREADS,
-    MAP_THREADS_PREALLOC, PROG_TP_BTF, PROG_TP_BTF_PREALLOC, PROG_TRACEPOINT,
-    PROG_TRACEPOINT_PREALLOC, ThreadCounters,
+    CgroupCounters, CpuState, GLOBAL_CGROUP_ID_PATH, GLOBAL_PER_PROCESS, GLOBAL_PMU_MASK,
+    GLOBAL_TASK_PID_OFFSET, MAP_CGROUP_OVERFLOW, MAP_CGROUPS, MAP_CGROUPS_PREALLOC, MAP_CPU_STATE,
+    MAP_PMU, MAP_PROCESS_OVERFLOW, MAP_THREADS, MAP_THREADS_PREALLOC, PROG_TP_BTF,
+    PROG_TP_BTF_PREALLOC, PROG_TRACEPOINT, PROG_TRACEPOINT_PREALLOC, ThreadCounters,
 };
 
+use super::kernel_btf::{self, KernelFacts};
 use super::map_memory::{self, Allocated, MapAllocation, MapMemory};
 use super::{
     HookChoice, ProbeConfig, ProbeError, ProbeInfo, ProcessUsage, UsageSnapshot, comm_to_string,
@@ -230,12 +231,18 @@ impl EbpfProbe {
         let mask = events.mask();
         let per_process: u32 = config.per_process.into();
 
-        // The programs read no kernel struct (no CO-RE relocations), so no
-        // relocation against kernel BTF is needed. (aya 0.14's
-        // `EbpfLoader::new` parses vmlinux BTF all the same: that parse,
-        // ~15 MB for a moment, is the exporter's start-up memory peak; see
-        // BENCHMARKS.md.)
-        let mut bpf = EbpfLoader::new()
+        let facts = kernel_facts(config);
+        let task_pid_offset = facts
+            .filter(|_| config.read_task_fields)
+            .and_then(|facts| facts.task_pid_offset)
+            .unwrap_or(0);
+        let cgroup_id_path = facts
+            .filter(|_| config.read_task_fields)
+            .and_then(|facts| facts.cgroup_id_path)
+            .unwrap_or([0; 4]);
+        // The programs need no relocation against kernel BTF (no CO-RE
+        // reads; the offsets of the fields they read come as globals).
+        let mut bpf = loader_without_kernel_btf()
             .btf(None)
             .map_max_entries(variant.cgroups, bounds.cgroups)
             .map_max_entries(variant.threads, bounds.threads)
@@ -243,6 +250,8 @@ impl EbpfProbe {
             .map_max_entries(variant.unused[1], 1)
             .override_global(GLOBAL_PER_PROCESS, &per_process, true)
             .override_global(GLOBAL_PMU_MASK, &mask, true)
+            .override_global(GLOBAL_TASK_PID_OFFSET, &task_pid_offset, true)
+            .override_global(GLOBAL_CGROUP_ID_PATH, &cgroup_id_path, true)
             .load(EBPF_OBJECT)
             .map_err(|e| ProbeError::Load(error_chain(&e)))?;
         // Before anything takes a map out of `bpf`: fds stay what they are.
@@ -278,7 +287,7 @@ impl EbpfProbe {
             }
         }
 
-        let hook = attach(&mut bpf, config, &variant)?;
+        let hook = attach(&mut bpf, config, facts, &variant)?;
 
         let cgroups = take_map(&mut bpf, variant.cgroups)?;
         let threads = take_map(&mut bpf, variant.threads)?;
@@ -286,8 +295,8 @@ impl EbpfProbe {
         let process_overflow = take_map(&mut bpf, MAP_PROCESS_OVERFLOW)?;
         let cpu_state = take_map(&mut bpf, MAP_CPU_STATE)?;
 
-        // Give the memory of the parsed BTF back to the system: it was the
-        // start-up peak and is not needed again.
+        // Give what loading freed (the object's parse, the verifier log
+        // buffers) back to the system before the exporter's own state grows.
         // SAFETY: malloc_trim only releases free heap pages.
         unsafe { libc::malloc_trim(0) };
         let info = ProbeInfo {
@@ -515,20 +524,105 @@ fn take_map<V: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
     V::try_from(map).map_err(map_err(name))
 }
 
+/// Where the kernel's BTF is, and whether the hook asked for wants it.
+fn wants_btf(config: &ProbeConfig) -> Option<PathBuf> {
+    let btf_path = config.host_sys.join("kernel/btf/vmlinux");
+    match config.hook {
+        HookChoice::Tracepoint => None,
+        HookChoice::TpBtf => Some(btf_path),
+        HookChoice::Auto => btf_path.exists().then_some(btf_path),
+    }
+}
+
+/// The facts of the kernel's BTF the `tp_btf` programs need, where that hook
+/// may be used; `None` (logged once) sends attaching to aya's full parse.
+fn kernel_facts(config: &ProbeConfig) -> Option<KernelFacts> {
+    let btf_path = wants_btf(config)?;
+    match kernel_btf::scan(&btf_path) {
+        Ok(facts) => {
+            if facts.task_pid_offset.is_none() || facts.cgroup_id_path.is_none() {
+                tracing::info!(
+                    "{} lacks task_struct.pid or the fields to the task's cgroup id: the \
+                     tp_btf program asks helpers for them",
+                    btf_path.display()
+                );
+            }
+            Some(facts)
+        }
+        Err(e) => {
+            tracing::info!(
+                "reading {} in one pass failed ({e}): aya parses it whole (start-up memory \
+                 peak ~15 MB higher) and the tp_btf program asks helpers for the pid and \
+                 the cgroup id",
+                btf_path.display()
+            );
+            None
+        }
+    }
+}
+
+/// A BTF that `BtfTracePoint::load` can attach `sched_switch` with: the small
+/// one made from `facts`, or aya's full parse of the file.
+fn sched_switch_btf(facts: Option<KernelFacts>, btf_path: &Path) -> Result<Btf, String> {
+    match facts {
+        Some(facts) => kernel_btf::attach_btf("sched_switch", facts.sched_switch_typedef_id)
+            .map_err(|e| format!("building the attach BTF: {e}")),
+        None => Btf::parse_file(btf_path, aya::Endianness::default())
+            .map_err(|e| format!("parsing {}: {e}", btf_path.display())),
+    }
+}
+
+/// `EbpfLoader::new()`, without the parse of `/sys/kernel/btf/vmlinux` that
+/// aya 0.14 does there unconditionally (it is dropped again by
+/// `.btf(None)`; ~15 MB of heap at its peak). The loader is made on a
+/// short-lived thread whose root directory is `/sys/kernel/btf` itself, where
+/// that absolute path does not exist, so aya finds no file and parses
+/// nothing. `unshare(CLONE_FS)` gives the thread its own root, so no other
+/// thread sees the change, and it ends with the thread. Where `chroot` is
+/// not allowed (no `CAP_SYS_CHROOT`) the loader parses as before, logged
+/// once. The upstream fix is a loader constructor that parses BTF only when
+/// a program needs relocating.
+fn loader_without_kernel_btf() -> EbpfLoader<'static> {
+    const BTF_DIR: &str = "/sys/kernel/btf";
+    if !Path::new(BTF_DIR).is_dir() {
+        return EbpfLoader::new();
+    }
+    let made = std::thread::spawn(|| {
+        let dir = std::ffi::CString::new(BTF_DIR).expect("no NUL");
+        // SAFETY: plain syscalls on this thread's own filesystem context.
+        let unshared = unsafe {
+            libc::unshare(libc::CLONE_FS) == 0
+                && libc::chroot(dir.as_ptr()) == 0
+                && libc::chdir(c"/".as_ptr()) == 0
+        };
+        if unshared {
+            Ok(EbpfLoader::new())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    })
+    .join();
+    match made {
+        Ok(Ok(loader)) => loader,
+        Ok(Err(e)) => {
+            tracing::info!(
+                "aya parses the kernel BTF while loading (start-up memory peak ~15 MB higher): \
+                 the thread that would avoid it could not chroot ({e}; needs CAP_SYS_CHROOT)"
+            );
+            EbpfLoader::new()
+        }
+        Err(_) => EbpfLoader::new(),
+    }
+}
+
 fn attach(
     bpf: &mut Ebpf,
     config: &ProbeConfig,
+    facts: Option<KernelFacts>,
     variant: &Variant,
 ) -> Result<&'static str, ProbeError> {
-    let btf_path = config.host_sys.join("kernel/btf/vmlinux");
-    let try_btf = match config.hook {
-        HookChoice::Tracepoint => false,
-        HookChoice::TpBtf => true,
-        HookChoice::Auto => btf_path.exists(),
-    };
-    if try_btf {
-        let attached = Btf::parse_file(&btf_path, aya::Endianness::default())
-            .map_err(|e| format!("parsing {}: {e}", btf_path.display()))
+    if let Some(btf_path) = wants_btf(config) {
+        let attached = sched_switch_btf(facts, &btf_path)
             .and_then(|btf| attach_btf(bpf, &btf, variant.tp_btf));
         match attached {
             Ok(()) => return Ok("tp_btf"),
@@ -540,7 +634,7 @@ fn attach(
     } else if config.hook == HookChoice::Auto {
         tracing::info!(
             "no kernel BTF at {}; using the classic sched_switch tracepoint",
-            btf_path.display()
+            config.host_sys.join("kernel/btf/vmlinux").display()
         );
     }
     let name = variant.tracepoint;
@@ -591,7 +685,7 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
 }
 
 fn load_reference_object() -> Result<Ebpf, ProbeError> {
-    EbpfLoader::new()
+    loader_without_kernel_btf()
         .btf(None)
         .load(EBPF_OBJECT)
         .map_err(|e| ProbeError::Load(error_chain(&e)))
@@ -659,11 +753,9 @@ impl ReferenceProgram {
         host_sys: &std::path::Path,
     ) -> Result<ReferenceProgram, ProbeError> {
         let mut bpf = load_reference_object()?;
-        let btf = Btf::parse_file(
-            host_sys.join("kernel/btf/vmlinux"),
-            aya::Endianness::default(),
-        )
-        .map_err(|e| ProbeError::Load(error_chain(&e)))?;
+        let btf_path = host_sys.join("kernel/btf/vmlinux");
+        let facts = kernel_btf::scan(&btf_path).ok();
+        let btf = sched_switch_btf(facts, &btf_path).map_err(ProbeError::Load)?;
         attach_btf(&mut bpf, &btf, name).map_err(ProbeError::Attach)?;
         Ok(ReferenceProgram { bpf, name })
     }

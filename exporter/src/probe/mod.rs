@@ -14,6 +14,7 @@
 //! started, summed over CPUs. Downstream code takes deltas between snapshots.
 
 pub mod ebpf;
+mod kernel_btf;
 pub mod map_memory;
 mod pmu;
 pub mod procfs;
@@ -75,6 +76,12 @@ pub struct ProbeConfig {
     pub max_processes: u32,
     /// How the kernel's hash maps get their memory.
     pub map_allocation: MapAllocation,
+    /// Let the `tp_btf` programs read the outgoing task's pid and cgroup id
+    /// through `task_struct` at the offsets found in the kernel's BTF
+    /// (cheaper than helper calls). Off, or where the offsets are not found,
+    /// they call `bpf_get_current_pid_tgid` and `bpf_get_current_cgroup_id`:
+    /// the portable path, which a test forces.
+    pub read_task_fields: bool,
     /// What the kernel maps may cost at worst (every entry used); the cgroup
     /// map's bound is lowered to fit it on nodes with many CPUs.
     pub map_memory_budget_bytes: u64,
@@ -98,6 +105,7 @@ impl ProbeConfig {
             max_cgroups: 16384,
             max_processes: 32768,
             map_allocation: MapAllocation::Auto,
+            read_task_fields: true,
             map_memory_budget_bytes: map_memory::DEFAULT_BUDGET_MIB * 1024 * 1024,
             host_proc: PathBuf::from("/proc"),
             cgroup_root: find_cgroup2_root(&host_sys).unwrap_or_else(|| host_sys.join("fs/cgroup")),

@@ -50,6 +50,12 @@ pub struct PodMeta {
     /// Container id (without the `containerd://` scheme) → container name,
     /// for regular, init and ephemeral containers that have started.
     pub containers: HashMap<String, String>,
+    /// Some container of the spec (regular, init or ephemeral) has no
+    /// container id in the status yet: a container id of this pod missing
+    /// from `containers` may be one of them, not yet reported. When false,
+    /// such an id is the pod's sandbox (pause) container, whose id the API
+    /// never shows (or an old instance of a restarted container).
+    pub containers_pending: bool,
     /// Sum of the regular containers' CPU requests.
     pub cpu_request_millicores: u64,
     /// Only the labels whose keys are on the allow-list.
@@ -82,16 +88,32 @@ struct Directory {
     pods: HashMap<String, PodEntry>,
     /// Static pod config hash → mirror pod uid.
     uid_by_config_hash: HashMap<String, String>,
-    /// Uids looked up and not found since they were first missed, so that a
-    /// cgroup no pod list explains (an orphan the kubelet forgot) asks for
-    /// one poll, not one per interval forever.
-    missed_uids: HashSet<String>,
+    /// Pod uids (and `uid/container id` pairs) looked up and not found, so
+    /// that a cgroup no pod list explains (an orphan the kubelet forgot)
+    /// asks for at most [`MAX_EARLY_POLLS`] polls, not one per interval
+    /// forever.
+    missed: HashMap<String, Missed>,
     state: ConnectionState,
 }
 
-/// Bound of [`Directory::missed_uids`]; past it the set starts over (at
-/// worst one more poll per forgotten uid).
-const MAX_MISSED_UIDS: usize = 4096;
+/// One uid or container looked up and not found.
+#[derive(Debug, Default)]
+struct Missed {
+    /// An early poll was asked for and has not happened yet.
+    waiting: bool,
+    /// Polls since it was first missed.
+    polls: u8,
+}
+
+/// Bound of [`Directory::missed`]; past it the map starts over (at worst a
+/// few more polls per forgotten uid).
+const MAX_MISSED: usize = 4096;
+
+/// Early polls one missed uid or container may cause. More than one: a
+/// kubelet lists a new pod before its container statuses (seen on a real
+/// v1.20 kubelet), so the poll the pod's first cgroup caused can come back
+/// without the container names, and the next one, 5 s later, has them.
+const MAX_EARLY_POLLS: u8 = 3;
 
 /// The node's pods, shared between the watcher task (writer) and the
 /// interval loop (readers). Cloning shares the same directory.
@@ -120,24 +142,34 @@ impl PodDirectory {
             directory.pods.get(uid).map(|entry| Arc::clone(&entry.meta))
         };
         if found.is_none() {
-            self.missed(pod_uid);
+            self.missed(pod_uid.to_owned());
         }
         found
     }
 
-    fn missed(&self, pod_uid: &str) {
+    fn missed(&self, key: String) {
         let mut directory = self.write();
-        if directory.missed_uids.len() >= MAX_MISSED_UIDS {
-            directory.missed_uids.clear();
+        if directory.missed.len() >= MAX_MISSED {
+            directory.missed.clear();
         }
-        if directory.missed_uids.insert(pod_uid.to_owned()) {
+        let missed = directory.missed.entry(key).or_default();
+        if !missed.waiting && missed.polls < MAX_EARLY_POLLS {
+            missed.waiting = true;
             // `notify_one` keeps a permit when nobody waits yet, so a miss
             // during a poll is not lost.
             self.unknown_pod.notify_one();
         }
     }
 
-    /// Resolves when a lookup has missed a uid not missed before.
+    /// A cgroup of a known pod holds a container the pod's metadata does not
+    /// name yet (its status lags the runtime): the kubelet poller asks again
+    /// early, a few times at most.
+    pub fn missed_container(&self, pod_uid: &str, container_id: &str) {
+        self.missed(format!("{pod_uid}/{container_id}"));
+    }
+
+    /// Resolves when a lookup has missed a uid or container that may still
+    /// be named by an early poll.
     pub(super) async fn unknown_pod_seen(&self) {
         self.unknown_pod.notified().await
     }
@@ -196,12 +228,23 @@ impl PodDirectory {
             directory.insert(pod);
         }
         let Directory {
-            missed_uids,
+            missed,
             pods,
             uid_by_config_hash,
             ..
         } = &mut *directory;
-        missed_uids.retain(|uid| !pods.contains_key(uid) && !uid_by_config_hash.contains_key(uid));
+        let known = |key: &str| match key.split_once('/') {
+            Some((uid, container_id)) => pods
+                .get(uid)
+                .is_some_and(|entry| entry.meta.containers.contains_key(container_id)),
+            None => pods.contains_key(key) || uid_by_config_hash.contains_key(key),
+        };
+        missed.retain(|key, _| !known(key));
+        for entry in missed.values_mut() {
+            if std::mem::take(&mut entry.waiting) {
+                entry.polls += 1;
+            }
+        }
         directory.state.connected = true;
         directory.state.synced = true;
         directory.state.consecutive_failures = 0;
@@ -502,6 +545,8 @@ pub(super) fn convert_pod(pod: &Pod, label_allowlist: &[String]) -> ConvertedPod
         .collect();
 
     let mut containers = HashMap::new();
+    // Names of the containers that have an id.
+    let mut started = HashSet::new();
     if let Some(status) = &pod.status {
         let statuses = [
             &status.container_statuses,
@@ -515,9 +560,21 @@ pub(super) fn convert_pod(pod: &Pod, label_allowlist: &[String]) -> ConvertedPod
                 .and_then(strip_runtime_scheme)
             {
                 containers.insert(id, status.name.clone());
+                started.insert(status.name.as_str());
             }
         }
     }
+    let containers_pending = pod.spec.as_ref().is_some_and(|spec| {
+        let names = spec
+            .containers
+            .iter()
+            .map(|c| &c.name)
+            .chain(spec.init_containers.iter().flatten().map(|c| &c.name))
+            .chain(spec.ephemeral_containers.iter().flatten().map(|c| &c.name));
+        names
+            .into_iter()
+            .any(|name| !started.contains(name.as_str()))
+    });
 
     let mut cpu_request_millicores = 0u64;
     for container in pod.spec.iter().flat_map(|spec| &spec.containers) {
@@ -553,6 +610,7 @@ pub(super) fn convert_pod(pod: &Pod, label_allowlist: &[String]) -> ConvertedPod
             namespace,
             name,
             containers,
+            containers_pending,
             cpu_request_millicores,
             labels,
         },
@@ -837,33 +895,77 @@ mod tests {
         );
     }
 
+    /// Whether a poll was asked for within 50 ms.
+    async fn asked(directory: &PodDirectory) -> bool {
+        tokio::time::timeout(Duration::from_millis(50), directory.unknown_pod_seen())
+            .await
+            .is_ok()
+    }
+
     #[tokio::test]
-    async fn a_missed_uid_asks_for_a_list_once() {
+    async fn a_missed_uid_asks_for_a_few_polls_at_most() {
         let directory = PodDirectory::new();
-        let asked = |directory: &PodDirectory| {
-            let directory = directory.clone();
-            async move {
-                tokio::time::timeout(Duration::from_millis(50), directory.unknown_pod_seen())
-                    .await
-                    .is_ok()
-            }
-        };
         assert!(directory.pod("u-9").is_none());
         assert!(asked(&directory).await, "the first miss did not ask");
         assert!(directory.pod("u-9").is_none());
-        assert!(!asked(&directory).await, "the same uid asked twice");
-        // A list that still lacks it: still no second ask.
-        directory.replace_all(vec![convert(pod_json("u-1", "a"), &[])], Instant::now());
-        assert!(directory.pod("u-9").is_none());
         assert!(
             !asked(&directory).await,
-            "the orphan asked again after a list"
+            "the same uid asked twice before the poll"
         );
+        // Lists that still lack it: it asks again after each, up to
+        // MAX_EARLY_POLLS polls, then never (an orphan cgroup).
+        for poll in 1..=MAX_EARLY_POLLS {
+            directory.replace_all(vec![convert(pod_json("u-1", "a"), &[])], Instant::now());
+            assert!(directory.pod("u-9").is_none());
+            assert_eq!(
+                asked(&directory).await,
+                poll < MAX_EARLY_POLLS,
+                "after poll {poll}"
+            );
+        }
         // Known pods never ask; another unknown uid does.
         assert!(directory.pod("u-1").is_some());
         assert!(!asked(&directory).await);
         assert!(directory.pod("u-10").is_none());
         assert!(asked(&directory).await);
+    }
+
+    #[tokio::test]
+    async fn an_unnamed_container_asks_again_until_the_status_names_it() {
+        let directory = PodDirectory::new();
+        // The kubelet lists the pod before its container statuses.
+        let mut json = pod_json("u-1", "a");
+        json["status"] = serde_json::json!({});
+        let listed = convert(json, &[]);
+        assert!(listed.meta.containers_pending);
+        directory.replace_all(vec![listed], Instant::now());
+        assert!(directory.pod("u-1").is_some());
+        assert!(!asked(&directory).await);
+        directory.missed_container("u-1", "aaa111");
+        assert!(asked(&directory).await, "an unnamed container did not ask");
+        directory.missed_container("u-1", "aaa111");
+        assert!(!asked(&directory).await, "asked twice before the poll");
+        // Still no status: one more early poll.
+        directory.replace_all(
+            vec![convert(
+                {
+                    let mut json = pod_json("u-1", "a");
+                    json["status"] = serde_json::json!({});
+                    json
+                },
+                &[],
+            )],
+            Instant::now(),
+        );
+        directory.missed_container("u-1", "aaa111");
+        assert!(asked(&directory).await);
+        // Named now: the container is complete and asks no more.
+        let mut json = pod_json("u-1", "a");
+        json["status"]["containerStatuses"][2]["containerID"] = "containerd://ddd444".into();
+        let named = convert(json, &[]);
+        assert!(!named.meta.containers_pending, "{:?}", named.meta);
+        directory.replace_all(vec![named], Instant::now());
+        assert!(directory.read().missed.is_empty());
     }
 
     #[test]

@@ -52,31 +52,30 @@ pub fn install_operator_crds(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
-/// The grid's carbon intensity as an operator keeps it: a ConfigMap that a
-/// CronJob rewrites, mounted by the chart (`exporter.carbonIntensity
-/// .configMap`). Without an intensity the exporter has no intensity series
-/// (absent, not 0), and the dashboards' CO2e panels and the staleness alert
-/// have nothing to show.
-const CARBON_CONFIGMAP: &str = "ergon-e2e-grid-intensity";
+/// The grid's carbon intensity, in the ConfigMap the chart mounts
+/// (`exporter.carbonIntensity.configMap`): the dashboards' CO2e panels and
+/// the carbon rules need it, and the file path is the one whose timestamp
+/// the staleness alert reads.
+pub const CARBON_CONFIGMAP: &str = "grid-carbon";
+pub const CARBON_GRAMS_PER_KWH: &str = "350";
 
-fn apply_carbon_intensity(cluster: &Cluster) -> Result<()> {
-    let path = cluster.work.run.join("grid-intensity.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NAMESPACE}\n---\n\
-             apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {CARBON_CONFIGMAP}\n  \
-             namespace: {NAMESPACE}\ndata:\n  intensity: \"350\"\n"
-        ),
-    )?;
-    cluster
-        .kubectl(&["apply", "-f", &path.display().to_string()])
-        .map(|_| ())
+/// The release's namespace and the carbon ConfigMap, which an operator (or
+/// a grid-data CronJob) creates beside the chart.
+fn create_carbon_configmap(cluster: &Cluster) -> Result<()> {
+    let manifest = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {NAMESPACE}\n---\n\
+         apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {CARBON_CONFIGMAP}\n  \
+         namespace: {NAMESPACE}\ndata:\n  intensity: \"{CARBON_GRAMS_PER_KWH}\"\n"
+    );
+    let path = cluster.work.run.join("carbon-configmap.yaml");
+    std::fs::write(&path, manifest).with_context(|| format!("writing {}", path.display()))?;
+    cluster.kubectl(&["apply", "-f", &path.display().to_string()])?;
+    Ok(())
 }
 
 /// `helm upgrade --install --wait` with the e2e's values for `profile`.
 pub fn install(cluster: &Cluster, profile: Profile) -> Result<()> {
-    apply_carbon_intensity(cluster)?;
+    create_carbon_configmap(cluster)?;
     let chart = super::root().join("daemonset/helm/ergon");
     let mut cmd = helm(cluster);
     cmd.args(["upgrade", "--install", RELEASE])
@@ -87,16 +86,11 @@ pub fn install(cluster: &Cluster, profile: Profile) -> Result<()> {
         .args(["--set", &format!("image.tag={ERGON_TAG}")])
         .args(["--set", "image.pullPolicy=Never"])
         .args(["--set", "hostNetwork=true"])
-        // The API server watch: with --pod-source auto the real kubelet
-        // answered, but its /pods lacked container statuses when the pods
-        // were first seen and the poller's 60 s period outlasted the checks
-        // (container="" series; see the issue note).
-        .args(["--set", "exporter.podSource=apiserver"])
-        .args(["--set", &format!("port={PORT}")])
         .args([
             "--set",
             &format!("exporter.carbonIntensity.configMap={CARBON_CONFIGMAP}"),
         ])
+        .args(["--set", &format!("port={PORT}")])
         // The `kubernetes` Service has no endpoints on this node (the
         // apiserver refuses a loopback one): pods reach the API directly.
         .args(["--set", "exporter.extraEnv[0].name=KUBERNETES_SERVICE_HOST"])
@@ -110,9 +104,13 @@ pub fn install(cluster: &Cluster, profile: Profile) -> Result<()> {
             "--set",
             &format!("exporter.extraArgs={{--retention={RETENTION}}}"),
         ]);
+    // The default profile keeps the chart's default pod source (auto: the
+    // real kubelet's /pods); the second pass watches the API server, so
+    // both sources meet the real cluster.
     if let Profile::LeastPrivilege = profile {
         cmd.args(["--set", "securityProfile=least-privilege"])
-            .args(["--set", "leastPrivilege.capabilities={SYS_ADMIN}"]);
+            .args(["--set", "leastPrivilege.capabilities={SYS_ADMIN}"])
+            .args(["--set", "exporter.podSource=apiserver"]);
     }
     super::run(&mut cmd).with_context(|| format!("helm install of the {profile:?} profile"))?;
     wait_ready(cluster, profile)
@@ -153,28 +151,29 @@ fn wait_ready(cluster: &Cluster, profile: Profile) -> Result<()> {
     let pod = ready_pod(cluster)?;
     let log = cluster.kubectl(&["logs", "-n", NAMESPACE, &pod])?;
     eprintln!("e2e: {profile:?} profile: pod {pod} Ready; its log:\n{log}");
-    for (needles, what) in [
-        (&["eBPF probe attached"][..], "the eBPF probe it chose"),
-        (&["meter found"][..], "the meter it chose"),
-        // --pod-source auto (the chart's default): the real kubelet's
-        // /pods, or the API server watch where the kubelet refuses.
-        (
-            &["pod metadata from the kubelet", "pod watch started"][..],
-            "where it gets this node's pods from",
-        ),
+    // --pod-source auto must take the real kubelet here (a fallback to the
+    // API server would hide a broken kubelet client); apiserver watches.
+    let pod_source = match profile {
+        Profile::Privileged => "pod metadata from the kubelet",
+        Profile::LeastPrivilege => "pod watch started",
+    };
+    for (needle, what) in [
+        ("eBPF probe attached", "the eBPF probe it chose"),
+        ("meter found", "the meter it chose"),
+        (pod_source, "where it gets this node's pods from"),
     ] {
-        if !needles.iter().any(|needle| log.contains(needle)) {
+        if !log.contains(needle) {
             bail!(
-                "{profile:?} profile: the log of {pod} does not show {what} (no {needles:?} line)"
+                "{profile:?} profile: the log of {pod} does not show {what} (no `{needle}` line)"
             );
         }
     }
-    check_rbac(cluster)
+    check_rbac(cluster, profile)
 }
 
-/// The ServiceAccount may read pods (all the exporter needs) and nothing
-/// it does not need.
-fn check_rbac(cluster: &Cluster) -> Result<()> {
+/// The ServiceAccount may read pods the way its pod source does (all the
+/// exporter needs) and nothing it does not need.
+fn check_rbac(cluster: &Cluster, profile: Profile) -> Result<()> {
     let account = format!("system:serviceaccount:{NAMESPACE}:{RELEASE}");
     let can = |verb: &str, resource: &str| -> Result<bool> {
         let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
@@ -186,12 +185,22 @@ fn check_rbac(cluster: &Cluster) -> Result<()> {
         let out = command.args(["--all-namespaces"]).output()?;
         Ok(String::from_utf8_lossy(&out.stdout).trim() == "yes")
     };
-    for (verb, resource) in [("list", "pods"), ("watch", "pods")] {
+    // auto needs the kubelet's nodes/proxy and, for its fallback, the
+    // watch; apiserver only the watch.
+    let kubelet = matches!(profile, Profile::Privileged);
+    let mut needed = vec![("list", "pods"), ("watch", "pods")];
+    let mut denied = vec![("delete", "pods"), ("list", "secrets"), ("create", "pods")];
+    if kubelet {
+        needed.push(("get", "nodes/proxy"));
+    } else {
+        denied.push(("get", "nodes/proxy"));
+    }
+    for (verb, resource) in needed {
         if !can(verb, resource)? {
             bail!("RBAC denies the exporter's ServiceAccount `{verb} {resource}`, which it needs");
         }
     }
-    for (verb, resource) in [("delete", "pods"), ("list", "secrets"), ("create", "pods")] {
+    for (verb, resource) in denied {
         if can(verb, resource)? {
             bail!(
                 "RBAC allows the exporter's ServiceAccount `{verb} {resource}`, which it does not need"

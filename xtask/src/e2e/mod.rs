@@ -157,6 +157,9 @@ fn work_dir() -> Result<WorkDir> {
 pub struct Prepared {
     thread: std::thread::JoinHandle<Result<()>>,
     log: PathBuf,
+    /// The build's process group (its own, so the whole build can be
+    /// reniced).
+    group: u32,
     /// The debootstrap tarballs of the e2e's images (the exporter's base,
     /// the pipeline's components), made beside the build: mostly download
     /// and dpkg, ~2 minutes cold. Its output goes to `<work>/debootstrap.log`.
@@ -172,16 +175,24 @@ pub fn prepare_in_background() -> Result<Prepared> {
     let log = work.cache.join("kube-build.log");
     let log_file =
         std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-    let thread = std::thread::spawn(move || {
-        let status = Command::new("nice")
+    let mut child = {
+        use std::os::unix::process::CommandExt;
+        Command::new("nice")
             .args(["-n", "19", "bash"])
             .arg(script("kube-build.sh"))
             .env("ERGON_E2E_WORK", &work.cache)
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
-            .status()
-            .context("running xtask/e2e/kube-build.sh")?;
+            .spawn()
+            .context("running xtask/e2e/kube-build.sh")?
+    };
+    let group = child.id();
+    let thread = std::thread::spawn(move || {
+        let status = child
+            .wait()
+            .context("waiting for xtask/e2e/kube-build.sh")?;
         if !status.success() {
             bail!("the background Kubernetes build failed ({status})");
         }
@@ -205,6 +216,7 @@ pub fn prepare_in_background() -> Result<Prepared> {
     Ok(Prepared {
         thread,
         log,
+        group,
         images,
     })
 }
@@ -214,6 +226,15 @@ impl Prepared {
     /// log's tail (the e2e then retries in the foreground).
     pub fn join(self) {
         let start = Instant::now();
+        // Whatever is left of the build is now what the run waits for: back
+        // to normal priority (a busy machine would otherwise starve it).
+        if !self.thread.is_finished() {
+            let _ = Command::new("renice")
+                .args(["-n", "0", "-g", &self.group.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
         // A failure is only reported: the e2e makes what is missing again
         // in the foreground, where its error is seen.
         match self.images.join() {
