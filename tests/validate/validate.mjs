@@ -1,4 +1,4 @@
-// Validates Kubernetes objects against their schemas, for tests/deploy.rs.
+// Validates Kubernetes objects against their schemas, for tests/deploy/schemas.rs.
 //
 // Usage: node validate.mjs <node_modules dir>  < objects.json
 //

@@ -26,48 +26,65 @@ pub const ERGON_TAG: &str = "dev";
 pub const BUSYBOX_IMAGE: &str = "ergon-e2e/busybox:static";
 
 const DEBIAN_SUITE: &str = "bookworm";
-/// Packages the base carries beyond minbase: the Containerfile's runtime
-/// stage installs ca-certificates only when they are missing, so with this
-/// base it runs no apt-get (the build has no network).
-const DEBIAN_EXTRA_PACKAGES: &str = "ca-certificates";
+
+/// A Debian image made with `debootstrap --variant=minbase` and `docker
+/// import`: what can be installed, since nothing can be pulled.
+pub struct DebootstrapImage {
+    pub image: &'static str,
+    /// The cached tarball's name: a new package list takes a new name.
+    pub tarball: &'static str,
+    /// `debootstrap --include`: packages beyond minbase.
+    pub packages: &'static str,
+}
+
+/// The exporter's base. The Containerfile's runtime stage installs
+/// ca-certificates only when they are missing, so with this base it runs
+/// no apt-get (the build has no network).
+pub const DEBIAN: DebootstrapImage = DebootstrapImage {
+    image: DEBIAN_IMAGE,
+    tarball: "debian-bookworm-minbase.tar",
+    packages: "ca-certificates",
+};
 
 fn image_exists(cluster: &Cluster, image: &str) -> bool {
     super::run_quiet(cluster.docker().args(["image", "inspect", image])).is_ok()
 }
 
-/// A context directory under the run dir holding `files` and a Dockerfile.
-fn context(
+/// `docker build --network=none -t image` of a context directory under the
+/// run dir holding `files` and `dockerfile`.
+pub fn build_local(
     cluster: &Cluster,
-    name: &str,
+    image: &str,
     files: &[(&Path, &str)],
     dockerfile: &str,
-) -> Result<PathBuf> {
-    let dir = cluster.work.run.join("images").join(name);
+) -> Result<()> {
+    let name = image.replace(['/', ':'], "-");
+    let dir = cluster.work.run.join("images").join(&name);
     fs::create_dir_all(&dir)?;
     for (from, to) in files {
-        fs::copy(from, dir.join(to))
-            .with_context(|| format!("copying {} into the {name} image context", from.display()))?;
+        fs::copy(from, dir.join(to)).with_context(|| {
+            format!("copying {} into the {image} image context", from.display())
+        })?;
     }
     fs::write(dir.join("Dockerfile"), dockerfile)?;
-    Ok(dir)
+    super::run_quiet(
+        cluster
+            .docker()
+            .args(["build", "--network=none", "-t", image])
+            .arg(&dir),
+    )
+    .with_context(|| format!("building the {image} image"))
 }
 
 /// `k8s.gcr.io/pause:3.2` from the pause binary built with the cluster.
 pub fn build_pause(cluster: &Cluster) -> Result<()> {
     let pause = cluster.bin_dir().join("pause");
-    let dir = context(
+    build_local(
         cluster,
-        "pause",
+        PAUSE_IMAGE,
         &[(&pause, "pause")],
         "FROM scratch\nCOPY pause /pause\nENTRYPOINT [\"/pause\"]\n",
-    )?;
-    super::run_quiet(
-        cluster
-            .docker()
-            .args(["build", "--network=none", "-t", PAUSE_IMAGE])
-            .arg(&dir),
     )
-    .context("building the pause image")
 }
 
 /// `ergon-e2e/busybox:static`: the workloads' busy loops.
@@ -79,79 +96,100 @@ pub fn build_busybox(cluster: &Cluster) -> Result<()> {
             busybox.display()
         );
     }
-    let dir = context(
+    build_local(
         cluster,
-        "busybox",
+        BUSYBOX_IMAGE,
         &[(busybox, "busybox")],
         "FROM scratch\nCOPY busybox /bin/busybox\nENTRYPOINT [\"/bin/busybox\"]\n",
-    )?;
-    super::run_quiet(
-        cluster
-            .docker()
-            .args(["build", "--network=none", "-t", BUSYBOX_IMAGE])
-            .arg(&dir),
     )
-    .context("building the busybox image")
 }
 
-/// The Debian base: debootstrap once into the cache (a tarball), then
-/// `docker import` into the node's image store (kept between runs).
-pub fn import_debian(cluster: &Cluster) -> Result<()> {
-    if image_exists(cluster, DEBIAN_IMAGE) {
+/// A Debian image: its debootstrap tarball (made once, see
+/// [`debootstrap_tarball`]) `docker import`ed into the node's image store
+/// (kept between runs).
+pub fn import_debootstrap(cluster: &Cluster, wanted: &DebootstrapImage) -> Result<()> {
+    if image_exists(cluster, wanted.image) {
         return Ok(());
     }
-    let tarball = cluster
-        .work
-        .cache
-        .join(format!("debian-{DEBIAN_SUITE}-minbase.tar"));
-    if !tarball.is_file() {
-        let root = cluster.work.cache.join("debootstrap");
-        let _ = fs::remove_dir_all(&root);
-        let mirror = super::debian_mirror();
-        eprintln!(
-            "e2e: debootstrap {DEBIAN_SUITE} from {mirror} (once; cached in {})",
-            tarball.display()
-        );
-        super::run(
-            Command::new("debootstrap")
-                .args([
-                    "--variant=minbase",
-                    &format!("--include={DEBIAN_EXTRA_PACKAGES}"),
-                    DEBIAN_SUITE,
-                ])
-                .arg(&root)
-                .arg(&mirror),
-        )
-        .context(
-            "debootstrap failed: is the Debian mirror reachable? (apt-get install debootstrap)",
-        )?;
-        // Package caches and lists are not part of an image.
-        for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
-            let _ = Command::new("find")
-                .arg(root.join(dir))
-                .args(["-type", "f", "-delete"])
-                .status();
-        }
-        let partial = tarball.with_extension("tar.partial");
-        super::run(
-            Command::new("tar")
-                .arg("-C")
-                .arg(&root)
-                .arg("-cf")
-                .arg(&partial)
-                .arg("."),
-        )?;
-        fs::rename(&partial, &tarball)?;
-        let _ = fs::remove_dir_all(&root);
-    }
+    let tarball = debootstrap_tarball(&cluster.work.cache, wanted, None)?;
     super::run_quiet(
         cluster
             .docker()
             .args(["import", "--change", "CMD [\"/bin/bash\"]"])
             .arg(&tarball)
-            .arg(DEBIAN_IMAGE),
+            .arg(wanted.image),
     )
-    .context("docker import of the debootstrap tarball")
+    .with_context(|| format!("docker import of {}", tarball.display()))
+}
+
+/// The tarball of `wanted`'s debootstrap tree in `cache`, made when missing.
+/// With `log`, debootstrap runs at the lowest priority with its output there
+/// (the background preparation of `cargo xtask test`); without, in the
+/// foreground.
+pub fn debootstrap_tarball(
+    cache: &Path,
+    wanted: &DebootstrapImage,
+    log: Option<&fs::File>,
+) -> Result<PathBuf> {
+    let tarball = cache.join(wanted.tarball);
+    if tarball.is_file() {
+        return Ok(tarball);
+    }
+    // One debootstrap of a tree at a time on this machine: another
+    // checkout's background preparation may be making it now.
+    let lock_path = tarball.with_extension("lock");
+    let lock = fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+    if tarball.is_file() {
+        return Ok(tarball);
+    }
+    let root = cache.join(format!("debootstrap-{}", wanted.tarball));
+    let _ = fs::remove_dir_all(&root);
+    let mirror = super::debian_mirror();
+    eprintln!(
+        "e2e: debootstrap {DEBIAN_SUITE} with {} from {mirror} (once; cached in {})",
+        wanted.packages,
+        tarball.display()
+    );
+    let mut debootstrap = Command::new("nice");
+    debootstrap.args(["-n", if log.is_some() { "19" } else { "0" }, "debootstrap"]);
+    debootstrap
+        .args([
+            "--variant=minbase",
+            &format!("--include={}", wanted.packages),
+            DEBIAN_SUITE,
+        ])
+        .arg(&root)
+        .arg(&mirror);
+    if let Some(log) = log {
+        debootstrap
+            .stdout(log.try_clone()?)
+            .stderr(log.try_clone()?);
+    }
+    super::run(&mut debootstrap).context(
+        "debootstrap failed: is the Debian mirror reachable? (apt-get install debootstrap)",
+    )?;
+    // Package caches and lists are not part of an image.
+    for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
+        let _ = Command::new("find")
+            .arg(root.join(dir))
+            .args(["-type", "f", "-delete"])
+            .status();
+    }
+    let partial = tarball.with_extension("tar.partial");
+    super::run_quiet(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .arg("-cf")
+            .arg(&partial)
+            .arg("."),
+    )?;
+    fs::rename(&partial, &tarball)?;
+    let _ = fs::remove_dir_all(&root);
+    Ok(tarball)
 }
 
 /// The exporter image from `daemonset/Containerfile`, with local bases and
@@ -164,7 +202,7 @@ pub fn build_ergon(cluster: &Cluster, binary: &Path) -> Result<String> {
             binary.display()
         );
     }
-    import_debian(cluster)?;
+    import_debootstrap(cluster, &DEBIAN)?;
     let dir = cluster.work.run.join("images/ergon");
     fs::create_dir_all(&dir)?;
     fs::copy(binary, dir.join("ergon")).with_context(|| format!("copying {}", binary.display()))?;

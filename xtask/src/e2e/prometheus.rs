@@ -67,6 +67,8 @@ fn target_groups(pods: &Value) -> Value {
                 "__meta_kubernetes_pod_annotation_prometheus_io_scrape": "true",
                 "__meta_kubernetes_pod_annotation_prometheus_io_path":
                     annotations["prometheus.io/path"].as_str().unwrap_or("/metrics"),
+                "__meta_kubernetes_pod_label_app_kubernetes_io_name":
+                    pod["metadata"]["labels"]["app.kubernetes.io/name"].as_str().unwrap_or(""),
             }
         }));
     }
@@ -141,7 +143,11 @@ pub fn start(cluster: &mut Cluster, discovery: &Discovery) -> Result<Prometheus>
 rule_files:
   - {rules}
 scrape_configs:
-  - job_name: ergon
+  # Every pod that asks to be scraped; its job is its app's name, so the
+  # exporter is job "ergon" (what the rules' ErgonExporterDown watches) and
+  # the pipeline's redis_exporter job "redis" (what the pipeline dashboard
+  # divides by).
+  - job_name: pods
     http_sd_configs:
       - url: http://{discovery}/pods
         refresh_interval: 5s
@@ -151,6 +157,9 @@ scrape_configs:
         regex: "true"
       - source_labels: [__meta_kubernetes_pod_annotation_prometheus_io_path]
         target_label: __metrics_path__
+      - source_labels: [__meta_kubernetes_pod_label_app_kubernetes_io_name]
+        regex: (.+)
+        target_label: job
       # A node is its `instance` label, as the chart's ServiceMonitor sets it.
       - source_labels: [__meta_kubernetes_pod_node_name]
         target_label: instance

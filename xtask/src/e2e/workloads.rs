@@ -95,7 +95,7 @@ fn pod_uid(cluster: &Cluster, pod: &str) -> Result<String> {
 
 /// The pod's cgroup in the unified (v2) hierarchy, where the kernel keeps
 /// `cpu.stat` for every cgroup.
-fn pod_cgroup(uid: &str) -> Result<PathBuf> {
+pub(super) fn pod_cgroup(uid: &str) -> Result<PathBuf> {
     let leaf = format!("pod{uid}");
     let unified = if Path::new("/sys/fs/cgroup/unified/kubepods").is_dir() {
         PathBuf::from("/sys/fs/cgroup/unified/kubepods")
