@@ -113,7 +113,7 @@ const MAX_MISSED: usize = 4096;
 /// kubelet lists a new pod before its container statuses (seen on a real
 /// v1.20 kubelet), so the poll the pod's first cgroup caused can come back
 /// without the container names, and the next one, 5 s later, has them.
-const MAX_EARLY_POLLS: u8 = 3;
+pub const MAX_EARLY_POLLS: u8 = 3;
 
 /// The node's pods, shared between the watcher task (writer) and the
 /// interval loop (readers). Cloning shares the same directory.
