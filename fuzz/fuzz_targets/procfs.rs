@@ -40,6 +40,8 @@ fuzz_target!(|data: &[u8]| {
         host_proc: proc.path().to_owned(),
         host_sys: proc.path().to_owned(),
         cgroup_root: cgroups.path().to_owned(),
+        // Fields the eBPF probe adds later do not concern this parser.
+        ..ProbeConfig::local()
     };
     let Ok(mut probe) = ProcfsProbe::start(&config, None) else {
         return;
