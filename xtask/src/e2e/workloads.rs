@@ -147,16 +147,24 @@ pub fn check_names_and_ratio(cluster: &Cluster, prometheus: &Prometheus) -> Resu
         },
     )?;
     eprintln!("e2e: pods by name: {pods:?}");
-    let containers = prometheus.values_by(
-        &format!(
-            "ergon_container_energy_joules_total{{namespace=\"{NAMESPACE}\",pod=\"loops-4\"}}"
-        ),
-        "container",
-    )?;
-    if !containers.iter().any(|(c, _)| c == CONTAINER) {
+    // A kubelet lists a new pod before its container statuses; the
+    // exporter asks again within a few intervals (--pod-source auto takes
+    // the kubelet here), so the container's name may follow the pod's.
+    let query =
+        format!("ergon_container_energy_joules_total{{namespace=\"{NAMESPACE}\",pod=\"loops-4\"}}");
+    let named = cluster::wait_for(
+        &format!("container=\"{CONTAINER}\" of pod loops-4"),
+        Duration::from_secs(60),
+        || {
+            let containers = prometheus.values_by(&query, "container")?;
+            Ok(containers.iter().any(|(c, _)| c == CONTAINER).then_some(()))
+        },
+    );
+    if named.is_err() {
         bail!(
             "ergon_container_energy_joules_total has no container=\"{CONTAINER}\" for pod loops-4 \
-             (found {containers:?})"
+             after 60 s (found {:?})",
+            prometheus.values_by(&query, "container")?
         );
     }
 
