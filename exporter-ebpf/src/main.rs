@@ -18,6 +18,14 @@
 //! When a bounded map is full the slice goes to that map's overflow bucket,
 //! so the totals stay whole.
 //!
+//! Memory: the hash maps are allocated on demand (`BPF_F_NO_PREALLOC`), so
+//! they cost what is in them, not their bound times the CPU count; user
+//! space also sizes the bounds from a memory budget (see the loader). Since
+//! Linux 6.1 (`bpf_mem_alloc`) run-time allocation is safe in tracing
+//! programs; older kernels warn about it (`WARN_ONCE`) or, with
+//! `PREEMPT_RT`, refuse it, so every program exists twice: on the on-demand
+//! maps and on preallocated twins, and the loader picks one pair.
+//!
 //! Cost (measured with `cargo bench --bench probe_cost`, see BENCHMARKS.md):
 //! every helper call costs ~20–30 ns on the test VMs and a hash lookup ~50,
 //! so the program calls as few as it can. Consecutive slices of one cgroup

@@ -565,14 +565,11 @@ pub(super) fn convert_pod(pod: &Pod, label_allowlist: &[String]) -> ConvertedPod
         }
     }
     let containers_pending = pod.spec.as_ref().is_some_and(|spec| {
-        let names = spec
-            .containers
+        spec.containers
             .iter()
             .map(|c| &c.name)
             .chain(spec.init_containers.iter().flatten().map(|c| &c.name))
-            .chain(spec.ephemeral_containers.iter().flatten().map(|c| &c.name));
-        names
-            .into_iter()
+            .chain(spec.ephemeral_containers.iter().flatten().map(|c| &c.name))
             .any(|name| !started.contains(name.as_str()))
     });
 
