@@ -197,20 +197,44 @@ fn setup() -> Result<()> {
 }
 
 /// Test counts over every `cargo test` run of `cargo xtask test`, printed as
-/// one closing line.
+/// closing lines: the counts, then the name of every failed test, so that the
+/// last lines of a long CI log say what broke.
 #[derive(Default)]
 struct Tally {
     passed: u64,
     failed: u64,
     ignored: u64,
+    failures: Vec<String>,
 }
 
 impl Tally {
-    fn record(&mut self, passed: bool) {
+    /// Counts one step that is a test of its own (the fuzz smoke, the e2e).
+    fn record(&mut self, name: &str, passed: bool) {
         if passed {
             self.passed += 1;
         } else {
             self.failed += 1;
+            self.failures.push(name.to_string());
+        }
+    }
+
+    /// Notes the failed test a `test some::name ... FAILED` line names.
+    fn note_line(&mut self, line: &str) {
+        if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|rest| rest.strip_suffix(" ... FAILED"))
+        {
+            self.failures.push(name.to_string());
+        }
+    }
+
+    fn print(&self) {
+        println!(
+            "{} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.ignored
+        );
+        for name in &self.failures {
+            println!("failed: {name}");
         }
     }
 
@@ -270,6 +294,8 @@ fn run_tests(
         println!("{line}");
         if let Some(result) = line.strip_prefix("test result: ") {
             tally.add(result);
+        } else {
+            tally.note_line(&line);
         }
     }
     let status = child.wait()?;
@@ -278,7 +304,7 @@ fn run_tests(
         let _ = thread.join();
     }
     if timed_out.load(std::sync::atomic::Ordering::Relaxed) {
-        tally.failed += 1;
+        tally.record(&format!("{cmd:?} (past its time limit)"), false);
         return Ok(false);
     }
     Ok(status.success())
@@ -446,6 +472,12 @@ fn main() -> Result<()> {
                 &mut tally,
                 None,
             )?;
+            if !host && tally.failures.is_empty() {
+                // A test binary that crashed prints no `... FAILED` line.
+                tally.failures.push(
+                    "a host test binary ended without a result: see cargo's `error:` lines".into(),
+                );
+            }
             // The same unit tests on arm64, under emulation (edge nodes).
             let arm64 = !everything || cross::unit_tests(&mut tally)?;
             if everything {
@@ -458,7 +490,7 @@ fn main() -> Result<()> {
                 if let Err(e) = &result {
                     eprintln!("fuzz smoke failed: {e:#}");
                 }
-                tally.record(result.is_ok());
+                tally.record("fuzz smoke", result.is_ok());
                 release_in_ci(&root().join("fuzz/target"));
                 result.is_ok()
             };
@@ -472,7 +504,7 @@ fn main() -> Result<()> {
                 if let Err(e) = &result {
                     eprintln!("e2e failed: {e:#}");
                 }
-                tally.record(result.is_ok());
+                tally.record("e2e on the real cluster", result.is_ok());
                 result.is_ok()
             } else {
                 eprintln!(
@@ -480,10 +512,7 @@ fn main() -> Result<()> {
                 );
                 true
             };
-            println!(
-                "{} passed, {} failed, {} skipped",
-                tally.passed, tally.failed, tally.ignored
-            );
+            tally.print();
             if !(host && arm64 && fuzzed && cluster) {
                 bail!("tests failed");
             }
@@ -497,5 +526,26 @@ fn main() -> Result<()> {
             "unknown command `{other}`; use one of: setup, build, run, test, lint, e2e, bench, \
              soak, fuzz (e.g. `cargo xtask test`)"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tally;
+
+    #[test]
+    fn tally_counts_results_and_names_failures() {
+        let mut tally = Tally::default();
+        tally.add("FAILED. 3 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out");
+        tally.note_line("test meter::rapl::wraps ... FAILED");
+        tally.note_line("test meter::rapl::reads ... ok");
+        tally.note_line("test-threads ... FAILED but not a test line");
+        tally.record("e2e on the real cluster", false);
+        tally.record("fuzz smoke", true);
+        assert_eq!((tally.passed, tally.failed, tally.ignored), (4, 2, 2));
+        assert_eq!(
+            tally.failures,
+            ["meter::rapl::wraps", "e2e on the real cluster"]
+        );
     }
 }

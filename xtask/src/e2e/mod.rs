@@ -435,8 +435,12 @@ fn check_no_alerts(prometheus: &prometheus::Prometheus) -> Result<()> {
 /// `env` telling it where the cluster's exporter and Prometheus listen.
 fn cluster_test(name: &str, env: &[(&str, &str)]) -> Result<()> {
     let mut cargo = crate::cargo();
+    // The whole workspace's feature set, as `cargo xtask test` built the
+    // test binaries with: `-p ergon-deploy-tests` alone unifies features
+    // differently and recompiles tokio, hyper and serde (a minute in CI).
     cargo
-        .args(["test", "-p", "ergon-deploy-tests", "--test", "deploy", name])
+        .args(["test", "--workspace", "--exclude", "ergon-ebpf"])
+        .args(["--test", "deploy", name])
         .args(["--", "--ignored", "--exact", "--nocapture"]);
     for (key, value) in env {
         cargo.env(key, value);
