@@ -1,7 +1,8 @@
 //! A real `ergon` process without the capabilities eBPF needs takes the
 //! procfs fallback, says why in its log, and still serves usage; one that
 //! may not `chroot` loads the probe all the same, with aya's parse of the
-//! kernel's BTF that the chroot avoids, and says so once.
+//! kernel's BTF that the chroot avoids, and says so once; one holding only
+//! the chart's least-privilege capabilities loads the probe without it.
 
 use ergon_testkit as support;
 
@@ -14,7 +15,7 @@ use support::{LoggedChild, free_port, http_get};
 /// A real `ergon` on a free port, logging at info, with the capabilities
 /// `dropped` removed from its bounding set, so that even root cannot hold
 /// them after exec.
-fn exporter_without(dropped: &'static [i32]) -> (LoggedChild, u16) {
+fn exporter_without(dropped: Vec<i32>) -> (LoggedChild, u16) {
     let port = free_port();
     let mut command = Command::new(env!("CARGO_BIN_EXE_ergon"));
     command
@@ -31,7 +32,7 @@ fn exporter_without(dropped: &'static [i32]) -> (LoggedChild, u16) {
     // SAFETY: prctl is async-signal-safe and allocates nothing.
     unsafe {
         command.pre_exec(move || {
-            for &cap in dropped {
+            for &cap in &dropped {
                 if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -42,25 +43,31 @@ fn exporter_without(dropped: &'static [i32]) -> (LoggedChild, u16) {
     (LoggedChild::spawn(&mut command), port)
 }
 
+/// `/metrics` once usage appears in it (an interval has seen some cgroup
+/// run), or the last answer after 10 s.
+fn metrics_with_usage(port: u16) -> String {
+    let mut metrics = String::new();
+    for _ in 0..100 {
+        metrics = http_get(port, "/metrics").unwrap_or_default();
+        if metrics.contains("ergon_system_cpu_seconds_total") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    metrics
+}
+
 #[test]
 fn without_bpf_capabilities_the_exporter_falls_back_and_says_why() {
     // CAP_SYS_ADMIN (21), CAP_PERFMON (38), CAP_BPF (39).
-    let (mut exporter, port) = exporter_without(&[21, 38, 39]);
+    let (mut exporter, port) = exporter_without(vec![21, 38, 39]);
     let fallback_line = exporter.wait_for_line("falling back to procfs", Duration::from_secs(30));
     assert!(
         fallback_line.contains("CAP_BPF") && fallback_line.contains("privileged"),
         "the fallback line must say why and what to do: {fallback_line}"
     );
     // Served, and labelled as procfs.
-    let mut metrics = String::new();
-    for _ in 0..100 {
-        metrics = http_get(port, "/metrics").unwrap_or_default();
-        // Usage appears once an interval has seen some cgroup run.
-        if metrics.contains("ergon_system_cpu_seconds_total") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let metrics = metrics_with_usage(port);
     assert!(
         metrics.contains(r#"ergon_probe_info{mode="procfs",hook="none",pmu="none"} 1"#),
         "{metrics}"
@@ -71,7 +78,7 @@ fn without_bpf_capabilities_the_exporter_falls_back_and_says_why() {
 #[test]
 fn without_chroot_the_probe_still_loads_and_the_log_says_what_it_costs() {
     // CAP_SYS_CHROOT (18).
-    let (mut exporter, _port) = exporter_without(&[18]);
+    let (mut exporter, _port) = exporter_without(vec![18]);
     let line = exporter.wait_for_line("could not chroot", Duration::from_secs(30));
     assert!(
         line.contains("CAP_SYS_CHROOT") && line.contains("memory peak"),
@@ -79,4 +86,39 @@ fn without_chroot_the_probe_still_loads_and_the_log_says_what_it_costs() {
     );
     let attached = exporter.wait_for_line("eBPF probe attached", Duration::from_secs(30));
     assert!(attached.contains("mode=ebpf"), "{attached}");
+}
+
+/// The capabilities of the chart's `securityProfile: least-privilege`
+/// (`leastPrivilege.capabilities` in values.yaml, the kustomize overlay):
+/// CAP_SYS_CHROOT (18), CAP_PERFMON (38), CAP_BPF (39).
+const LEAST_PRIVILEGE: [i32; 3] = [18, 38, 39];
+
+#[test]
+fn with_only_the_least_privilege_capabilities_the_probe_loads_without_the_btf_parse() {
+    let last: i32 = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .expect("reading /proc/sys/kernel/cap_last_cap")
+        .trim()
+        .parse()
+        .expect("cap_last_cap is a number");
+    let dropped = (0..=last)
+        .filter(|cap| !LEAST_PRIVILEGE.contains(cap))
+        .collect();
+    let (mut exporter, port) = exporter_without(dropped);
+    let attached = exporter.wait_for_line("eBPF probe attached", Duration::from_secs(30));
+    assert!(attached.contains("mode=ebpf"), "{attached}");
+    // The loader's chroot comes before the attach line: had it failed, its
+    // line would be in the log by now.
+    assert!(
+        !exporter
+            .log
+            .iter()
+            .any(|line| line.contains("could not chroot")),
+        "the least-privilege set must let the loader skip aya's BTF parse:\n{}",
+        exporter.log.join("\n")
+    );
+    let metrics = metrics_with_usage(port);
+    assert!(
+        metrics.contains(r#"ergon_probe_info{mode="ebpf""#),
+        "served from the probe: {metrics}"
+    );
 }

@@ -18,7 +18,10 @@ pub fn least_privilege_variant_drops_privileged_mode() {
     assert_eq!(context["readOnlyRootFilesystem"], true);
     assert_eq!(context["allowPrivilegeEscalation"], false);
     assert_eq!(context["capabilities"]["drop"], json!(["ALL"]));
-    assert_eq!(context["capabilities"]["add"], json!(["BPF", "PERFMON"]));
+    assert_eq!(
+        context["capabilities"]["add"],
+        json!(["BPF", "PERFMON", "SYS_CHROOT"])
+    );
     let default = helm_template(None);
     let context = &find(&default, "DaemonSet", "ergon").object["spec"]["template"]["spec"]["containers"]
         [0]["securityContext"];

@@ -109,7 +109,10 @@ pub fn install(cluster: &Cluster, profile: Profile) -> Result<()> {
     // both sources meet the real cluster.
     if let Profile::LeastPrivilege = profile {
         cmd.args(["--set", "securityProfile=least-privilege"])
-            .args(["--set", "leastPrivilege.capabilities={SYS_ADMIN}"])
+            .args([
+                "--set",
+                "leastPrivilege.capabilities={SYS_ADMIN,SYS_CHROOT}",
+            ])
             .args(["--set", "exporter.podSource=apiserver"]);
     }
     super::run(&mut cmd).with_context(|| format!("helm install of the {profile:?} profile"))?;
@@ -167,6 +170,14 @@ fn wait_ready(cluster: &Cluster, profile: Profile) -> Result<()> {
                 "{profile:?} profile: the log of {pod} does not show {what} (no `{needle}` line)"
             );
         }
+    }
+    // Both profiles may chroot the loader's thread (CAP_SYS_CHROOT), so
+    // neither parses the kernel's BTF at start (the memory peak).
+    if log.contains("could not chroot") {
+        bail!(
+            "{profile:?} profile: {pod} could not chroot to skip the BTF parse: the chart's \
+             capabilities lack SYS_CHROOT"
+        );
     }
     check_rbac(cluster, profile)
 }
