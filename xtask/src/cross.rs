@@ -14,6 +14,7 @@
 //! The dev profile is the one the rest of `cargo xtask test` uses, so the
 //! host build scripts and proc-macros are shared with it rather than rebuilt.
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -65,22 +66,31 @@ fn build_std_args(target: &str) -> [String; 3] {
 
 /// `cargo xtask build --target T`: the release binary for `T`.
 pub fn build(target: &str) -> Result<()> {
+    let built = build_binary(target, "release")?;
+    eprintln!("built {}", built.display());
+    Ok(())
+}
+
+/// The exporter for aarch64 in the dev profile, the one `cargo xtask test`
+/// builds everything in (its dependencies are the unit tests'): what the
+/// e2e puts in the arm64 image it builds from the Containerfile.
+pub fn build_dev() -> Result<PathBuf> {
+    build_binary(AARCH64, "dev")
+}
+
+fn build_binary(target: &str, profile: &str) -> Result<PathBuf> {
     let mut cmd = cargo_for(target)?;
     cmd.arg("build").args(build_std_args(target)).args([
-        "--release",
+        "--profile",
+        profile,
         "-p",
         "ergon",
         "--bin",
         "ergon",
     ]);
     super::run(&mut cmd).with_context(|| format!("cross-building ergon for {target}"))?;
-    eprintln!(
-        "built {}",
-        super::root()
-            .join(format!("target/{target}/release/ergon"))
-            .display()
-    );
-    Ok(())
+    let dir = if profile == "dev" { "debug" } else { profile };
+    Ok(super::root().join(format!("target/{target}/{dir}/ergon")))
 }
 
 /// The exporter's unit tests, built for aarch64 and run under qemu-user.

@@ -478,11 +478,23 @@ fn main() -> Result<()> {
                     "a host test binary ended without a result: see cargo's `error:` lines".into(),
                 );
             }
-            // The same unit tests on arm64, under emulation (edge nodes).
-            let arm64 = !everything || cross::unit_tests(&mut tally)?;
-            if everything {
+            // The same unit tests on arm64, under emulation (edge nodes),
+            // and the aarch64 exporter the e2e's arm64 image takes, kept
+            // outside the cross target dir that CI then removes.
+            let arm64_bin = root().join(format!("target/ergon-{}", cross::AARCH64));
+            let arm64 = !everything || {
+                let tested = cross::unit_tests(&mut tally)?;
+                let built = cross::build_dev().and_then(|built| {
+                    std::fs::copy(&built, &arm64_bin)
+                        .with_context(|| format!("copying {}", built.display()))
+                });
+                if let Err(e) = &built {
+                    eprintln!("the aarch64 cross-build failed: {e:#}");
+                }
+                tally.record("aarch64 cross-build of the exporter", built.is_ok());
                 release_in_ci(&root().join(format!("target/{}", cross::AARCH64)));
-            }
+                tested && built.is_ok()
+            };
             // Every parser of host input under libFuzzer, briefly; the
             // smoke counts as one test.
             let fuzzed = !everything || {
@@ -500,7 +512,7 @@ fn main() -> Result<()> {
             // The real cluster takes the binary the tests just built; it
             // counts as one test.
             let cluster = if everything {
-                let result = e2e::run_all(&[]);
+                let result = e2e::run_with(&arm64_bin);
                 if let Err(e) = &result {
                     eprintln!("e2e failed: {e:#}");
                 }

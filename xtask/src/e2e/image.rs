@@ -33,8 +33,14 @@ pub struct DebootstrapImage {
     pub image: &'static str,
     /// The cached tarball's name: a new package list takes a new name.
     pub tarball: &'static str,
-    /// `debootstrap --include`: packages beyond minbase.
+    /// `debootstrap --include`: packages beyond minbase (none: "").
     pub packages: &'static str,
+    /// Another architecture than the host's (`--arch`, Debian's name; also
+    /// Docker's). Its tree is debootstrap's first stage only (`--foreign`:
+    /// the packages unpacked, not configured), which needs no emulation and
+    /// holds what an image of the exporter needs from its base: glibc and
+    /// its loader.
+    pub arch: Option<&'static str>,
 }
 
 /// The exporter's base. The Containerfile's runtime stage installs
@@ -44,6 +50,15 @@ pub const DEBIAN: DebootstrapImage = DebootstrapImage {
     image: DEBIAN_IMAGE,
     tarball: "debian-bookworm-minbase.tar",
     packages: "ca-certificates",
+    arch: None,
+};
+
+/// The arm64 base of the exporter's arm64 image (see [`build_ergon_arm64`]).
+pub const DEBIAN_ARM64: DebootstrapImage = DebootstrapImage {
+    image: "ergon-e2e/debian-arm64:bookworm",
+    tarball: "debian-bookworm-minbase-arm64-foreign.tar",
+    packages: "",
+    arch: Some("arm64"),
 };
 
 fn image_exists(cluster: &Cluster, image: &str) -> bool {
@@ -112,6 +127,33 @@ pub fn import_debootstrap(cluster: &Cluster, wanted: &DebootstrapImage) -> Resul
         return Ok(());
     }
     let tarball = debootstrap_tarball(&cluster.work.cache, wanted, None)?;
+    if let Some(arch) = wanted.arch {
+        // dockerd 20.10 ignores `docker import --platform` (experimental
+        // there): the image would say amd64. BuildKit's `FROM scratch` takes
+        // the platform asked for, and `ADD` unpacks the tree without
+        // running anything of that platform.
+        let dir = cluster.work.run.join("images").join(format!("base-{arch}"));
+        fs::create_dir_all(&dir)?;
+        let context_tar = dir.join("rootfs.tar");
+        let _ = fs::remove_file(&context_tar);
+        fs::hard_link(&tarball, &context_tar)
+            .or_else(|_| fs::copy(&tarball, &context_tar).map(|_| ()))
+            .with_context(|| format!("putting {} into a build context", tarball.display()))?;
+        fs::write(
+            dir.join("Dockerfile"),
+            "FROM scratch\nADD rootfs.tar /\nCMD [\"/bin/bash\"]\n",
+        )?;
+        let built = super::run_quiet(
+            cluster
+                .docker()
+                .args(["build", "--platform", &format!("linux/{arch}")])
+                .args(["--network=none", "-t", wanted.image])
+                .arg(&dir),
+        );
+        let _ = fs::remove_dir_all(&dir);
+        return built
+            .with_context(|| format!("building {} from {}", wanted.image, tarball.display()));
+    }
     super::run_quiet(
         cluster
             .docker()
@@ -149,20 +191,21 @@ pub fn debootstrap_tarball(
     let _ = fs::remove_dir_all(&root);
     let mirror = super::debian_mirror();
     eprintln!(
-        "e2e: debootstrap {DEBIAN_SUITE} with {} from {mirror} (once; cached in {})",
+        "e2e: debootstrap {DEBIAN_SUITE} ({}) with {:?} from {mirror} (once; cached in {})",
+        wanted.arch.unwrap_or("host"),
         wanted.packages,
         tarball.display()
     );
     let mut debootstrap = Command::new("nice");
     debootstrap.args(["-n", if log.is_some() { "19" } else { "0" }, "debootstrap"]);
-    debootstrap
-        .args([
-            "--variant=minbase",
-            &format!("--include={}", wanted.packages),
-            DEBIAN_SUITE,
-        ])
-        .arg(&root)
-        .arg(&mirror);
+    debootstrap.arg("--variant=minbase");
+    if !wanted.packages.is_empty() {
+        debootstrap.arg(format!("--include={}", wanted.packages));
+    }
+    if let Some(arch) = wanted.arch {
+        debootstrap.args([&format!("--arch={arch}"), "--foreign"]);
+    }
+    debootstrap.arg(DEBIAN_SUITE).arg(&root).arg(&mirror);
     if let Some(log) = log {
         debootstrap
             .stdout(log.try_clone()?)
@@ -171,7 +214,9 @@ pub fn debootstrap_tarball(
     super::run(&mut debootstrap).context(
         "debootstrap failed: is the Debian mirror reachable? (apt-get install debootstrap)",
     )?;
-    // Package caches and lists are not part of an image.
+    // Package caches and lists are not part of an image, nor is the second
+    // stage of a foreign tree (its scripts and the packages' .debs).
+    let _ = fs::remove_dir_all(root.join("debootstrap"));
     for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
         let _ = Command::new("find")
             .arg(root.join(dir))
@@ -222,4 +267,135 @@ pub fn build_ergon(cluster: &Cluster, binary: &Path) -> Result<String> {
     // exporter images (200+ MB each with a debug binary).
     super::run_quiet(cluster.docker().args(["image", "prune", "--force"]))?;
     Ok(image)
+}
+
+/// The exporter's arm64 image from the same `daemonset/Containerfile`, built
+/// on this amd64 machine as `docker buildx build --platform linux/arm64`
+/// builds it for a registry, with the aarch64 binary `binary` (cross-built,
+/// see `xtask/src/cross.rs`) and an arm64 Debian base. Its final stage runs
+/// nothing, so no emulation is registered or needed to build it. Checked:
+/// the image says linux/arm64; its `ergon` is an aarch64 executable; the CA
+/// bundle is there; and `ergon --version` runs on the image's own loader and
+/// glibc under qemu-user (`qemu-aarch64 -L <the image's files>`).
+pub fn check_ergon_arm64(cluster: &Cluster, binary: &Path) -> Result<()> {
+    const IMAGE: &str = "ergon-e2e/ergon:arm64";
+    if !binary.is_file() {
+        bail!(
+            "the aarch64 exporter {} does not exist: `cargo xtask test` builds it, or name one \
+             with ERGON_BIN_ARM64",
+            binary.display()
+        );
+    }
+    let machine = elf_machine(binary)?;
+    if machine != EM_AARCH64 {
+        bail!(
+            "{} is not an aarch64 executable (ELF machine {machine:#x})",
+            binary.display()
+        );
+    }
+    import_debootstrap(cluster, &DEBIAN_ARM64)?;
+    let dir = cluster.work.run.join("images/ergon-arm64");
+    fs::create_dir_all(&dir)?;
+    fs::copy(binary, dir.join("ergon")).with_context(|| format!("copying {}", binary.display()))?;
+    super::run(
+        cluster
+            .docker()
+            .args(["build", "--platform", "linux/arm64", "--network=none"])
+            .args(["-t", IMAGE, "-f"])
+            .arg(super::root().join("daemonset/Containerfile"))
+            .args(["--build-arg", "ERGON_BINARY=prebuilt"])
+            .args(["--build-arg", &format!("BUILD_IMAGE={DEBIAN_IMAGE}")])
+            .args([
+                "--build-arg",
+                &format!("RUNTIME_IMAGE={}", DEBIAN_ARM64.image),
+            ])
+            .arg(&dir),
+    )
+    .context("docker build --platform linux/arm64 of daemonset/Containerfile")?;
+    let result = check_arm64_image(cluster, IMAGE, &dir);
+    let _ = fs::remove_dir_all(&dir);
+    super::run_quiet(cluster.docker().args(["image", "rm", "--force", IMAGE]))?;
+    result
+}
+
+/// `e_machine` of an ELF file.
+fn elf_machine(path: &Path) -> Result<u16> {
+    use std::io::Read;
+    let mut header = [0u8; 20];
+    fs::File::open(path)
+        .and_then(|mut file| file.read_exact(&mut header))
+        .with_context(|| format!("reading the ELF header of {}", path.display()))?;
+    if &header[..4] != b"\x7fELF" || header[5] != 1 {
+        bail!("{} is not a little-endian ELF file", path.display());
+    }
+    Ok(u16::from_le_bytes([header[18], header[19]]))
+}
+
+const EM_AARCH64: u16 = 0xb7;
+
+fn check_arm64_image(cluster: &Cluster, image: &str, dir: &Path) -> Result<()> {
+    let platform = super::output(cluster.docker().args([
+        "image",
+        "inspect",
+        "--format",
+        "{{.Os}}/{{.Architecture}}",
+        image,
+    ]))?;
+    if platform.trim() != "linux/arm64" {
+        bail!("{image} is for {}, not linux/arm64", platform.trim());
+    }
+    // The image's files, as a node would unpack them.
+    let container =
+        super::output(
+            cluster
+                .docker()
+                .args(["create", "--platform", "linux/arm64", image]),
+        )?;
+    let container = container.trim();
+    let tar = dir.join("rootfs.tar");
+    let exported = super::run_quiet(
+        cluster
+            .docker()
+            .args(["export", "--output"])
+            .arg(&tar)
+            .arg(container),
+    );
+    super::run_quiet(cluster.docker().args(["rm", container]))?;
+    exported.context("docker export of the arm64 image's container")?;
+    let rootfs = dir.join("rootfs");
+    fs::create_dir_all(&rootfs)?;
+    super::run_quiet(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&rootfs)
+            .arg("-xf")
+            .arg(&tar),
+    )?;
+    let ergon = rootfs.join("usr/local/bin/ergon");
+    let machine = elf_machine(&ergon)?;
+    if machine != EM_AARCH64 {
+        bail!("the arm64 image's ergon has ELF machine {machine:#x}, not aarch64");
+    }
+    let bundle = rootfs.join("etc/ssl/certs/ca-certificates.crt");
+    let certificates = fs::metadata(&bundle).map(|m| m.len()).unwrap_or(0);
+    if certificates == 0 {
+        bail!("the arm64 image has no CA bundle at /etc/ssl/certs/ca-certificates.crt");
+    }
+    let version = super::output(
+        Command::new("qemu-aarch64")
+            .arg("-L")
+            .arg(&rootfs)
+            .arg(&ergon)
+            .arg("--version"),
+    )
+    .context("running the arm64 image's ergon under qemu-aarch64 on the image's glibc")?;
+    if !version.starts_with("ergon ") {
+        bail!("the arm64 image's `ergon --version` printed {version:?}");
+    }
+    eprintln!(
+        "e2e: {image}: linux/arm64, aarch64 ergon, CA bundle {certificates} bytes; on its own \
+         glibc under qemu-aarch64: {}",
+        version.trim()
+    );
+    Ok(())
 }

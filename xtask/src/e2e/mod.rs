@@ -202,7 +202,11 @@ pub fn prepare_in_background() -> Result<Prepared> {
     let images_file = std::fs::File::create(&images_log)
         .with_context(|| format!("creating {}", images_log.display()))?;
     let images = std::thread::spawn(move || {
-        for wanted in [&image::DEBIAN, &stack::PIPELINE_DEBIAN] {
+        for wanted in [
+            &image::DEBIAN,
+            &stack::PIPELINE_DEBIAN,
+            &image::DEBIAN_ARM64,
+        ] {
             image::debootstrap_tarball(&cache, wanted, Some(&images_file))?;
         }
         Ok(())
@@ -287,12 +291,25 @@ fn kube_binaries(work: &WorkDir) -> Result<PathBuf> {
     Ok(PathBuf::from(bin))
 }
 
-/// `cargo xtask e2e` (no arguments; `ERGON_E2E_WORK` and `ERGON_BIN` in
-/// the environment).
+/// `cargo xtask e2e` (no arguments; `ERGON_E2E_WORK`, `ERGON_BIN` and
+/// `ERGON_BIN_ARM64` in the environment). Without `ERGON_BIN_ARM64`, the
+/// aarch64 exporter for the arm64 image is cross-built first (dev profile;
+/// minutes when `target/aarch64-unknown-linux-gnu` is cold).
 pub fn run_all(args: &[String]) -> Result<()> {
     if !args.is_empty() {
         bail!("`cargo xtask e2e` takes no arguments (got {args:?})");
     }
+    let arm64_bin = match std::env::var_os("ERGON_BIN_ARM64") {
+        Some(path) => PathBuf::from(path),
+        None if only_stack()? => PathBuf::new(),
+        None => crate::cross::build_dev()?,
+    };
+    run_with(&arm64_bin)
+}
+
+/// The e2e, with the aarch64 exporter at `arm64_bin` (`cargo xtask test`
+/// cross-builds it beside the arm64 unit tests).
+pub fn run_with(arm64_bin: &Path) -> Result<()> {
     if !crate::is_root() {
         bail!(
             "the e2e starts a Kubernetes node (dockerd, kubelet, cgroups, mounts): run it as root"
@@ -320,7 +337,7 @@ pub fn run_all(args: &[String]) -> Result<()> {
         .unwrap_or_else(|| root().join("target/debug/ergon"));
 
     let mut cluster = Cluster::start(work, bin)?;
-    let result = checks(&mut cluster, &ergon_bin);
+    let result = checks(&mut cluster, &ergon_bin, arm64_bin);
     cluster.failed = result.is_err();
     drop(cluster);
     result?;
@@ -337,13 +354,17 @@ pub fn run_all(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn checks(cluster: &mut Cluster, ergon_bin: &Path) -> Result<()> {
+fn checks(cluster: &mut Cluster, ergon_bin: &Path, arm64_bin: &Path) -> Result<()> {
     let step = |what: &str| eprintln!("e2e: === {what}");
     let only_stack = only_stack()?;
     step("images");
     image::build_busybox(cluster)?;
     let image = image::build_ergon(cluster, ergon_bin)?;
     eprintln!("e2e: built {image}");
+    if !only_stack {
+        step("the arm64 image from the same Containerfile, without emulation");
+        image::check_ergon_arm64(cluster, arm64_bin)?;
+    }
 
     step("chart, default (privileged) profile");
     chart::install_operator_crds(cluster)?;

@@ -62,6 +62,7 @@ pub const PIPELINE_DEBIAN: DebootstrapImage = DebootstrapImage {
     image: "ergon-e2e/pipeline-debian:bookworm",
     tarball: "debian-bookworm-minbase-pipeline-1.tar",
     packages: "ca-certificates,redis-server,prometheus-redis-exporter,influxdb,prometheus",
+    arch: None,
 };
 
 /// The images the overlay names, each the Debian tree with its program as
