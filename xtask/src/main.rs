@@ -256,6 +256,45 @@ impl Tally {
     }
 }
 
+/// The wall time of each step of `cargo xtask test`, printed as one closing
+/// line: what a CI run's time went to, from its log alone.
+struct Laps {
+    start: std::time::Instant,
+    last: std::time::Instant,
+    laps: Vec<(&'static str, std::time::Duration)>,
+}
+
+impl Laps {
+    fn start() -> Laps {
+        let now = std::time::Instant::now();
+        Laps {
+            start: now,
+            last: now,
+            laps: Vec::new(),
+        }
+    }
+
+    /// Ends the step `name` now.
+    fn lap(&mut self, name: &'static str) {
+        let now = std::time::Instant::now();
+        self.laps.push((name, now - self.last));
+        self.last = now;
+    }
+
+    fn print(&self) {
+        let steps: Vec<String> = self
+            .laps
+            .iter()
+            .map(|(name, took)| format!("{name} {:.0} s", took.as_secs_f64()))
+            .collect();
+        println!(
+            "time: {}; total {:.0} s",
+            steps.join(", "),
+            self.start.elapsed().as_secs_f64()
+        );
+    }
+}
+
 /// Runs a `cargo test`, echoing its output and adding its results to
 /// `tally` (cargo prints one `test result:` line per binary). Returns
 /// whether it succeeded; past `limit` it is killed and counts as failed.
@@ -435,6 +474,7 @@ fn main() -> Result<()> {
         }
         "lint" => lint(),
         "test" => {
+            let mut laps = Laps::start();
             setup()?;
             check_free_disk();
             // A filtered run (`cargo xtask test some_test`) is a quick loop:
@@ -454,7 +494,9 @@ fn main() -> Result<()> {
             } else {
                 None
             };
+            laps.lap("setup");
             lint()?;
+            laps.lap("fmt and clippy");
             // One profile (dev) and one feature set for every test binary:
             // `cargo test` builds target/debug/ergon with them, and the
             // deployment tests that need the exporter find it through
@@ -472,6 +514,7 @@ fn main() -> Result<()> {
                 &mut tally,
                 None,
             )?;
+            laps.lap("host tests");
             if !host && tally.failures.is_empty() {
                 // A test binary that crashed prints no `... FAILED` line.
                 tally.failures.push(
@@ -493,6 +536,7 @@ fn main() -> Result<()> {
                 }
                 tally.record("aarch64 cross-build of the exporter", built.is_ok());
                 release_in_ci(&root().join(format!("target/{}", cross::AARCH64)));
+                laps.lap("arm64 tests and build");
                 tested && built.is_ok()
             };
             // Every parser of host input under libFuzzer, briefly; the
@@ -504,10 +548,12 @@ fn main() -> Result<()> {
                 }
                 tally.record("fuzz smoke", result.is_ok());
                 release_in_ci(&root().join("fuzz/target"));
+                laps.lap("fuzz smoke");
                 result.is_ok()
             };
             if let Some(prepared) = kube_build {
                 prepared.join();
+                laps.lap("waiting for the e2e's background build");
             }
             // The real cluster takes the binary the tests just built; it
             // counts as one test.
@@ -517,6 +563,7 @@ fn main() -> Result<()> {
                     eprintln!("e2e failed: {e:#}");
                 }
                 tally.record("e2e on the real cluster", result.is_ok());
+                laps.lap("e2e");
                 result.is_ok()
             } else {
                 eprintln!(
@@ -524,6 +571,7 @@ fn main() -> Result<()> {
                 );
                 true
             };
+            laps.print();
             tally.print();
             if !(host && arm64 && fuzzed && cluster) {
                 bail!("tests failed");
