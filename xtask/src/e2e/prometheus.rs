@@ -197,13 +197,62 @@ pub struct Prometheus {
 impl Prometheus {
     /// The result vector of an instant query.
     pub fn query(&self, promql: &str) -> Result<Vec<Value>> {
-        let body = super::output(Command::new("curl").args([
+        self.api("query", promql, &[])
+    }
+
+    /// What Prometheus recorded for the one series `promql` selects from
+    /// `start` to `end` (Unix seconds), a point per `step_s` seconds: (time,
+    /// value) pairs, none where the series was absent or stale.
+    pub fn range(
+        &self,
+        promql: &str,
+        start: f64,
+        end: f64,
+        step_s: u32,
+    ) -> Result<Vec<(f64, f64)>> {
+        let series = self.api(
+            "query_range",
+            promql,
+            &[
+                ("start", format!("{start:.3}")),
+                ("end", format!("{end:.3}")),
+                ("step", format!("{step_s}s")),
+            ],
+        )?;
+        if series.len() > 1 {
+            bail!(
+                "{promql} selects {} series, not one: {series:?}",
+                series.len()
+            );
+        }
+        Ok(series
+            .first()
+            .and_then(|series| series["values"].as_array())
+            .map(|points| {
+                points
+                    .iter()
+                    .filter_map(|point| {
+                        let time = point[0].as_f64()?;
+                        let value = point[1].as_str()?.parse().ok()?;
+                        Some((time, value))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    fn api(&self, endpoint: &str, promql: &str, params: &[(&str, String)]) -> Result<Vec<Value>> {
+        let mut curl = Command::new("curl");
+        curl.args([
             "-sfG",
-            &format!("http://{}/api/v1/query", self.address),
-            "--data-urlencode",
-            &format!("query={promql}"),
-        ]))
-        .with_context(|| format!("querying Prometheus for {promql}"))?;
+            &format!("http://{}/api/v1/{endpoint}", self.address),
+        ])
+        .args(["--data-urlencode", &format!("query={promql}")]);
+        for (name, value) in params {
+            curl.args(["--data-urlencode", &format!("{name}={value}")]);
+        }
+        let body = super::output(&mut curl)
+            .with_context(|| format!("querying Prometheus for {promql}"))?;
         let answer: Value = serde_json::from_str(&body)?;
         if answer["status"] != "success" {
             bail!("Prometheus refused {promql}: {answer}");
