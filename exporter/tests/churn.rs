@@ -3,9 +3,11 @@
 //! steady pod-shaped cgroups, with per-process accounting on, so every
 //! short-lived task is a new process too.
 //!
-//! Checked while it runs, after a warm-up: the exporter's anonymous memory
-//! (heap and stacks: where a leak shows) stays within 10% (at least 1 MiB) of
-//! its warm level and its open fds within 10%; no kernel map overflows; every
+//! Checked while it runs, after a warm-up: the series it exports (what it
+//! retains) stay within 50% of their warm count; its anonymous memory (heap
+//! and stacks: where a leak shows) within 10% of its warm level in the long
+//! soak, 35% in the suite's short run (at least 1 MiB); its open fds within
+//! 10%; no kernel map overflows; every
 //! interval conserves energy (node = pods + system buckets + unattributed,
 //! compared scrape to scrape); the exited processes leave the kernel's
 //! thread map. At the end: the CPU time of every dead cgroup, read from its
@@ -282,6 +284,16 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
     let mut previous = energy_series(&first);
     // (RSS, anonymous RSS, fds, CPU time, when) at the end of the warm-up.
     let mut warm: Option<(u64, u64, usize, Duration, Instant)> = None;
+    let mut warm_series = None;
+    // Twenty seconds after the warm-up cannot tell a small leak from the
+    // allocator's response to a busy machine: in one CI run (a cold
+    // Kubernetes build beside it) the anonymous memory rose 22% while the
+    // series fell. A workload never expired is caught all the same, by the
+    // series count (~1,600 here: 15 s of churn retained beside the steady
+    // pods; 20 s more of unexpired churn would about double it) and by the
+    // memory it holds; the long soak (`cargo xtask soak`, >= 2 minutes)
+    // holds memory to 10%.
+    let anon_tolerance = if seconds >= 120 { 0.10 } else { 0.35 };
     let (mut rss_max, mut anon_max, mut fds_max, mut threads_map_max) = (0u64, 0u64, 0usize, 0f64);
     let mut walk_fds_max = 0;
     // RSS every ten intervals, for the record (and for a failure's message).
@@ -339,6 +351,14 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
             // busy machine (+2.5 MiB in 4 s in one CI run, anonymous memory
             // flat), so RSS is recorded, not asserted.
             let anon = anon_rss(pid);
+            let series = metrics.samples.len();
+            let warm_series = *warm_series.get_or_insert(series);
+            assert!(
+                series as f64 <= warm_series as f64 * 1.5,
+                "{series} series at {:?}, {warm_series} at the warm-up's end: retained workloads \
+                 do not expire",
+                start.elapsed()
+            );
             let (_, warm_anon, warm_fds, _, _) =
                 *warm.get_or_insert((rss, anon, fds, cpu, Instant::now()));
             rss_max = rss_max.max(rss);
@@ -346,7 +366,9 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
             fds_max = fds_max.max(fds);
             threads_map_max = threads_map_max.max(map_bytes(&metrics, "THREADS"));
             assert!(
-                anon as f64 <= (warm_anon as f64 * 1.10).max(warm_anon as f64 + 1048576.0),
+                anon as f64
+                    <= (warm_anon as f64 * (1.0 + anon_tolerance))
+                        .max(warm_anon as f64 + 1048576.0),
                 "anonymous RSS {anon} bytes, warm {warm_anon} bytes (+{:.1}%) at {:?}; RSS so far: {}",
                 (anon as f64 / warm_anon as f64 - 1.0) * 100.0,
                 start.elapsed(),
