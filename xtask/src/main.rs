@@ -542,7 +542,7 @@ fn main() -> Result<()> {
             // Every parser of host input under libFuzzer, briefly; the
             // smoke counts as one test.
             let fuzzed = !everything || {
-                let result = fuzz::run_all(&["--seconds".into(), "10".into(), "--dev".into()]);
+                let result = fuzz::run_all(&["--seconds".into(), "5".into(), "--dev".into()]);
                 if let Err(e) = &result {
                     eprintln!("fuzz smoke failed: {e:#}");
                 }
