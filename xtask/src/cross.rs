@@ -11,8 +11,13 @@
 //! eBPF object is the same bytes on both architectures: it is built once for
 //! `bpfel-unknown-none` by `exporter/build.rs` and embedded as data.
 //!
-//! The dev profile is the one the rest of `cargo xtask test` uses, so the
-//! host build scripts and proc-macros are shared with it rather than rebuilt.
+//! The cross builds have their own target directory, `target/cross`.
+//! `RUSTC_BOOTSTRAP=1` is in the environment of their host build scripts,
+//! and some (proc-macro2's) rerun when it changes: sharing `target/` made
+//! every cross build dirty the host's proc-macros, and the next host `cargo
+//! test` (the e2e's cluster tests) compiled tokio, hyper and serde again
+//! (81 s in CI). The cross build compiled those host crates anyway, for the
+//! same reason, so the separate directory costs nothing.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -46,6 +51,7 @@ pub fn cargo_for(target: &str) -> Result<Command> {
     let linker = "aarch64-linux-gnu-gcc";
     let runner = "qemu-aarch64 -L /usr/aarch64-linux-gnu";
     cmd.env("RUSTC_BOOTSTRAP", "1")
+        .env("CARGO_TARGET_DIR", target_dir())
         .env(format!("CC_{env_target}"), linker)
         .env(format!("AR_{env_target}"), "aarch64-linux-gnu-ar")
         .env("CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER", linker)
@@ -54,6 +60,11 @@ pub fn cargo_for(target: &str) -> Result<Command> {
         // too (binfmt_misc is not registered here).
         .env("ERGON_TEST_RUNNER", runner);
     Ok(cmd)
+}
+
+/// Where the cross builds put their artifacts (see the module's docs).
+pub fn target_dir() -> PathBuf {
+    super::root().join("target/cross")
 }
 
 fn build_std_args(target: &str) -> [String; 3] {
@@ -77,8 +88,8 @@ pub fn build(target: &str) -> Result<()> {
     super::run(&mut cmd).with_context(|| format!("cross-building ergon for {target}"))?;
     eprintln!(
         "built {}",
-        super::root()
-            .join(format!("target/{target}/release/ergon"))
+        target_dir()
+            .join(format!("{target}/release/ergon"))
             .display()
     );
     Ok(())
@@ -105,7 +116,7 @@ pub fn build_dev() -> Result<PathBuf> {
         "--no-run",
     ]);
     super::run(&mut cmd).with_context(|| format!("cross-building ergon for {AARCH64}"))?;
-    Ok(super::root().join(format!("target/{AARCH64}/debug/ergon")))
+    Ok(target_dir().join(format!("{AARCH64}/debug/ergon")))
 }
 
 /// The exporter's unit tests, built for aarch64 and run under qemu-user.

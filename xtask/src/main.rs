@@ -535,7 +535,7 @@ fn main() -> Result<()> {
                     eprintln!("the aarch64 cross-build failed: {e:#}");
                 }
                 tally.record("aarch64 cross-build of the exporter", built.is_ok());
-                release_in_ci(&root().join(format!("target/{}", cross::AARCH64)));
+                release_in_ci(&cross::target_dir());
                 laps.lap("arm64 tests and build");
                 tested && built.is_ok()
             };

@@ -294,7 +294,7 @@ fn kube_binaries(work: &WorkDir) -> Result<PathBuf> {
 /// `cargo xtask e2e` (no arguments; `ERGON_E2E_WORK`, `ERGON_BIN` and
 /// `ERGON_BIN_ARM64` in the environment). Without `ERGON_BIN_ARM64`, the
 /// aarch64 exporter for the arm64 image is cross-built first (dev profile;
-/// minutes when `target/aarch64-unknown-linux-gnu` is cold).
+/// minutes when `target/cross` is cold).
 pub fn run_all(args: &[String]) -> Result<()> {
     if !args.is_empty() {
         bail!("`cargo xtask e2e` takes no arguments (got {args:?})");
