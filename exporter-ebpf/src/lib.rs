@@ -117,14 +117,55 @@ pub struct CpuState {
     pub idle_ns: u64,
     /// Nanoseconds any other task ran on this CPU.
     pub busy_ns: u64,
-    /// Keys that found their map full and went to an overflow bucket.
+    /// Keys whose counts went to an overflow bucket: their map was full
+    /// (`E2BIG`), or (cgroups) their element could not be allocated within
+    /// [`PARKED_WAIT_NS`] or with every parked slot taken.
     pub overflowed_cgroup_keys: u64,
     pub overflowed_process_keys: u64,
+    /// Inserts into the cgroup map that failed although it was not full:
+    /// `ENOMEM` (an on-demand element is allocated without sleeping, from a
+    /// per-CPU cache that the kernel refills asynchronously; the per-CPU
+    /// value comes from the percpu allocator's populated pages, which
+    /// cgroup creation itself draws on), and any other errno. Each failed
+    /// key's counts are parked, not dropped.
+    pub cgroup_inserts_no_memory: u64,
+    pub cgroup_inserts_failed_other: u64,
+    /// The (negative) errno of the last such failure; 0 before any.
+    pub last_cgroup_insert_error: i64,
+    /// Parked slots in use: checked at every switch, so the common case
+    /// costs one load.
+    pub parked_count: u64,
     /// The cgroup whose consecutive slices on this CPU are being summed in
     /// `pending` before they go to the cgroup map (0: none). User space
     /// does not read these: they reach the map within 1 ms of CPU time.
     pub pending_cgroup_id: u64,
     pub pending: CgroupCounters,
+    /// Counts whose insert failed for want of memory, retried at this CPU's
+    /// next switches. User space does not read them either: they reach the
+    /// map, or after [`PARKED_WAIT_NS`] the overflow bucket, at the first
+    /// switch that can place them.
+    pub parked: [ParkedCgroup; PARKED_SLOTS],
+}
+
+/// Parked slots per CPU: a burst of allocation failures on one CPU rarely
+/// touches more than one or two new cgroups before the kernel's refill runs.
+pub const PARKED_SLOTS: usize = 4;
+/// How long a parked count is tried again before it goes to the overflow
+/// bucket: long enough for the kernel's asynchronous refills (an irq_work
+/// for map elements, a workqueue for per-CPU memory) on a loaded node,
+/// short enough that a lasting shortage (a memory cgroup at its limit)
+/// shows in the overflow bucket within the first interval, not unseen.
+pub const PARKED_WAIT_NS: u64 = 100_000_000;
+
+/// One parked cgroup count (see [`CpuState::parked`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ParkedCgroup {
+    /// 0: the slot is free.
+    pub cgroup_id: u64,
+    /// `bpf_ktime_get_ns` when the first insert failed.
+    pub parked_at_ns: u64,
+    pub counters: CgroupCounters,
 }
 
 #[cfg(feature = "user")]
@@ -133,4 +174,5 @@ mod pod {
     unsafe impl aya::Pod for super::CgroupCounters {}
     unsafe impl aya::Pod for super::ThreadCounters {}
     unsafe impl aya::Pod for super::CpuState {}
+    unsafe impl aya::Pod for super::ParkedCgroup {}
 }

@@ -16,7 +16,14 @@
 //! would cost `CPUs ×` the memory (402 MB for 32,768 processes on 192
 //! CPUs); one value per thread costs 32,768 × ~150 bytes on any node.
 //! When a bounded map is full the slice goes to that map's overflow bucket,
-//! so the totals stay whole.
+//! so the totals stay whole. An on-demand element is allocated without
+//! sleeping, so an insert can also fail with `ENOMEM` while the map has
+//! room (the kernel refills its per-CPU caches asynchronously; a memory
+//! cgroup at its limit refuses them): such a cgroup's counts are parked in
+//! the CPU's state and inserted at a later switch, or after 100 ms sent to
+//! the overflow bucket, and the failure is counted by reason. A CI run
+//! under memory pressure once put a cgroup in the overflow bucket as "map
+//! full" with 1,800 of 16,384 entries used.
 //!
 //! Memory: the hash maps are allocated on demand (`BPF_F_NO_PREALLOC`), so
 //! they cost what is in them, not their bound times the CPU count; user
@@ -58,7 +65,9 @@ mod programs {
         programs::{BtfTracePointContext, TracePointContext},
     };
     use aya_log_ebpf::warn;
-    use ergon_ebpf::{CgroupCounters, CpuState, ThreadCounters};
+    use ergon_ebpf::{
+        CgroupCounters, CpuState, PARKED_SLOTS, PARKED_WAIT_NS, ParkedCgroup, ThreadCounters,
+    };
 
     const ON_DEMAND: u32 = BPF_F_NO_PREALLOC as u32;
 
@@ -322,13 +331,113 @@ mod programs {
         if rc == 0 { Some(value.counter) } else { None }
     }
 
-    /// Adds what piled up in this CPU's state to its cgroup's counters (or,
-    /// where the map is full, to the overflow bucket), and empties it.
+    /// `E2BIG`: the hash map holds its `max_entries` (on-demand and
+    /// preallocated maps alike).
+    const E2BIG: i64 = 7;
+    const ENOMEM: i64 = 12;
+
+    /// Adds `counts` to `cgroup_id`'s element, creating it if absent; the
+    /// kernel's (negative) errno where it could not be created.
+    #[inline(always)]
+    fn add_to_cgroup(
+        cgroups: &PerCpuHashMap<u64, CgroupCounters>,
+        cgroup_id: u64,
+        counts: &CgroupCounters,
+    ) -> Result<(), i64> {
+        if let Some(counters) = cgroups.get_ptr_mut(&cgroup_id) {
+            unsafe { (*counters).add(counts) };
+            Ok(())
+        } else {
+            // Only this CPU writes its slot of a per-CPU element, so
+            // BPF_ANY cannot overwrite another CPU's counts.
+            cgroups
+                .insert(&cgroup_id, counts, BPF_ANY as u64)
+                .map_err(|e| e as i64)
+        }
+    }
+
+    #[inline(always)]
+    fn to_overflow(state: &mut CpuState, counts: &CgroupCounters) {
+        state.overflowed_cgroup_keys += 1;
+        if let Some(bucket) = CGROUP_OVERFLOW.get_ptr_mut(0) {
+            unsafe { (*bucket).add(counts) };
+        }
+    }
+
+    /// Tries the parked counts again: into the map when their element can
+    /// now be allocated, to the overflow bucket when the map is full or
+    /// after `PARKED_WAIT_NS`. Runs at every switch while a slot is in
+    /// use.
+    #[inline(always)]
+    fn retry_parked(cgroups: &PerCpuHashMap<u64, CgroupCounters>, state: &mut CpuState, now: u64) {
+        let mut i = 0;
+        while i < PARKED_SLOTS {
+            let slot = state.parked[i];
+            if slot.cgroup_id != 0 {
+                let (done, to_bucket) = match add_to_cgroup(cgroups, slot.cgroup_id, &slot.counters)
+                {
+                    Ok(()) => (true, false),
+                    Err(e) if e == -E2BIG => (true, true),
+                    Err(_) => {
+                        let expired = now.wrapping_sub(slot.parked_at_ns) >= PARKED_WAIT_NS;
+                        (expired, expired)
+                    }
+                };
+                if done {
+                    state.parked[i] = ParkedCgroup::default();
+                    state.parked_count = state.parked_count.saturating_sub(1);
+                    if to_bucket {
+                        to_overflow(state, &slot.counters);
+                    }
+                }
+            }
+            i += 1;
+        }
+    }
+
+    /// Parks `counts` of a cgroup whose element could not be allocated:
+    /// in its own slot if it has one, else in a free one. False when every
+    /// slot is taken.
+    #[inline(always)]
+    fn park(state: &mut CpuState, cgroup_id: u64, counts: &CgroupCounters, now: u64) -> bool {
+        let mut free = PARKED_SLOTS;
+        let mut i = 0;
+        while i < PARKED_SLOTS {
+            let id = state.parked[i].cgroup_id;
+            if id == cgroup_id {
+                state.parked[i].counters.add(counts);
+                return true;
+            }
+            if id == 0 && free == PARKED_SLOTS {
+                free = i;
+            }
+            i += 1;
+        }
+        if free < PARKED_SLOTS {
+            state.parked[free] = ParkedCgroup {
+                cgroup_id,
+                parked_at_ns: now,
+                counters: *counts,
+            };
+            state.parked_count += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Adds what piled up in this CPU's state to its cgroup's counters and
+    /// empties it. Where the map is full the counts go to the overflow
+    /// bucket; where the element could not be allocated (`ENOMEM`: the
+    /// kernel allocates without sleeping here) they are parked and tried
+    /// again at this CPU's next switches, so a moment's shortage costs no
+    /// attribution.
     #[inline(always)]
     fn flush_pending<C: aya_ebpf::EbpfContext>(
         ctx: &C,
         cgroups: &PerCpuHashMap<u64, CgroupCounters>,
         state: &mut CpuState,
+        now: u64,
     ) {
         let cgroup_id = state.pending_cgroup_id;
         if cgroup_id == 0 {
@@ -337,24 +446,29 @@ mod programs {
         let pending = state.pending;
         state.pending_cgroup_id = 0;
         state.pending = CgroupCounters::default();
-        if let Some(counters) = cgroups.get_ptr_mut(&cgroup_id) {
-            unsafe { (*counters).add(&pending) };
-        } else if cgroups
-            .insert(&cgroup_id, &pending, BPF_ANY as u64)
-            .is_err()
-        {
-            // Map full. Only this CPU writes its slot of a per-CPU element,
-            // so BPF_ANY cannot overwrite another CPU's counts.
-            if state.overflowed_cgroup_keys == 0 {
-                warn!(
-                    ctx,
-                    "cgroup map full: cgroup {} and later new cgroups go to the overflow bucket; raise --max-cgroups",
-                    cgroup_id
-                );
+        match add_to_cgroup(cgroups, cgroup_id, &pending) {
+            Ok(()) => {}
+            Err(e) if e == -E2BIG => {
+                if state.overflowed_cgroup_keys == 0 {
+                    warn!(
+                        ctx,
+                        "cgroup map full: cgroup {} and later new cgroups go to the overflow bucket; raise --max-cgroups",
+                        cgroup_id
+                    );
+                }
+                to_overflow(state, &pending);
             }
-            state.overflowed_cgroup_keys += 1;
-            if let Some(bucket) = CGROUP_OVERFLOW.get_ptr_mut(0) {
-                unsafe { (*bucket).add(&pending) };
+            Err(e) => {
+                // Counted here, logged by user space with the errno.
+                if e == -ENOMEM {
+                    state.cgroup_inserts_no_memory += 1;
+                } else {
+                    state.cgroup_inserts_failed_other += 1;
+                }
+                state.last_cgroup_insert_error = e;
+                if !park(state, cgroup_id, &pending, now) {
+                    to_overflow(state, &pending);
+                }
             }
         }
     }
@@ -401,6 +515,11 @@ mod programs {
             return;
         }
         let slice_ns = now - last;
+        // At every switch, the idle task's included: a CPU that goes quiet
+        // after a failure resolves its parked counts at its next wake-up.
+        if state.parked_count != 0 {
+            retry_parked(cgroups, state, now);
+        }
         if switch.prev_idle {
             state.idle_ns += slice_ns;
             return;
@@ -418,12 +537,12 @@ mod programs {
         if cgroup_id == state.pending_cgroup_id {
             state.pending.add(&slice);
         } else {
-            flush_pending(ctx, cgroups, state);
+            flush_pending(ctx, cgroups, state, now);
             state.pending_cgroup_id = cgroup_id;
             state.pending = slice;
         }
         if state.pending.cpu_ns >= PENDING_FLUSH_NS {
-            flush_pending(ctx, cgroups, state);
+            flush_pending(ctx, cgroups, state, now);
         }
 
         if global(&PER_PROCESS) != 0 {

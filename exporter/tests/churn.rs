@@ -49,14 +49,6 @@ struct DeadCgroup {
     usage_usec: u64,
 }
 
-fn usage_usec(cgroup: &std::path::Path) -> u64 {
-    let stat = std::fs::read_to_string(cgroup.join("cpu.stat")).unwrap();
-    stat.lines()
-        .find_map(|l| l.strip_prefix("usage_usec "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no usage_usec in {}: {stat}", cgroup.display()))
-}
-
 /// Creates short-lived cgroups at `per_second` until `stop`, on `workers`
 /// threads, each in one of `pods` pod uids.
 fn churn(
@@ -81,7 +73,7 @@ fn churn(
                     let task = BusyChild::spawn_in(&cgroup.path);
                     std::thread::sleep(Duration::from_millis(20));
                     task.stop();
-                    let usage_usec = usage_usec(&cgroup.path);
+                    let usage_usec = cgroup.usage_usec();
                     cgroup.remove();
                     dead.lock().unwrap().push(DeadCgroup {
                         container_id,

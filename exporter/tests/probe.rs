@@ -544,3 +544,195 @@ fn tp_btf_without_task_fields_counts_like_the_kernel() {
     let (counted, charged) = counted_and_charged(&mut probe, "portable");
     assert_within_5_percent("portable tp_btf", counted, charged);
 }
+
+/// A memory cgroup for the probe's maps: the process joins it while the
+/// probe creates them (the kernel charges a map's memory to its creator's
+/// memory cgroup, for good) and leaves at once; the limit then holds the
+/// maps' later allocations alone. cgroup v1's memory controller where it
+/// is mounted (hybrid hosts), else v2's. Lifted, left and removed on drop.
+struct MapMemoryCgroup {
+    dir: std::path::PathBuf,
+    home: std::path::PathBuf,
+    v1: bool,
+}
+
+impl MapMemoryCgroup {
+    fn join(name: &str) -> MapMemoryCgroup {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let v1_home = own.lines().find_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+            controllers
+                .split(',')
+                .any(|c| c == "memory")
+                .then(|| path.to_owned())
+        });
+        let (base, home, v1) = match v1_home {
+            Some(home) => {
+                let base = std::path::PathBuf::from("/sys/fs/cgroup/memory");
+                let home = base.join(home.trim_start_matches('/'));
+                (base, home, true)
+            }
+            None => {
+                let base = support::cgroup2_root();
+                let path = own
+                    .lines()
+                    .find_map(|line| line.strip_prefix("0::"))
+                    .expect("a cgroup v2 line in /proc/self/cgroup");
+                std::fs::write(base.join("cgroup.subtree_control"), "+memory")
+                    .expect("enabling the memory controller at the cgroup v2 root");
+                let home = base.join(path.trim_start_matches('/'));
+                (base, home, false)
+            }
+        };
+        let dir = base.join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cgroup = MapMemoryCgroup { dir, home, v1 };
+        cgroup.move_to(&cgroup.dir);
+        cgroup
+    }
+
+    fn move_to(&self, dir: &std::path::Path) {
+        std::fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+            .unwrap_or_else(|e| panic!("moving the test into {}: {e}", dir.display()));
+    }
+
+    fn leave(&self) {
+        self.move_to(&self.home);
+    }
+
+    fn file(&self, v1: &str, v2: &str) -> std::path::PathBuf {
+        self.dir.join(if self.v1 { v1 } else { v2 })
+    }
+
+    /// No room beyond what is charged now: an allocation that may not
+    /// sleep (the probe's, in `sched_switch`) fails with ENOMEM. The
+    /// kernel keeps up to 64 pages per CPU charged in advance (its charge
+    /// stock); a limit below the usage makes it drain them first (cgroup
+    /// v1 then refuses the value with EBUSY, as nothing is reclaimable), and
+    /// the limit is then set to what is left.
+    fn hold_at_usage(&self) {
+        let usage_file = self.file("memory.usage_in_bytes", "memory.current");
+        let limit_file = self.file("memory.limit_in_bytes", "memory.max");
+        let usage = || -> u64 {
+            std::fs::read_to_string(&usage_file)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        };
+        let _ = std::fs::write(&limit_file, usage().saturating_sub(4096).to_string());
+        std::fs::write(&limit_file, usage().to_string()).unwrap();
+    }
+
+    fn lift(&self) {
+        let unlimited = if self.v1 { "-1" } else { "max" };
+        let _ = std::fs::write(self.file("memory.limit_in_bytes", "memory.max"), unlimited);
+    }
+}
+
+impl Drop for MapMemoryCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            self.home.join("cgroup.procs"),
+            std::process::id().to_string(),
+        );
+        self.lift();
+        // The maps' charges move to the parent with the directory.
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.dir).is_ok() || !self.dir.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// ENOMEM from the kernel (a map element allocated without sleeping, its
+/// memory cgroup at the limit) is not a full map: counted by reason, the
+/// cgroup's CPU time kept (parked, then in the map or the overflow bucket),
+/// and new cgroups counted again once memory is back. A CI run under
+/// memory pressure once sent such time to the overflow bucket as "map full".
+#[test]
+fn allocation_failures_are_counted_by_reason_and_lose_nothing() {
+    let _lock = cpu_lock();
+    let memcg = MapMemoryCgroup::join("ergon-map-memory");
+    let config = ProbeConfig {
+        mode: ProbeMode::Ebpf,
+        ..ProbeConfig::local()
+    };
+    let started = Probe::start(&config);
+    memcg.leave();
+    let mut probe = started.unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let s0 = probe.sample().unwrap();
+    let busy0 = machine_busy();
+
+    // New cgroups until their inserts fail: the kernel's per-CPU caches of
+    // elements (refilled from the cgroup's memory) serve the first ones,
+    // and what the process freed since it left makes room (the limit
+    // follows the usage down each round).
+    let mut cgroups = Vec::new();
+    let mut charged = Duration::ZERO;
+    let mut failed = false;
+    while !failed && cgroups.len() < 600 {
+        memcg.hold_at_usage();
+        for _ in 0..20 {
+            let cgroup = CgroupGuard::pod_shaped("nomem");
+            let child = BusyChild::spawn_in(&cgroup.path);
+            std::thread::sleep(Duration::from_millis(5));
+            child.stop();
+            // A 5 ms child's fork, before it joined, is a tenth of its
+            // rusage: what the cgroup itself was charged is the reference.
+            charged += Duration::from_micros(cgroup.usage_usec());
+            cgroups.push(cgroup);
+        }
+        flush_cpus();
+        failed = probe.sample().unwrap().cgroup_inserts_no_memory > s0.cgroup_inserts_no_memory;
+    }
+    assert!(
+        failed,
+        "{} new cgroups under a memory cgroup held at its usage, and no insert failed with ENOMEM",
+        cgroups.len()
+    );
+    // Parked counts reach the map or, after 100 ms, the overflow bucket at
+    // their CPU's next switches.
+    std::thread::sleep(Duration::from_millis(150));
+    flush_cpus();
+    flush_cpus();
+    let s1 = probe.sample().unwrap();
+    assert_eq!(
+        s1.last_cgroup_insert_errno,
+        libc::ENOMEM,
+        "the errno of the last failed insert"
+    );
+    assert_eq!(
+        s1.cgroup_inserts_failed_other, s0.cgroup_inserts_failed_other,
+        "only ENOMEM was provoked"
+    );
+    let in_map: u64 = cgroups
+        .iter()
+        .map(|c| s1.cgroups.get(&c.id()).map(|u| u.cpu_ns).unwrap_or(0))
+        .sum();
+    let overflow = s1.cgroup_overflow.cpu_ns - s0.cgroup_overflow.cpu_ns;
+    let total = in_map + overflow;
+    // The reference is the cgroups' own cpu.stat: within 3% (the last
+    // slices of a CPU reach the map at its next switch).
+    assert!(
+        total as f64 >= charged.as_nanos() as f64 * 0.97,
+        "in map {in_map} + overflow {overflow} ns, less than the {charged:?} the kernel charged \
+         the test's {} cgroups: CPU time was lost",
+        cgroups.len()
+    );
+    let busy = machine_busy() - busy0;
+    let slack = 2 * TICK * std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    assert!(
+        Duration::from_nanos(total) <= (busy + slack).mul_f64(1.05),
+        "in map {in_map} + overflow {overflow} ns, more than the machine's busy time {busy:?}"
+    );
+
+    // Memory back: a new cgroup is counted like any other.
+    memcg.lift();
+    let (counted, charged) = counted_and_charged(&mut probe, "memory-back");
+    assert_within_5_percent("after the limit was lifted, the probe", counted, charged);
+}

@@ -48,6 +48,7 @@ pub const MODEL_FIT_RMSE: &str = "ergon_model_fit_rmse_watts";
 pub const MODEL_FIT_SAMPLES: &str = "ergon_model_fit_samples";
 pub const UNKNOWN_POD_CGROUPS: &str = "ergon_unknown_pod_cgroups";
 pub const PROBE_SKIPPED: &str = "ergon_probe_skipped_total";
+pub const PROBE_INSERT_FAILURES: &str = "ergon_probe_map_insert_failures_total";
 pub const KEPLER_CONTAINER: &str = "kepler_container_joules_total";
 pub const KEPLER_NODE: &str = "kepler_node_platform_joules_total";
 pub const CHECKPOINT_REJECTED: &str = "ergon_checkpoint_rejected_total";
@@ -216,6 +217,12 @@ pub fn catalogue() -> Vec<Family> {
             "Cgroups (kind=cgroup, with their subtree: their CPU time stays with the parent) and processes (kind=process) the procfs probe left out of a sample because they could not be read: reason=permission|name_too_long|unparsable|io.",
             Counter,
             &["kind", "reason"],
+        ),
+        Family::new(
+            PROBE_INSERT_FAILURES,
+            "New cgroups the kernel could not add to the probe's cgroup map although it was not full: reason=no_memory (ENOMEM: a non-sleeping allocation found no memory) or other. Their CPU time waits on its CPU and is added later; what still fails goes to the overflow bucket.",
+            Counter,
+            &["map", "reason"],
         ),
         Family::new(
             UNKNOWN_POD_CGROUPS,
@@ -494,6 +501,15 @@ pub(super) fn build(measure: &Loop) -> Report {
             family(&mut families, PROBE_SKIPPED)
                 .push(vec![(*kind).into(), (*reason).into()], *count as f64);
         }
+        if let Probe::Ebpf(_) = &measure.probe {
+            let failures = family(&mut families, PROBE_INSERT_FAILURES);
+            for (reason, count) in [
+                ("no_memory", usage.cgroup_inserts_no_memory),
+                ("other", usage.cgroup_inserts_failed_other),
+            ] {
+                failures.push(vec!["cgroups".into(), reason.into()], count as f64);
+            }
+        }
     }
     // Before the first full list every pod is unknown: no figure then.
     if measure.pods.connection().synced {
@@ -666,6 +682,7 @@ mod tests {
             MODEL_FIT_RMSE,
             MODEL_FIT_SAMPLES,
             PROBE_SKIPPED,
+            PROBE_INSERT_FAILURES,
             UNKNOWN_POD_CGROUPS,
             KEPLER_CONTAINER,
             KEPLER_NODE,

@@ -102,7 +102,40 @@ pub struct EbpfProbe {
     map_fds: Vec<(String, i32)>,
     host_proc: PathBuf,
     book: ThreadBook,
+    insert_failures: InsertFailureLog,
     _pmu_fds: Vec<OwnedFd>,
+}
+
+/// Logs the cgroup map's failed inserts (other than a full map, which the
+/// kernel program logs itself) with their errno, at most once a minute.
+#[derive(Default)]
+struct InsertFailureLog {
+    logged: u64,
+    last: Option<std::time::Instant>,
+}
+
+impl InsertFailureLog {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+    fn note(&mut self, snapshot: &UsageSnapshot) {
+        let total = snapshot.cgroup_inserts_no_memory + snapshot.cgroup_inserts_failed_other;
+        if total <= self.logged || self.last.is_some_and(|at| at.elapsed() < Self::EVERY) {
+            return;
+        }
+        let errno = std::io::Error::from_raw_os_error(snapshot.last_cgroup_insert_errno);
+        tracing::warn!(
+            "the kernel could not add {} new cgroups to the cgroup map although it is not \
+             full (last error: {errno}); their CPU time was parked on its CPU and added at \
+             a later switch (what could not be added after retries is in \
+             ergon_probe_overflow_cpu_seconds_total{{map=\"cgroups\"}}). ENOMEM means a \
+             non-sleeping allocation found no memory: the exporter's memory cgroup at its \
+             limit (raise the memory limit) or a moment's shortage of per-CPU memory while \
+             many cgroups are created. Counted in ergon_probe_map_insert_failures_total",
+            total - self.logged
+        );
+        self.logged = total;
+        self.last = Some(std::time::Instant::now());
+    }
 }
 
 fn map_err(map: &'static str) -> impl Fn(aya::maps::MapError) -> ProbeError {
@@ -326,6 +359,7 @@ impl EbpfProbe {
             map_fds,
             host_proc: config.host_proc.clone(),
             book: ThreadBook::default(),
+            insert_failures: InsertFailureLog::default(),
             _pmu_fds: pmu_fds,
         })
     }
@@ -405,7 +439,14 @@ impl EbpfProbe {
             snapshot.busy_ns += state.busy_ns;
             snapshot.overflowed_cgroup_keys += state.overflowed_cgroup_keys;
             snapshot.overflowed_process_keys += state.overflowed_process_keys;
+            snapshot.cgroup_inserts_no_memory += state.cgroup_inserts_no_memory;
+            snapshot.cgroup_inserts_failed_other += state.cgroup_inserts_failed_other;
+            if state.last_cgroup_insert_error != 0 {
+                snapshot.last_cgroup_insert_errno =
+                    i32::try_from(-state.last_cgroup_insert_error).unwrap_or(i32::MAX);
+            }
         }
+        self.insert_failures.note(&snapshot);
         Ok(snapshot)
     }
 

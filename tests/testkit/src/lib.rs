@@ -90,6 +90,17 @@ impl CgroupGuard {
         std::fs::metadata(&self.path).unwrap().ino()
     }
 
+    /// CPU time the kernel charged the cgroup (`usage_usec` of its
+    /// `cpu.stat`): what a probe must count for it, without the time its
+    /// processes spent before they joined.
+    pub fn usage_usec(&self) -> u64 {
+        let stat = std::fs::read_to_string(self.path.join("cpu.stat")).unwrap();
+        stat.lines()
+            .find_map(|l| l.strip_prefix("usage_usec "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no usage_usec in {}: {stat}", self.path.display()))
+    }
+
     pub fn relative(&self) -> String {
         self.path
             .strip_prefix(cgroup2_root())
