@@ -518,7 +518,7 @@ fn clean_up(cluster: &Cluster) -> Result<()> {
             NAMESPACE,
             "--ignore-not-found",
             "--wait=true",
-            "--timeout=120s",
+            "--timeout=300s",
         ],
     );
     attempt(

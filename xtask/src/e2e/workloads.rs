@@ -322,14 +322,40 @@ pub const COUNTERS: [&str; 4] = [
     "ergon_container_cpu_seconds_total{namespace!=\"\"}",
 ];
 
+/// Deletes the load's namespace and waits until it is gone (its busy loops
+/// would otherwise take CPU from the stack's step). Each pod's deletion
+/// waits for the kubelet's cleanup, ~47 s on a loaded node; one CI run
+/// went past 120 s for the namespace, so the wait is 300 s, and a timeout
+/// says what was left.
 pub fn delete_namespace(cluster: &Cluster) -> Result<()> {
-    cluster
-        .kubectl(&[
-            "delete",
-            "namespace",
-            NAMESPACE,
-            "--wait=true",
-            "--timeout=120s",
-        ])
-        .map(|_| ())
+    let started = std::time::Instant::now();
+    let deleted = cluster.kubectl(&[
+        "delete",
+        "namespace",
+        NAMESPACE,
+        "--wait=true",
+        "--timeout=300s",
+    ]);
+    match deleted {
+        Ok(_) => {
+            eprintln!(
+                "e2e: namespace {NAMESPACE} deleted in {:.0} s",
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let left = cluster
+                .kubectl(&["get", "pods", "-n", NAMESPACE, "-o", "wide"])
+                .unwrap_or_else(|e| format!("(pods not listed: {e:#})"));
+            let status = cluster
+                .kubectl(&["get", "namespace", NAMESPACE, "-o", "jsonpath={.status}"])
+                .unwrap_or_else(|e| format!("(status not read: {e:#})"));
+            Err(e.context(format!(
+                "namespace {NAMESPACE} not gone after {:.0} s; its pods:\n{left}\nits status: \
+                 {status}",
+                started.elapsed().as_secs_f64()
+            )))
+        }
+    }
 }
