@@ -122,14 +122,18 @@ pub struct CpuState {
     /// [`PARKED_WAIT_NS`] or with every parked slot taken.
     pub overflowed_cgroup_keys: u64,
     pub overflowed_process_keys: u64,
-    /// Inserts into the cgroup map that failed although it was not full:
+    /// Failed inserts into the cgroup map and the thread map, by reason
+    /// (indexed as [`INSERT_FAILURE_REASONS`]): the map full (`E2BIG`),
     /// `ENOMEM` (an on-demand element is allocated without sleeping, from a
-    /// per-CPU cache that the kernel refills asynchronously; the per-CPU
-    /// value comes from the percpu allocator's populated pages, which
-    /// cgroup creation itself draws on), and any other errno. Each failed
-    /// key's counts are parked, not dropped.
-    pub cgroup_inserts_no_memory: u64,
-    pub cgroup_inserts_failed_other: u64,
+    /// per-CPU cache that the kernel refills asynchronously; a cgroup
+    /// map's per-CPU value comes from the percpu allocator's populated
+    /// pages, which cgroup creation itself draws on; a memory cgroup at
+    /// its limit refuses both), any other errno. A cgroup whose insert
+    /// failed for want of memory has its counts parked, not dropped; a
+    /// thread's slice goes to the process overflow bucket and its next
+    /// switch-out tries again.
+    pub cgroup_insert_failures: [u64; 3],
+    pub thread_insert_failures: [u64; 3],
     /// The (negative) errno of the last such failure; 0 before any.
     pub last_cgroup_insert_error: i64,
     /// Parked slots in use: checked at every switch, so the common case
@@ -146,6 +150,10 @@ pub struct CpuState {
     /// switch that can place them.
     pub parked: [ParkedCgroup; PARKED_SLOTS],
 }
+
+/// What the indices of [`CpuState::cgroup_insert_failures`] and
+/// [`CpuState::thread_insert_failures`] count, as exported (`reason`).
+pub const INSERT_FAILURE_REASONS: [&str; 3] = ["full", "no_memory", "other"];
 
 /// Parked slots per CPU: a burst of allocation failures on one CPU rarely
 /// touches more than one or two new cgroups before the kernel's refill runs.

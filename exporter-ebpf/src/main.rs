@@ -356,6 +356,18 @@ mod programs {
         }
     }
 
+    /// The index into `INSERT_FAILURE_REASONS` of a failed insert's errno.
+    #[inline(always)]
+    fn failure_reason(e: i64) -> usize {
+        if e == -E2BIG {
+            0
+        } else if e == -ENOMEM {
+            1
+        } else {
+            2
+        }
+    }
+
     #[inline(always)]
     fn to_overflow(state: &mut CpuState, counts: &CgroupCounters) {
         state.overflowed_cgroup_keys += 1;
@@ -377,7 +389,10 @@ mod programs {
                 let (done, to_bucket) = match add_to_cgroup(cgroups, slot.cgroup_id, &slot.counters)
                 {
                     Ok(()) => (true, false),
-                    Err(e) if e == -E2BIG => (true, true),
+                    Err(e) if e == -E2BIG => {
+                        state.cgroup_insert_failures[0] += 1;
+                        (true, true)
+                    }
                     Err(_) => {
                         let expired = now.wrapping_sub(slot.parked_at_ns) >= PARKED_WAIT_NS;
                         (expired, expired)
@@ -449,22 +464,19 @@ mod programs {
         match add_to_cgroup(cgroups, cgroup_id, &pending) {
             Ok(()) => {}
             Err(e) if e == -E2BIG => {
-                if state.overflowed_cgroup_keys == 0 {
+                if state.cgroup_insert_failures[0] == 0 {
                     warn!(
                         ctx,
                         "cgroup map full: cgroup {} and later new cgroups go to the overflow bucket; raise --max-cgroups",
                         cgroup_id
                     );
                 }
+                state.cgroup_insert_failures[0] += 1;
                 to_overflow(state, &pending);
             }
             Err(e) => {
                 // Counted here, logged by user space with the errno.
-                if e == -ENOMEM {
-                    state.cgroup_inserts_no_memory += 1;
-                } else {
-                    state.cgroup_inserts_failed_other += 1;
-                }
+                state.cgroup_insert_failures[failure_reason(e)] += 1;
                 state.last_cgroup_insert_error = e;
                 if !park(state, cgroup_id, &pending, now) {
                     to_overflow(state, &pending);
@@ -575,7 +587,8 @@ mod programs {
                     reserved: 0,
                     comm: bpf_get_current_comm().unwrap_or([0; 16]),
                 };
-                if threads.insert(&tid, &thread, BPF_ANY as u64).is_err() {
+                if let Err(e) = threads.insert(&tid, &thread, BPF_ANY as u64) {
+                    state.thread_insert_failures[failure_reason(e as i64)] += 1;
                     state.overflowed_process_keys += 1;
                     if let Some(bucket) = PROCESS_OVERFLOW.get_ptr_mut(0) {
                         unsafe { (*bucket).add(&slice) };

@@ -179,6 +179,10 @@ fn tiny_map_sends_excess_to_overflow_and_keeps_the_total() {
         s1.cgroups.len()
     );
     assert!(s1.overflowed_cgroup_keys > s0.overflowed_cgroup_keys);
+    assert!(
+        s1.cgroup_insert_failures[0] > s0.cgroup_insert_failures[0],
+        "inserts into the full map are counted as reason `full`"
+    );
     let in_map: u64 = cgroups
         .iter()
         .map(|c| s1.cgroups.get(&c.id()).map(|u| u.cpu_ns).unwrap_or(0))
@@ -688,7 +692,7 @@ fn allocation_failures_are_counted_by_reason_and_lose_nothing() {
             cgroups.push(cgroup);
         }
         flush_cpus();
-        failed = probe.sample().unwrap().cgroup_inserts_no_memory > s0.cgroup_inserts_no_memory;
+        failed = probe.sample().unwrap().cgroup_insert_failures[1] > s0.cgroup_insert_failures[1];
     }
     assert!(
         failed,
@@ -707,8 +711,9 @@ fn allocation_failures_are_counted_by_reason_and_lose_nothing() {
         "the errno of the last failed insert"
     );
     assert_eq!(
-        s1.cgroup_inserts_failed_other, s0.cgroup_inserts_failed_other,
-        "only ENOMEM was provoked"
+        (s1.cgroup_insert_failures[0], s1.cgroup_insert_failures[2]),
+        (s0.cgroup_insert_failures[0], s0.cgroup_insert_failures[2]),
+        "only ENOMEM was provoked: no insert found the map full or failed otherwise"
     );
     let in_map: u64 = cgroups
         .iter()

@@ -220,7 +220,7 @@ pub fn catalogue() -> Vec<Family> {
         ),
         Family::new(
             PROBE_INSERT_FAILURES,
-            "New cgroups the kernel could not add to the probe's cgroup map although it was not full: reason=no_memory (ENOMEM: a non-sleeping allocation found no memory) or other. Their CPU time waits on its CPU and is added later; what still fails goes to the overflow bucket.",
+            "Keys the kernel could not add to the probe's maps (map=cgroups|processes), by reason: full (raise --max-cgroups / --max-processes), no_memory (ENOMEM: a non-sleeping allocation found no memory; a cgroup's CPU time then waits on its CPU and is added later), other. What could not be added is in ergon_probe_overflow_cpu_seconds_total.",
             Counter,
             &["map", "reason"],
         ),
@@ -503,11 +503,13 @@ pub(super) fn build(measure: &Loop) -> Report {
         }
         if let Probe::Ebpf(_) = &measure.probe {
             let failures = family(&mut families, PROBE_INSERT_FAILURES);
-            for (reason, count) in [
-                ("no_memory", usage.cgroup_inserts_no_memory),
-                ("other", usage.cgroup_inserts_failed_other),
+            for (map, counts) in [
+                ("cgroups", usage.cgroup_insert_failures),
+                ("processes", usage.process_insert_failures),
             ] {
-                failures.push(vec!["cgroups".into(), reason.into()], count as f64);
+                for (reason, count) in ergon_ebpf::INSERT_FAILURE_REASONS.iter().zip(counts) {
+                    failures.push(vec![map.into(), (*reason).into()], count as f64);
+                }
             }
         }
     }

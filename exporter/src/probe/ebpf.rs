@@ -106,8 +106,9 @@ pub struct EbpfProbe {
     _pmu_fds: Vec<OwnedFd>,
 }
 
-/// Logs the cgroup map's failed inserts (other than a full map, which the
-/// kernel program logs itself) with their errno, at most once a minute.
+/// Logs the maps' failed inserts (other than a full map, which the kernel
+/// program logs itself) with the cgroup map's last errno, at most once a
+/// minute.
 #[derive(Default)]
 struct InsertFailureLog {
     logged: u64,
@@ -118,22 +119,28 @@ impl InsertFailureLog {
     const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
     fn note(&mut self, snapshot: &UsageSnapshot) {
-        let total = snapshot.cgroup_inserts_no_memory + snapshot.cgroup_inserts_failed_other;
-        if total <= self.logged || self.last.is_some_and(|at| at.elapsed() < Self::EVERY) {
+        // A full map is logged by the kernel program itself.
+        let [_, cgroups_no_memory, cgroups_other] = snapshot.cgroup_insert_failures;
+        let [_, threads_no_memory, threads_other] = snapshot.process_insert_failures;
+        let cgroups = cgroups_no_memory + cgroups_other;
+        let threads = threads_no_memory + threads_other;
+        if cgroups + threads <= self.logged
+            || self.last.is_some_and(|at| at.elapsed() < Self::EVERY)
+        {
             return;
         }
         let errno = std::io::Error::from_raw_os_error(snapshot.last_cgroup_insert_errno);
         tracing::warn!(
-            "the kernel could not add {} new cgroups to the cgroup map although it is not \
-             full (last error: {errno}); their CPU time was parked on its CPU and added at \
-             a later switch (what could not be added after retries is in \
-             ergon_probe_overflow_cpu_seconds_total{{map=\"cgroups\"}}). ENOMEM means a \
-             non-sleeping allocation found no memory: the exporter's memory cgroup at its \
-             limit (raise the memory limit) or a moment's shortage of per-CPU memory while \
-             many cgroups are created. Counted in ergon_probe_map_insert_failures_total",
-            total - self.logged
+            "the kernel could not add new keys to the probe's maps although they are not \
+             full ({cgroups} cgroups since start, last error: {errno}; {threads} threads): a \
+             cgroup's CPU time waits on its CPU and is added at a later switch, a thread's \
+             slice goes to the overflow bucket (ergon_probe_overflow_cpu_seconds_total) and \
+             its next switch tries again. ENOMEM means a non-sleeping allocation found no \
+             memory: the exporter's memory cgroup at its limit (raise the memory limit) or a \
+             moment's shortage while many cgroups are created. Counted in \
+             ergon_probe_map_insert_failures_total"
         );
-        self.logged = total;
+        self.logged = cgroups + threads;
         self.last = Some(std::time::Instant::now());
     }
 }
@@ -439,8 +446,10 @@ impl EbpfProbe {
             snapshot.busy_ns += state.busy_ns;
             snapshot.overflowed_cgroup_keys += state.overflowed_cgroup_keys;
             snapshot.overflowed_process_keys += state.overflowed_process_keys;
-            snapshot.cgroup_inserts_no_memory += state.cgroup_inserts_no_memory;
-            snapshot.cgroup_inserts_failed_other += state.cgroup_inserts_failed_other;
+            for reason in 0..3 {
+                snapshot.cgroup_insert_failures[reason] += state.cgroup_insert_failures[reason];
+                snapshot.process_insert_failures[reason] += state.thread_insert_failures[reason];
+            }
             if state.last_cgroup_insert_error != 0 {
                 snapshot.last_cgroup_insert_errno =
                     i32::try_from(-state.last_cgroup_insert_error).unwrap_or(i32::MAX);

@@ -155,12 +155,11 @@ pub struct UsageSnapshot {
     /// Number of new cgroup keys that went to the overflow bucket.
     pub overflowed_cgroup_keys: u64,
     pub overflowed_process_keys: u64,
-    /// Inserts into the kernel's cgroup map that failed although it was not
-    /// full, by reason (`no_memory`: ENOMEM; `other`), cumulative. Their
-    /// counts were parked in the kernel and inserted later (eBPF probe only;
-    /// see `ergon_ebpf::CpuState`).
-    pub cgroup_inserts_no_memory: u64,
-    pub cgroup_inserts_failed_other: u64,
+    /// Failed inserts into the kernel's cgroup and thread maps, by reason
+    /// (`ergon_ebpf::INSERT_FAILURE_REASONS`: full, no_memory, other),
+    /// cumulative (eBPF probe only; see `ergon_ebpf::CpuState`).
+    pub cgroup_insert_failures: [u64; 3],
+    pub process_insert_failures: [u64; 3],
     /// The errno of the most recent of those on any CPU (positive; 0: none).
     pub last_cgroup_insert_errno: i32,
     /// Cgroups and processes left out of a sample because they could not be
