@@ -16,8 +16,9 @@
 //! and some (proc-macro2's) rerun when it changes: sharing `target/` made
 //! every cross build dirty the host's proc-macros, and the next host `cargo
 //! test` (the e2e's cluster tests) compiled tokio, hyper and serde again
-//! (81 s in CI). The cross build compiled those host crates anyway, for the
-//! same reason, so the separate directory costs nothing.
+//! (81 s in CI). The cross build compiles its host build scripts and
+//! proc-macros itself now: measured cold, the arm64 step took 461 s against
+//! 397 s before, the e2e 351 s against 480 s.
 
 use std::path::PathBuf;
 use std::process::Command;
