@@ -11,6 +11,7 @@
 //! `fuzz/artifacts/<target>/` and the run stops there, naming the command
 //! that reproduces it.
 
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -136,4 +137,65 @@ pub fn run_all(args: &[String]) -> Result<()> {
         targets.len()
     );
     Ok(())
+}
+
+/// The smoke of `cargo xtask test` (`cargo xtask fuzz --seconds 5 --dev`),
+/// run as a child at the lowest priority beside the e2e, its output in
+/// `target/fuzz-smoke.log` (printed when it fails, its last line when not).
+pub struct Smoke {
+    child: std::io::Result<std::process::Child>,
+    log: PathBuf,
+    started: std::time::Instant,
+}
+
+impl Smoke {
+    pub fn start() -> Smoke {
+        let log = root().join("target/fuzz-smoke.log");
+        let child = std::fs::File::create(&log).and_then(|file| {
+            let exe = std::env::current_exe()?;
+            eprintln!(
+                "fuzz smoke: started beside the e2e at low priority (log: {})",
+                log.display()
+            );
+            Command::new("nice")
+                .args(["-n", "19"])
+                .arg(exe)
+                .args(["fuzz", "--seconds", "5", "--dev"])
+                .current_dir(root())
+                .stdin(std::process::Stdio::null())
+                .stdout(file.try_clone()?)
+                .stderr(file)
+                .spawn()
+        });
+        Smoke {
+            child,
+            log,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    pub fn wait(self) -> Result<()> {
+        let status = self
+            .child
+            .and_then(|mut child| child.wait())
+            .context("running the fuzz smoke (`cargo xtask fuzz --seconds 5 --dev`)")?;
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        if status.success() {
+            eprintln!(
+                "fuzz smoke: {} ({:.0} s after it started)",
+                lines.last().copied().unwrap_or("no output"),
+                self.started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        eprintln!("----- last 60 lines of {} -----", self.log.display());
+        for line in &lines[lines.len().saturating_sub(60)..] {
+            eprintln!("{line}");
+        }
+        bail!(
+            "`cargo xtask fuzz --seconds 5 --dev` failed ({status}); its log: {}",
+            self.log.display()
+        )
+    }
 }
