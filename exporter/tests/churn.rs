@@ -389,10 +389,10 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
             // the allocator keeps what the most series took after they
             // expire: the bound scales with the peak, not the current
             // count. (A cold CI run's background Kubernetes build gave its
-            // processes' series a peak of ~4,600 at 31 s against ~3,200
-            // warm; at 36 s they had expired, the anonymous memory of the
-            // peak had not: +44% over warm against a bound scaled by the
-            // current count.)
+            // processes' series ~4,600 at 31 s against ~3,200 warm, and at
+            // 36 s the anonymous memory read +44% over warm against a
+            // bound scaled by the count then, which that run did not
+            // print: that the series had expired is inferred.)
             let scale = (series_peak as f64 / warm_series as f64).max(1.0);
             let (_, warm_anon, warm_fds, _, _) =
                 *warm.get_or_insert((rss, anon, fds, cpu, Instant::now()));

@@ -183,29 +183,45 @@ fn tiny_map_sends_excess_to_overflow_and_keeps_the_total() {
         s1.cgroup_insert_failures[0] > s0.cgroup_insert_failures[0],
         "inserts into the full map are counted as reason `full`"
     );
+    // The overflow bucket also takes every other cgroup that ran on the
+    // machine meanwhile and found no slot (the four slots may well go to
+    // the machine's own cgroups first).
+    let overflow = assert_in_map_or_overflow(&s0, &s1, &cgroups, charged, 0.95, busy0);
+    assert!(overflow > 0, "nothing reached the overflow bucket");
+}
+
+/// Nothing of `cgroups`' CPU time (`charged`, at least `share` of it) is
+/// lost between samples `s0` and `s1`: it is in their map entries or the
+/// overflow bucket; and nothing beyond what the machine ran since `busy0`
+/// appears. Returns what the overflow bucket gained.
+fn assert_in_map_or_overflow(
+    s0: &ergon::probe::UsageSnapshot,
+    s1: &ergon::probe::UsageSnapshot,
+    cgroups: &[CgroupGuard],
+    charged: Duration,
+    share: f64,
+    busy0: Duration,
+) -> u64 {
     let in_map: u64 = cgroups
         .iter()
         .map(|c| s1.cgroups.get(&c.id()).map(|u| u.cpu_ns).unwrap_or(0))
         .sum();
     let overflow = s1.cgroup_overflow.cpu_ns - s0.cgroup_overflow.cpu_ns;
-    assert!(overflow > 0, "nothing reached the overflow bucket");
-    // The overflow bucket also takes every other cgroup that ran on the
-    // machine meanwhile and found no slot (the four slots may well go to
-    // the machine's own cgroups first): nothing of the test's cgroups may
-    // be lost, and nothing beyond what the machine ran may appear.
-    let busy = machine_busy() - busy0;
     let total = in_map + overflow;
     assert!(
-        total as f64 >= charged.as_nanos() as f64 * 0.95,
+        total as f64 >= charged.as_nanos() as f64 * share,
         "in map {in_map} + overflow {overflow} ns, less than the {charged:?} the kernel charged \
-         the test's cgroups: CPU time was lost"
+         the test's {} cgroups: CPU time was lost",
+        cgroups.len()
     );
+    let busy = machine_busy() - busy0;
     // /proc/stat counts in ticks: one tick of slack per CPU at each end.
     let slack = 2 * TICK * std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     assert!(
         Duration::from_nanos(total) <= (busy + slack).mul_f64(1.05),
         "in map {in_map} + overflow {overflow} ns, more than the machine's busy time {busy:?}"
     );
+    overflow
 }
 
 /// A /proc/stat tick (USER_HZ is 100 on Linux).
@@ -715,26 +731,9 @@ fn allocation_failures_are_counted_by_reason_and_lose_nothing() {
         (s0.cgroup_insert_failures[0], s0.cgroup_insert_failures[2]),
         "only ENOMEM was provoked: no insert found the map full or failed otherwise"
     );
-    let in_map: u64 = cgroups
-        .iter()
-        .map(|c| s1.cgroups.get(&c.id()).map(|u| u.cpu_ns).unwrap_or(0))
-        .sum();
-    let overflow = s1.cgroup_overflow.cpu_ns - s0.cgroup_overflow.cpu_ns;
-    let total = in_map + overflow;
     // The reference is the cgroups' own cpu.stat: within 3% (the last
     // slices of a CPU reach the map at its next switch).
-    assert!(
-        total as f64 >= charged.as_nanos() as f64 * 0.97,
-        "in map {in_map} + overflow {overflow} ns, less than the {charged:?} the kernel charged \
-         the test's {} cgroups: CPU time was lost",
-        cgroups.len()
-    );
-    let busy = machine_busy() - busy0;
-    let slack = 2 * TICK * std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    assert!(
-        Duration::from_nanos(total) <= (busy + slack).mul_f64(1.05),
-        "in map {in_map} + overflow {overflow} ns, more than the machine's busy time {busy:?}"
-    );
+    assert_in_map_or_overflow(&s0, &s1, &cgroups, charged, 0.97, busy0);
 
     // Memory back: a new cgroup is counted like any other.
     memcg.lift();

@@ -160,7 +160,9 @@ pub struct UsageSnapshot {
     /// cumulative (eBPF probe only; see `ergon_ebpf::CpuState`).
     pub cgroup_insert_failures: [u64; 3],
     pub process_insert_failures: [u64; 3],
-    /// The errno of the most recent of those on any CPU (positive; 0: none).
+    /// The errno of the last failed cgroup insert of the highest-numbered
+    /// CPU that had one (per CPU the kernel keeps only its last; positive;
+    /// 0: none).
     pub last_cgroup_insert_errno: i32,
     /// Cgroups and processes left out of a sample because they could not be
     /// read, per (kind, reason), cumulative (procfs probe only; see
