@@ -40,6 +40,11 @@ pub const GLOBAL_TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
 /// BTF), the path to the cgroup id the `tp_btf` programs follow; zeros make
 /// them call `bpf_get_current_cgroup_id` instead.
 pub const GLOBAL_CGROUP_ID_PATH: &str = "CGROUP_ID_PATH";
+/// Global set at load time: byte offsets of `task_struct.se.cfs_rq`,
+/// `cfs_rq.rq` and `rq.clock` (from the kernel's BTF), the path to the run
+/// queue's clock the `tp_btf` programs read as "now"; zeros make them call
+/// `bpf_ktime_get_ns` instead.
+pub const GLOBAL_RQ_CLOCK_PATH: &str = "RQ_CLOCK_PATH";
 
 /// Program names, as the loader finds them in the object: the accounting
 /// programs on maps allocated on demand...
@@ -52,10 +57,18 @@ pub const PROG_TRACEPOINT_PREALLOC: &str = "sched_switch_tp_prealloc";
 pub const PROG_EMPTY_TP_BTF: &str = "empty_sched_switch_btf";
 pub const PROG_EMPTY_TRACEPOINT: &str = "empty_sched_switch_tp";
 /// The benchmark's ladder on `tp_btf`, each rung one step more of the
-/// accounting program than the one before (empty → rungs → full program):
-/// + clock read, + cgroup id, + cgroup map lookup/update, + per-CPU state.
-pub const PROG_LADDER_BTF: [(&str, &str); 4] = [
+/// accounting program than the one before (empty, then these rungs, then
+/// the full program): the clock read (the run queue's clock, as the
+/// program reads it), the cgroup id (through the task's BTF-typed fields),
+/// the cgroup map's lookup and update at every switch, the per-CPU state.
+/// The two `*_helper` rungs price the helper calls those reads replace
+/// (`bpf_ktime_get_ns`; `bpf_get_current_cgroup_id` after the run queue's
+/// clock): the fallback where the kernel has no BTF. Every rung is loaded
+/// with the accounting program's globals.
+pub const PROG_LADDER_BTF: [(&str, &str); 6] = [
+    ("clock_helper", "ladder_clock_helper_btf"),
     ("clock", "ladder_clock_btf"),
+    ("cgroup_id_helper", "ladder_cgroup_id_helper_btf"),
     ("cgroup_id", "ladder_cgroup_id_btf"),
     ("map_update", "ladder_map_update_btf"),
     ("cpu_state", "ladder_cpu_state_btf"),
@@ -109,7 +122,8 @@ pub struct ThreadCounters {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuState {
-    /// `bpf_ktime_get_ns` at the last switch on this CPU; 0 before the first.
+    /// The programs' clock at the last switch on this CPU (the run queue's
+    /// clock, or `bpf_ktime_get_ns` on the helper path); 0 before the first.
     pub last_switch_ns: u64,
     /// PMU counter values at the last switch, one per `MAP_PMU` entry.
     pub last_pmu: [u64; 3],
@@ -171,7 +185,8 @@ pub const PARKED_WAIT_NS: u64 = 100_000_000;
 pub struct ParkedCgroup {
     /// 0: the slot is free.
     pub cgroup_id: u64,
-    /// `bpf_ktime_get_ns` when the first insert failed.
+    /// The programs' clock (see [`CpuState::last_switch_ns`]) when the
+    /// first insert failed.
     pub parked_at_ns: u64,
     pub counters: CgroupCounters,
 }

@@ -3,8 +3,9 @@
 //! At a switch the outgoing task is still `current` (both for `tp_btf` and the
 //! classic tracepoint), so the helpers `bpf_get_current_cgroup_id`,
 //! `bpf_get_current_pid_tgid` and `bpf_get_current_comm` describe the task
-//! whose slice just ended, and no `task_struct` field has to be read (aya-ebpf
-//! has no CO-RE reads). The slice is `now - last switch on this CPU`.
+//! whose slice just ended; where the kernel has BTF the programs read the
+//! same facts from that task's fields instead (see "Cost" below). The slice
+//! is `now - last switch on this CPU`.
 //!
 //! No value has two writers at once, so plain `+=` is exact without atomics
 //! (bpfel has no 64-bit atomic add in aya-ebpf). Cgroups, whose tasks run on
@@ -34,20 +35,28 @@
 //! maps and on preallocated twins, and the loader picks one pair.
 //!
 //! Cost (measured with `cargo bench --bench probe_cost`, see BENCHMARKS.md):
-//! every helper call costs ~20–30 ns on the test VMs and a hash lookup ~50,
-//! so the program calls as few as it can. Consecutive slices of one cgroup
-//! on a CPU (a task and the idle task taking turns, or several tasks of one
-//! pod) are summed in that CPU's state and reach the cgroup map when the CPU
-//! switches out a task of another cgroup, or once 1 ms has piled up: the
-//! hash lookup is paid once per run of a cgroup, not once per switch. User
-//! space therefore sees at most 1 ms of each CPU's time late (until that
-//! CPU's next switch-out), never lost and never twice. Whether the task
-//! switched out is the idle task is read from the tracepoint's own record
-//! (classic tracepoint) or from `task_struct.pid` (`tp_btf`); on `tp_btf`
-//! its cgroup id is read through `prev->cgroups->dfl_cgrp->kn->id` too,
-//! at offsets user space found in the kernel's BTF (aya-ebpf has no CO-RE
-//! reads). Without those offsets the programs call
-//! `bpf_get_current_pid_tgid` and `bpf_get_current_cgroup_id`.
+//! a helper call costs 25–80 ns on the test VMs (`bpf_ktime_get_ns` the
+//! most: a clock source read), a hash lookup ~50–100, a load of data the
+//! scheduler has just touched a few. So where the kernel has BTF the
+//! programs call no helper at a switch: the time is the run queue's clock
+//! (`prev->se.cfs_rq->rq->clock`, updated by `__schedule` just before the
+//! tracepoint), the idle check reads `prev->pid`, the cgroup id
+//! `prev->cgroups->dfl_cgrp->kn->id` (the path `bpf_get_current_cgroup_id`
+//! follows), all at offsets user space found in the kernel's BTF (aya-ebpf
+//! has no CO-RE reads) and hands over as `.rodata` constants the verifier
+//! folds. `tp_btf` gets `prev` as its argument; the classic tracepoint asks
+//! `bpf_get_current_task_btf` for it (the outgoing task is still
+//! `current`) and reads the pid from its record. Without BTF, or where the
+//! kernel refuses those reads, user space leaves the offsets at zero and
+//! the same programs call `bpf_ktime_get_ns`, `bpf_get_current_pid_tgid`
+//! and `bpf_get_current_cgroup_id` (the portable path, ~100 ns more).
+//! Consecutive slices of one cgroup on a CPU (a task and the idle task
+//! taking turns, or several tasks of one pod) are summed in that CPU's
+//! state and reach the cgroup map when the CPU switches out a task of
+//! another cgroup, or once 1 ms has piled up: the hash lookup is paid once
+//! per run of a cgroup, not once per switch. User space therefore sees at
+//! most 1 ms of each CPU's time late (until that CPU's next switch-out),
+//! never lost and never twice.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -58,7 +67,7 @@ mod programs {
         cty::c_void,
         helpers::{
             bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-            bpf_ktime_get_ns, generated::bpf_perf_event_read_value,
+            bpf_get_current_task_btf, bpf_ktime_get_ns, generated::bpf_perf_event_read_value,
         },
         macros::{btf_tracepoint, map, tracepoint},
         maps::{HashMap, PerCpuArray, PerCpuHashMap, PerfEventArray},
@@ -112,6 +121,13 @@ mod programs {
     /// programs; zeros where user space did not find them.
     #[unsafe(no_mangle)]
     static CGROUP_ID_PATH: [u32; 4] = [0; 4];
+    /// Byte offsets of `task_struct.se.cfs_rq` (the two added),
+    /// `cfs_rq.rq` and `rq.clock`: the run queue's clock, which the
+    /// scheduler has just updated for this switch, read by the `tp_btf`
+    /// programs instead of calling `bpf_ktime_get_ns`; zeros where user
+    /// space did not find them.
+    #[unsafe(no_mangle)]
+    static RQ_CLOCK_PATH: [u32; 3] = [0; 3];
 
     /// What piles up in a CPU's state before it is added to the cgroup map.
     const PENDING_FLUSH_NS: u64 = 1_000_000;
@@ -125,6 +141,89 @@ mod programs {
         prev_idle: bool,
     }
 
+    /// The task switched out, as a BTF-typed pointer the verifier lets the
+    /// program read directly (it checks each load against the kernel's
+    /// types and makes it fault-safe); null where the programs use helpers
+    /// instead (user space found no offsets: no kernel BTF, or
+    /// `ProbeConfig::read_task_fields` off).
+    #[derive(Clone, Copy)]
+    struct Task(*const u8);
+
+    impl Task {
+        /// Loads the pointer at byte `at` of `base`.
+        #[inline(always)]
+        unsafe fn load(base: *const u8, at: u32) -> *const u8 {
+            unsafe { core::ptr::read_volatile(base.add(at as usize) as *const *const u8) }
+        }
+
+        /// Now, on this CPU's scheduler clock: `prev->se.cfs_rq->rq->clock`,
+        /// which `__schedule` updated (`update_rq_clock`) just before it
+        /// picked the next task. Three loads of data the scheduler has just
+        /// touched, where `bpf_ktime_get_ns` is a helper call and a clock
+        /// source read (the ladder prices it at 40–75 ns on the test VMs).
+        /// Only differences on one CPU are used, and the run queue's clock
+        /// is monotonic per CPU, so the slices telescope: a switch whose
+        /// clock update was skipped (`RQCF_ACT_SKIP`, after a yield) gives
+        /// a slice a little short and the next one as much longer, never a
+        /// loss. Like `bpf_ktime_get_ns` it counts interrupt and steal
+        /// time in the slice they interrupted.
+        #[inline(always)]
+        fn now(self) -> u64 {
+            let path = [0, 1, 2].map(|i| global(&RQ_CLOCK_PATH[i]));
+            if path[0] == 0 {
+                return unsafe { bpf_ktime_get_ns() };
+            }
+            // SAFETY: BTF-typed loads, see `Task`.
+            unsafe {
+                let rq = Task::load(Task::load(self.0, path[0]), path[1]);
+                core::ptr::read_volatile(rq.add(path[2] as usize) as *const u64)
+            }
+        }
+
+        /// The task's cgroup v2 id: `prev->cgroups->dfl_cgrp->kn->id`, the
+        /// path `bpf_get_current_cgroup_id` follows, in four loads.
+        #[inline(always)]
+        fn cgroup_id(self) -> u64 {
+            let path = [0, 1, 2, 3].map(|i| global(&CGROUP_ID_PATH[i]));
+            if path[0] == 0 {
+                return unsafe { bpf_get_current_cgroup_id() };
+            }
+            // SAFETY: BTF-typed loads, see `Task`.
+            unsafe {
+                let css_set = Task::load(self.0, path[0]);
+                let cgroup = Task::load(css_set, path[1]);
+                let kernfs_node = Task::load(cgroup, path[2]);
+                core::ptr::read_volatile(kernfs_node.add(path[3] as usize) as *const u64)
+            }
+        }
+
+        /// Whether any field is read through the task pointer.
+        #[inline(always)]
+        fn wanted() -> bool {
+            global(&RQ_CLOCK_PATH[0]) != 0 || global(&CGROUP_ID_PATH[0]) != 0
+        }
+
+        /// `prev`, the tracepoint's second argument.
+        #[inline(always)]
+        fn of_btf(ctx: &BtfTracePointContext) -> Task {
+            // sched_switch(bool preempt, struct task_struct *prev,
+            //              struct task_struct *next, unsigned int prev_state)
+            Task(ctx.arg(1))
+        }
+
+        /// The classic tracepoint's record holds no pointers, but at a
+        /// switch the outgoing task is still `current`: one helper call,
+        /// made only where the kernel has BTF for the fields.
+        #[inline(always)]
+        fn current() -> Task {
+            if Task::wanted() {
+                Task(unsafe { bpf_get_current_task_btf() } as *const u8)
+            } else {
+                Task(core::ptr::null())
+            }
+        }
+    }
+
     #[inline(always)]
     fn btf_switch(ctx: &BtfTracePointContext) -> Switch {
         let offset = global(&TASK_PID_OFFSET);
@@ -133,42 +232,11 @@ mod programs {
                 prev_idle: bpf_get_current_pid_tgid() as u32 == 0,
             };
         }
-        // sched_switch(bool preempt, struct task_struct *prev,
-        //              struct task_struct *next, unsigned int prev_state):
-        // a BTF-typed pointer the verifier lets the program read directly.
-        let prev: *const u8 = ctx.arg(1);
+        let prev = Task::of_btf(ctx).0;
         let pid = unsafe { core::ptr::read_volatile(prev.add(offset as usize) as *const i32) };
         Switch {
             prev_idle: pid == 0,
         }
-    }
-
-    /// The cgroup v2 id of the task switched out: `prev->cgroups->dfl_cgrp
-    /// ->kn->id`, four loads through BTF-typed pointers instead of a helper
-    /// call, where user space found the offsets.
-    #[inline(always)]
-    fn btf_cgroup_id(ctx: &BtfTracePointContext) -> u64 {
-        let path = [0, 1, 2, 3].map(|i| global(&CGROUP_ID_PATH[i]) as usize);
-        if path[0] == 0 {
-            return unsafe { bpf_get_current_cgroup_id() };
-        }
-        let prev: *const u8 = ctx.arg(1);
-        // SAFETY: loads through BTF-typed kernel pointers; the verifier
-        // checks each against the kernel's types and makes them fault-safe.
-        unsafe {
-            let load = |base: *const u8, at: usize| {
-                core::ptr::read_volatile(base.add(at) as *const *const u8)
-            };
-            let css_set = load(prev, path[0]);
-            let cgroup = load(css_set, path[1]);
-            let kernfs_node = load(cgroup, path[2]);
-            core::ptr::read_volatile(kernfs_node.add(path[3]) as *const u64)
-        }
-    }
-
-    #[inline(always)]
-    fn current_cgroup_id(_ctx: &TracePointContext) -> u64 {
-        unsafe { bpf_get_current_cgroup_id() }
     }
 
     #[inline(always)]
@@ -184,22 +252,24 @@ mod programs {
 
     #[btf_tracepoint(function = "sched_switch")]
     pub fn sched_switch_btf(ctx: BtfTracePointContext) -> i32 {
-        account(&ctx, btf_switch(&ctx), btf_cgroup_id, &CGROUPS, &THREADS);
+        let task = Task::of_btf(&ctx);
+        account(&ctx, btf_switch(&ctx), task, &CGROUPS, &THREADS);
         0
     }
 
     #[tracepoint(category = "sched", name = "sched_switch")]
     pub fn sched_switch_tp(ctx: TracePointContext) -> u32 {
-        account(&ctx, tp_switch(&ctx), current_cgroup_id, &CGROUPS, &THREADS);
+        account(&ctx, tp_switch(&ctx), Task::current(), &CGROUPS, &THREADS);
         0
     }
 
     #[btf_tracepoint(function = "sched_switch")]
     pub fn sched_switch_btf_prealloc(ctx: BtfTracePointContext) -> i32 {
+        let task = Task::of_btf(&ctx);
         account(
             &ctx,
             btf_switch(&ctx),
-            btf_cgroup_id,
+            task,
             &CGROUPS_PREALLOC,
             &THREADS_PREALLOC,
         );
@@ -211,7 +281,7 @@ mod programs {
         account(
             &ctx,
             tp_switch(&ctx),
-            current_cgroup_id,
+            Task::current(),
             &CGROUPS_PREALLOC,
             &THREADS_PREALLOC,
         );
@@ -231,8 +301,10 @@ mod programs {
 
     // The benchmark's ladder (`probe_cost`): each rung adds one step of
     // `account` to the one before, on the same hook, so that one storm
-    // prices every step. Their maps are their own: the rungs never touch
-    // what the exporter reads.
+    // prices every step, with the same globals as the accounting program
+    // (so the same clock and cgroup-id reads). Two side rungs price the
+    // helpers those reads replace. Their maps are their own: the rungs
+    // never touch what the exporter reads.
     #[map]
     static LADDER_CGROUPS: PerCpuHashMap<u64, CgroupCounters> =
         PerCpuHashMap::with_max_entries(1024, ON_DEMAND);
@@ -250,16 +322,28 @@ mod programs {
     }
 
     #[btf_tracepoint(function = "sched_switch")]
-    pub fn ladder_clock_btf(_ctx: BtfTracePointContext) -> i32 {
+    pub fn ladder_clock_helper_btf(_ctx: BtfTracePointContext) -> i32 {
         sink(unsafe { bpf_ktime_get_ns() });
         0
     }
 
     #[btf_tracepoint(function = "sched_switch")]
-    pub fn ladder_cgroup_id_btf(_ctx: BtfTracePointContext) -> i32 {
-        let now = unsafe { bpf_ktime_get_ns() };
-        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-        sink(now ^ cgroup_id);
+    pub fn ladder_clock_btf(ctx: BtfTracePointContext) -> i32 {
+        sink(Task::of_btf(&ctx).now());
+        0
+    }
+
+    #[btf_tracepoint(function = "sched_switch")]
+    pub fn ladder_cgroup_id_helper_btf(ctx: BtfTracePointContext) -> i32 {
+        let now = Task::of_btf(&ctx).now();
+        sink(now ^ unsafe { bpf_get_current_cgroup_id() });
+        0
+    }
+
+    #[btf_tracepoint(function = "sched_switch")]
+    pub fn ladder_cgroup_id_btf(ctx: BtfTracePointContext) -> i32 {
+        let task = Task::of_btf(&ctx);
+        sink(task.now() ^ task.cgroup_id());
         0
     }
 
@@ -277,16 +361,17 @@ mod programs {
     }
 
     #[btf_tracepoint(function = "sched_switch")]
-    pub fn ladder_map_update_btf(_ctx: BtfTracePointContext) -> i32 {
-        let now = unsafe { bpf_ktime_get_ns() };
-        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-        ladder_map_update(cgroup_id, now & 0xffff);
+    pub fn ladder_map_update_btf(ctx: BtfTracePointContext) -> i32 {
+        let task = Task::of_btf(&ctx);
+        let now = task.now();
+        ladder_map_update(task.cgroup_id(), now & 0xffff);
         0
     }
 
     #[btf_tracepoint(function = "sched_switch")]
-    pub fn ladder_cpu_state_btf(_ctx: BtfTracePointContext) -> i32 {
-        let now = unsafe { bpf_ktime_get_ns() };
+    pub fn ladder_cpu_state_btf(ctx: BtfTracePointContext) -> i32 {
+        let task = Task::of_btf(&ctx);
+        let now = task.now();
         let Some(state) = LADDER_CPU_STATE.get_ptr_mut(0) else {
             return 0;
         };
@@ -297,8 +382,7 @@ mod programs {
         if last == 0 || now < last {
             return 0;
         }
-        let cgroup_id = unsafe { bpf_get_current_cgroup_id() };
-        ladder_map_update(cgroup_id, now - last);
+        ladder_map_update(task.cgroup_id(), now - last);
         0
     }
 
@@ -489,11 +573,11 @@ mod programs {
     fn account<C: aya_ebpf::EbpfContext>(
         ctx: &C,
         switch: Switch,
-        cgroup_id_of_prev: fn(&C) -> u64,
+        task: Task,
         cgroups: &PerCpuHashMap<u64, CgroupCounters>,
         threads: &HashMap<u32, ThreadCounters>,
     ) {
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = task.now();
         let Some(state) = CPU_STATE.get_ptr_mut(0) else {
             return;
         };
@@ -544,7 +628,7 @@ mod programs {
             instructions: pmu_delta[1],
             cache_misses: pmu_delta[2],
         };
-        let cgroup_id = cgroup_id_of_prev(ctx);
+        let cgroup_id = task.cgroup_id();
         // Cgroup ids start at 1 (the root), so 0 means nothing pending.
         if cgroup_id == state.pending_cgroup_id {
             state.pending.add(&slice);

@@ -21,14 +21,20 @@
 //! On `tp_btf` the same storms also price the probe's anatomy, the way
 //! cloudflare/ebpf_exporter benchmarks empty, simple and complex probes: a
 //! ladder of programs (`ergon_ebpf::PROG_LADDER_BTF`), each one step more of
-//! the accounting program than the last (the empty program, then a clock
+//! the accounting program than the last (the empty program, then the clock
 //! read, the cgroup id, the cgroup map's lookup and update, the per-CPU
-//! state, and finally the full program), all attached at once, so each
-//! step's cost is the difference of neighbours in one run.
+//! state, and finally the full program), with two side rungs for the helper
+//! calls the first two steps replace, all attached at once, so each step's
+//! cost is the difference of neighbours in one run.
+//!
+//! Each hook is measured twice: as it runs where the kernel has BTF (the
+//! task's fields read directly; `tp_btf`, `tracepoint`) and with helper
+//! calls, as it runs where the kernel has none (`tp_btf_helpers`,
+//! `tracepoint_helpers`).
 //!
 //! Prints `result probe_cost.foreign_programs` (other `sched_switch`
 //! programs found loaded at the start: a run with any is flattered) and
-//! `result probe_cost.<hook>.{ergon_ns,empty_ns,added_ns,leader_ns,switches}`
+//! `result probe_cost.<hook>[_helpers].{ergon_ns,empty_ns,added_ns,leader_ns,switches}`
 //! and `result probe_cost.tp_btf.ladder.<rung>_ns` (median of the storms).
 //! Run: `cargo xtask bench` (as root), or alone:
 //! `cargo bench -p ergon --bench probe_cost`.
@@ -108,22 +114,38 @@ fn main() {
         );
     }
     common::result("probe_cost.foreign_programs", foreign as f64);
-    for (hook, choice) in [
-        ("tp_btf", HookChoice::TpBtf),
-        ("tracepoint", HookChoice::Tracepoint),
+    // Each hook as it runs where the kernel has BTF (the task's fields read
+    // directly), then as it runs where it has none (helper calls): the
+    // fallback's price.
+    for (label, hook, choice, reads) in [
+        ("tp_btf", "tp_btf", HookChoice::TpBtf, "fields"),
+        ("tracepoint", "tracepoint", HookChoice::Tracepoint, "fields"),
+        ("tp_btf_helpers", "tp_btf", HookChoice::TpBtf, "helpers"),
+        (
+            "tracepoint_helpers",
+            "tracepoint",
+            HookChoice::Tracepoint,
+            "helpers",
+        ),
     ] {
         let config = ProbeConfig {
             mode: ProbeMode::Ebpf,
             hook: choice,
             pmu: PmuChoice::Off,
+            read_task_fields: reads == "fields",
             ..ProbeConfig::local()
         };
         let leader =
             ReferenceProgram::empty(hook, &config.host_sys).expect("loading the leading program");
         let probe = EbpfProbe::start(&config).expect("loading the probe (run as root)");
+        assert_eq!(
+            (probe.info().hook, probe.info().reads),
+            (hook, reads),
+            "the probe did not load as this measurement needs"
+        );
         let empty =
             ReferenceProgram::empty(hook, &config.host_sys).expect("loading the empty program");
-        let ladder: Vec<(&str, ReferenceProgram)> = if hook == "tp_btf" {
+        let ladder: Vec<(&str, ReferenceProgram)> = if label == "tp_btf" {
             ergon_ebpf::PROG_LADDER_BTF
                 .iter()
                 .map(|(rung, program)| {
@@ -158,7 +180,7 @@ fn main() {
             added_ns.push(ns_per_run(ergon) - ns_per_run(baseline));
             switches.push(ergon.1 as f64);
             eprintln!(
-                "probe_cost hook={hook} switches={} ergon_ns={:.1} empty_ns={:.1} leader_ns={:.1}",
+                "probe_cost {label} switches={} ergon_ns={:.1} empty_ns={:.1} leader_ns={:.1}",
                 ergon.1,
                 ns_per_run(ergon),
                 ns_per_run(baseline),
@@ -166,38 +188,38 @@ fn main() {
             );
         }
         common::result(
-            &format!("probe_cost.{hook}.ergon_ns"),
+            &format!("probe_cost.{label}.ergon_ns"),
             common::median(&ergon_ns),
         );
         common::result(
-            &format!("probe_cost.{hook}.empty_ns"),
+            &format!("probe_cost.{label}.empty_ns"),
             common::median(&empty_ns),
         );
         common::result(
-            &format!("probe_cost.{hook}.added_ns"),
+            &format!("probe_cost.{label}.added_ns"),
             common::median(&added_ns),
         );
         common::result(
-            &format!("probe_cost.{hook}.leader_ns"),
+            &format!("probe_cost.{label}.leader_ns"),
             common::median(&leader_ns),
         );
         common::result(
-            &format!("probe_cost.{hook}.switches"),
+            &format!("probe_cost.{label}.switches"),
             common::median(&switches),
         );
         if !ladder.is_empty() {
             common::result(
-                &format!("probe_cost.{hook}.ladder.empty_ns"),
+                &format!("probe_cost.{label}.ladder.empty_ns"),
                 common::median(&empty_ns),
             );
             for ((rung, _), rung_ns) in ladder.iter().zip(&ladder_ns) {
                 common::result(
-                    &format!("probe_cost.{hook}.ladder.{rung}_ns"),
+                    &format!("probe_cost.{label}.ladder.{rung}_ns"),
                     common::median(rung_ns),
                 );
             }
             common::result(
-                &format!("probe_cost.{hook}.ladder.full_ns"),
+                &format!("probe_cost.{label}.ladder.full_ns"),
                 common::median(&ergon_ns),
             );
         }

@@ -106,6 +106,11 @@ fn with_only_the_least_privilege_capabilities_the_probe_loads_without_the_btf_pa
     let (mut exporter, port) = exporter_without(dropped);
     let attached = exporter.wait_for_line("eBPF probe attached", Duration::from_secs(30));
     assert!(attached.contains("mode=ebpf"), "{attached}");
+    // ...and on the cheap path: the verifier let it read the task's fields.
+    assert!(
+        attached.contains("hook=tp_btf") && attached.contains("reads=fields"),
+        "{attached}"
+    );
     // The loader's chroot comes before the attach line: had it failed, its
     // line would be in the log by now.
     assert!(

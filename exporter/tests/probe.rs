@@ -1,6 +1,8 @@
 //! The probes against the real kernel: these load the eBPF programs, run real
 //! processes in real cgroups and compare with what the kernel charged them.
 
+mod meter_support;
+
 use ergon_testkit as support;
 
 use std::time::Duration;
@@ -54,6 +56,8 @@ fn busy_process_in_pod_cgroup_is_counted_within_5_percent() {
     let _lock = cpu_lock();
     let mut probe = start(ProbeMode::Ebpf);
     assert_eq!(probe.info().mode, "ebpf");
+    // The cheap path: pid, cgroup id and time read from the task's fields.
+    assert_eq!(probe.info().reads, "fields");
     let (counted, charged) = counted_and_charged(&mut probe, "busy");
     assert_within_5_percent("probe", counted, charged);
 }
@@ -93,7 +97,9 @@ fn monotonic_ns() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: valid out-pointer. CLOCK_MONOTONIC is bpf_ktime_get_ns's clock.
+    // SAFETY: valid out-pointer. CLOCK_MONOTONIC is bpf_ktime_get_ns's clock;
+    // the run queue's clock the programs read instead (sched_clock) differs
+    // from it by parts per million.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
@@ -294,6 +300,9 @@ fn classic_tracepoint_counts_like_tp_btf() {
     };
     let mut probe = Probe::start(&config).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(probe.info().hook, "tracepoint");
+    // Where the kernel has BTF, the classic program reads the task's
+    // fields through `bpf_get_current_task_btf` too.
+    assert_eq!(probe.info().reads, "fields");
     let cgroup = CgroupGuard::pod_shaped("classic");
     std::thread::sleep(Duration::from_millis(20));
     let child = BusyChild::spawn_in(&cgroup.path);
@@ -548,21 +557,107 @@ fn every_rung_of_the_benchmark_ladder_passes_the_verifier_and_attaches() {
     }
 }
 
-/// The portable path of the `tp_btf` programs (pid from a helper, no
-/// `task_struct` read), forced on this kernel: still what the kernel charged.
+/// The portable path of both programs (pid, cgroup id and time from
+/// helpers, no `task_struct` read: what kernels without BTF run), forced on
+/// this kernel: still what the kernel charged.
 #[test]
-fn tp_btf_without_task_fields_counts_like_the_kernel() {
+fn helper_path_counts_like_the_kernel_on_both_hooks() {
     let _lock = cpu_lock();
+    for (hook, name) in [
+        (ergon::probe::HookChoice::TpBtf, "tp_btf"),
+        (ergon::probe::HookChoice::Tracepoint, "tracepoint"),
+    ] {
+        let config = ProbeConfig {
+            mode: ProbeMode::Ebpf,
+            hook,
+            read_task_fields: false,
+            ..ProbeConfig::local()
+        };
+        let mut probe = Probe::start(&config).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((probe.info().hook, probe.info().reads), (name, "helpers"));
+        let (counted, charged) = counted_and_charged(&mut probe, "portable");
+        assert_within_5_percent(&format!("{name} with helpers"), counted, charged);
+    }
+}
+
+/// Moves `structure.member` of a kernel BTF blob to `byte_offset`, as a
+/// kernel whose layout differs from what the offsets claim would look to
+/// the verifier.
+fn move_member(btf: &mut [u8], structure: &str, member: &str, byte_offset: u32) {
+    let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
+    let hdr_len = u32_at(btf, 4) as usize;
+    let (type_off, type_len) = (u32_at(btf, 8) as usize, u32_at(btf, 12) as usize);
+    let str_off = hdr_len + u32_at(btf, 16) as usize;
+    let name = |b: &[u8], off: u32| -> Vec<u8> {
+        let start = str_off + off as usize;
+        let len = b[start..].iter().position(|&c| c == 0).unwrap();
+        b[start..start + len].to_vec()
+    };
+    let (mut at, end) = (hdr_len + type_off, hdr_len + type_off + type_len);
+    while at < end {
+        let info = u32_at(btf, at + 4);
+        let (kind, vlen, kind_flag) = ((info >> 24) & 0x1f, (info & 0xffff) as usize, info >> 31);
+        let is_struct = kind == 4 && name(btf, u32_at(btf, at)) == structure.as_bytes();
+        at += 12;
+        if is_struct {
+            for m in (0..vlen).map(|m| at + 12 * m) {
+                if name(btf, u32_at(btf, m)) == member.as_bytes() {
+                    let size_bits = if kind_flag == 1 {
+                        u32_at(btf, m + 8) & 0xff00_0000
+                    } else {
+                        0
+                    };
+                    btf[m + 8..m + 12]
+                        .copy_from_slice(&(size_bits | (byte_offset * 8)).to_le_bytes());
+                    return;
+                }
+            }
+        }
+        at += match kind {
+            1 | 14 | 17 => 4,
+            3 => 12,
+            4 | 5 | 15 | 19 => 12 * vlen,
+            6 | 13 => 8 * vlen,
+            _ => 0,
+        };
+    }
+    panic!("no {structure}.{member} in the kernel's BTF");
+}
+
+/// A kernel whose verifier refuses the direct reads gets the helpers: one
+/// log line with the verifier's reason, then counts like the kernel. The
+/// refusal is real: the offsets come from a copy of this kernel's BTF
+/// whose `rq.clock` lies beyond `struct rq`.
+#[test]
+fn a_refused_field_read_falls_back_to_helpers_with_one_log_line() {
+    let _lock = cpu_lock();
+    let sys = tempfile::tempdir().unwrap();
+    let btf_dir = sys.path().join("kernel/btf");
+    std::fs::create_dir_all(&btf_dir).unwrap();
+    let mut btf = std::fs::read("/sys/kernel/btf/vmlinux").unwrap();
+    move_member(&mut btf, "rq", "clock", 1 << 20);
+    std::fs::write(btf_dir.join("vmlinux"), btf).unwrap();
     let config = ProbeConfig {
         mode: ProbeMode::Ebpf,
         hook: ergon::probe::HookChoice::TpBtf,
-        read_task_fields: false,
+        host_sys: sys.path().to_path_buf(),
         ..ProbeConfig::local()
     };
-    let mut probe = Probe::start(&config).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(probe.info().hook, "tp_btf");
-    let (counted, charged) = counted_and_charged(&mut probe, "portable");
-    assert_within_5_percent("portable tp_btf", counted, charged);
+    let (started, logs) = meter_support::capture_logs(|| Probe::start(&config));
+    let mut probe = started.unwrap_or_else(|e| panic!("{e}\n{}", logs.text()));
+    assert_eq!(
+        (probe.info().hook, probe.info().reads),
+        ("tp_btf", "helpers")
+    );
+    let refusals = logs.lines_with(&["refused the probe that reads", "struct rq"]);
+    assert_eq!(
+        refusals.len(),
+        1,
+        "one line naming the refused read:\n{}",
+        logs.text()
+    );
+    let (counted, charged) = counted_and_charged(&mut probe, "refused");
+    assert_within_5_percent("after the fallback", counted, charged);
 }
 
 /// A memory cgroup for the probe's maps: the process joins it while the

@@ -164,19 +164,45 @@ fn rows(r: &Results) -> Result<Vec<Row>> {
             met: Some(added <= 80.0),
         });
     }
+    // The fallback where the kernel has no BTF (or refuses the direct
+    // reads): the same programs calling helpers. A reference, not a target.
+    for hook in ["tp_btf", "tracepoint"] {
+        let label = format!("{hook}_helpers");
+        rows.push(Row {
+            measure: format!("1. Probe cost, `{hook}` with helper calls (no kernel BTF)"),
+            result: format!(
+                "{:.0} ns added ({:.0} ns Ergon − {:.0} ns empty)",
+                get(r, &format!("probe_cost.{label}.added_ns"))?,
+                get(r, &format!("probe_cost.{label}.ergon_ns"))?,
+                get(r, &format!("probe_cost.{label}.empty_ns"))?,
+            ),
+            baseline: "as above, in storms of its own".into(),
+            target: "—".into(),
+            met: None,
+        });
+    }
     // The probe's anatomy: each rung's ns per run and what it adds over the
     // rung below, all from the same storms.
     let mut below = get(r, "probe_cost.tp_btf.ladder.empty_ns")?;
     let mut steps = vec![format!("empty {below:.0} ns")];
-    for (rung, label) in [
-        ("clock", "clock read"),
-        ("cgroup_id", "cgroup id"),
-        ("map_update", "map lookup/update"),
-        ("cpu_state", "per-CPU state"),
-        ("full", "full program"),
+    for (rung, label, helper) in [
+        ("clock", "clock read", Some("clock_helper")),
+        ("cgroup_id", "cgroup id", Some("cgroup_id_helper")),
+        ("map_update", "map lookup/update", None),
+        ("cpu_state", "per-CPU state", None),
+        ("full", "full program", None),
     ] {
         let ns = get(r, &format!("probe_cost.tp_btf.ladder.{rung}_ns"))?;
-        steps.push(format!("{label} {ns:.0} ns ({:+.0})", ns - below));
+        let mut step = format!("{label} {ns:.0} ns ({:+.0}", ns - below);
+        if let Some(helper) = helper {
+            let helper_ns = get(r, &format!("probe_cost.tp_btf.ladder.{helper}_ns"))?;
+            step.push_str(&format!(
+                "; by helper {helper_ns:.0} ns, {:+.0}",
+                helper_ns - below
+            ));
+        }
+        step.push(')');
+        steps.push(step);
         below = ns;
     }
     rows.push(Row {

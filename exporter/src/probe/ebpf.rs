@@ -1,10 +1,17 @@
 //! Loads, attaches and reads the kernel programs of `exporter-ebpf`.
 //!
-//! Hook choice: `tp_btf/sched_switch` is the cheaper hook (measured ~105 ns vs
-//! ~141 ns per run for the classic tracepoint on the test machines) but needs
-//! kernel BTF; without `/sys/kernel/btf/vmlinux` the classic
+//! Hook choice: `tp_btf/sched_switch` is the cheaper hook (35 ns added per
+//! switch over an empty program against 46 ns for the classic tracepoint,
+//! `cargo bench --bench probe_cost` on the test VM) but needs kernel BTF;
+//! without `/sys/kernel/btf/vmlinux` the classic
 //! `tracepoint/sched/sched_switch` is used. fentry/kprobes are not needed,
 //! which matters on locked-down kernels where they are refused.
+//!
+//! Where the kernel has BTF, the programs read what they need from the task
+//! switched out at offsets found in it (`kernel_btf`): no helper call per
+//! switch. Without BTF they call helpers (127–135 ns added on the same VM);
+//! a kernel that refuses the direct reads gets the helper programs after
+//! one log line with the verifier's reason.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -15,9 +22,10 @@ use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{Btf, Ebpf, EbpfLoader};
 use ergon_ebpf::{
     CgroupCounters, CpuState, GLOBAL_CGROUP_ID_PATH, GLOBAL_PER_PROCESS, GLOBAL_PMU_MASK,
-    GLOBAL_TASK_PID_OFFSET, MAP_CGROUP_OVERFLOW, MAP_CGROUPS, MAP_CGROUPS_PREALLOC, MAP_CPU_STATE,
-    MAP_PMU, MAP_PROCESS_OVERFLOW, MAP_THREADS, MAP_THREADS_PREALLOC, PROG_TP_BTF,
-    PROG_TP_BTF_PREALLOC, PROG_TRACEPOINT, PROG_TRACEPOINT_PREALLOC, ThreadCounters,
+    GLOBAL_RQ_CLOCK_PATH, GLOBAL_TASK_PID_OFFSET, MAP_CGROUP_OVERFLOW, MAP_CGROUPS,
+    MAP_CGROUPS_PREALLOC, MAP_CPU_STATE, MAP_PMU, MAP_PROCESS_OVERFLOW, MAP_THREADS,
+    MAP_THREADS_PREALLOC, PROG_TP_BTF, PROG_TP_BTF_PREALLOC, PROG_TRACEPOINT,
+    PROG_TRACEPOINT_PREALLOC, ThreadCounters,
 };
 
 use super::kernel_btf::{self, KernelFacts};
@@ -218,7 +226,7 @@ impl EbpfProbe {
                 chosen
             }
         };
-        match EbpfProbe::start_with(config, allocated, kernel) {
+        match EbpfProbe::start_fields(config, allocated, kernel) {
             // A refusal of BPF as such (EPERM) is not about allocation.
             Err(e)
                 if config.map_allocation == MapAllocation::Auto
@@ -230,7 +238,35 @@ impl EbpfProbe {
                      preallocated maps (their full size is charged from the start; see \
                      ergon_probe_map_memory_bytes)"
                 );
-                EbpfProbe::start_with(config, Allocated::Prealloc, kernel)
+                EbpfProbe::start_fields(config, Allocated::Prealloc, kernel)
+            }
+            result => result,
+        }
+    }
+
+    /// [`EbpfProbe::start_with`] reading the task's fields directly where
+    /// the kernel's BTF gives their offsets; where the kernel refuses those
+    /// programs (a verifier older than the reads, a kernel without
+    /// `bpf_get_current_task_btf` for the classic tracepoint), once more
+    /// with the helpers, logged once.
+    fn start_fields(
+        config: &ProbeConfig,
+        allocated: Allocated,
+        kernel: Option<(u32, u32)>,
+    ) -> Result<EbpfProbe, ProbeError> {
+        if !config.read_task_fields {
+            return EbpfProbe::start_with(config, allocated, kernel, false);
+        }
+        match EbpfProbe::start_with(config, allocated, kernel, true) {
+            Err(e) if verifier_refused(&e) => {
+                tracing::warn!(
+                    "the kernel refused the probe that reads the switched-out task's fields \
+                     directly ({}); using helper calls instead (bpf_ktime_get_ns, \
+                     bpf_get_current_cgroup_id: the same counts, ~100 ns more per context \
+                     switch, see BENCHMARKS.md)",
+                    verifier_reason(&e)
+                );
+                EbpfProbe::start_with(config, allocated, kernel, false)
             }
             result => result,
         }
@@ -240,6 +276,7 @@ impl EbpfProbe {
         config: &ProbeConfig,
         allocated: Allocated,
         kernel: Option<(u32, u32)>,
+        task_fields: bool,
     ) -> Result<EbpfProbe, ProbeError> {
         let cpus = aya::util::online_cpus()
             .map_err(|(path, e)| ProbeError::Load(format!("reading {path}: {e}")))?;
@@ -272,14 +309,7 @@ impl EbpfProbe {
         let per_process: u32 = config.per_process.into();
 
         let facts = kernel_facts(config);
-        let task_pid_offset = facts
-            .filter(|_| config.read_task_fields)
-            .and_then(|facts| facts.task_pid_offset)
-            .unwrap_or(0);
-        let cgroup_id_path = facts
-            .filter(|_| config.read_task_fields)
-            .and_then(|facts| facts.cgroup_id_path)
-            .unwrap_or([0; 4]);
+        let globals = TaskGlobals::of(facts.filter(|_| task_fields));
         // The programs need no relocation against kernel BTF (no CO-RE
         // reads; the offsets of the fields they read come as globals).
         let mut bpf = loader_without_kernel_btf()
@@ -290,8 +320,9 @@ impl EbpfProbe {
             .map_max_entries(variant.unused[1], 1)
             .override_global(GLOBAL_PER_PROCESS, &per_process, true)
             .override_global(GLOBAL_PMU_MASK, &mask, true)
-            .override_global(GLOBAL_TASK_PID_OFFSET, &task_pid_offset, true)
-            .override_global(GLOBAL_CGROUP_ID_PATH, &cgroup_id_path, true)
+            .override_global(GLOBAL_TASK_PID_OFFSET, &globals.task_pid_offset, true)
+            .override_global(GLOBAL_CGROUP_ID_PATH, &globals.cgroup_id_path, true)
+            .override_global(GLOBAL_RQ_CLOCK_PATH, &globals.rq_clock_path, true)
             .load(EBPF_OBJECT)
             .map_err(|e| ProbeError::Load(error_chain(&e)))?;
         // Before anything takes a map out of `bpf`: fds stay what they are.
@@ -343,6 +374,7 @@ impl EbpfProbe {
             mode: "ebpf",
             hook,
             pmu: events.kind,
+            reads: globals.reads(),
             fallback_reason: None,
         };
         tracing::info!(
@@ -584,16 +616,27 @@ fn wants_btf(config: &ProbeConfig) -> Option<PathBuf> {
     }
 }
 
-/// The facts of the kernel's BTF the `tp_btf` programs need, where that hook
-/// may be used; `None` (logged once) sends attaching to aya's full parse.
+/// The facts of the kernel's BTF the programs need: the `tp_btf` hook's
+/// attach id, and for both hooks the offsets of the task's fields they read
+/// directly. `None` (logged once) sends attaching `tp_btf` to aya's full
+/// parse and makes the programs call helpers.
 fn kernel_facts(config: &ProbeConfig) -> Option<KernelFacts> {
-    let btf_path = wants_btf(config)?;
+    let btf_path = config.host_sys.join("kernel/btf/vmlinux");
+    // Without the file, only a forced `tp_btf` has something to report.
+    if config.hook != HookChoice::TpBtf && !btf_path.exists() {
+        return None;
+    }
     match kernel_btf::scan(&btf_path) {
         Ok(facts) => {
-            if facts.task_pid_offset.is_none() || facts.cgroup_id_path.is_none() {
+            if facts.task_pid_offset.is_none()
+                || facts.cgroup_id_path.is_none()
+                || facts.rq_clock_path.is_none()
+            {
                 tracing::info!(
-                    "{} lacks task_struct.pid or the fields to the task's cgroup id: the \
-                     tp_btf program asks helpers for them",
+                    "{} lacks some of task_struct.pid, the fields to the task's cgroup id and \
+                     to its run queue's clock (task_struct.se.cfs_rq, cfs_rq.rq, rq.clock: \
+                     CONFIG_FAIR_GROUP_SCHED): the programs ask helpers for what is missing \
+                     ({facts:?})",
                     btf_path.display()
                 );
             }
@@ -601,12 +644,78 @@ fn kernel_facts(config: &ProbeConfig) -> Option<KernelFacts> {
         }
         Err(e) => {
             tracing::info!(
-                "reading {} in one pass failed ({e}): aya parses it whole (start-up memory \
-                 peak ~15 MB higher) and the tp_btf program asks helpers for the pid and \
-                 the cgroup id",
+                "reading {} in one pass failed ({e}): aya parses it whole to attach tp_btf \
+                 (start-up memory peak ~15 MB higher) and the programs ask helpers for the \
+                 pid, the cgroup id and the time",
                 btf_path.display()
             );
             None
+        }
+    }
+}
+
+/// Whether the verifier refused a program (`BPF_PROG_LOAD` failed with
+/// anything but `EPERM`, which is BPF refused as such).
+fn verifier_refused(err: &ProbeError) -> bool {
+    let text = err.to_string();
+    text.contains("BPF_PROG_LOAD") && !text.contains("Operation not permitted")
+}
+
+/// The verifier's reason for a refusal: the last line of its log before the
+/// statistics, not the whole log (hundreds of lines).
+fn verifier_reason(err: &ProbeError) -> String {
+    let text = err.to_string();
+    let Some((syscall, log)) = text.split_once("Verifier output:") else {
+        return text;
+    };
+    let reason = log
+        .lines()
+        .map(str::trim)
+        .rfind(|line| {
+            !line.is_empty()
+                && !["processed ", "stack depth ", "verification time "]
+                    .iter()
+                    .any(|statistic| line.starts_with(statistic))
+        })
+        .unwrap_or("no verifier log");
+    let syscall = syscall.trim().trim_end_matches('.');
+    format!("{syscall}: {reason}")
+}
+
+/// The globals that give the programs the offsets of the task's fields;
+/// zeros make them call helpers instead.
+#[derive(Debug, Default)]
+struct TaskGlobals {
+    task_pid_offset: u32,
+    cgroup_id_path: [u32; 4],
+    rq_clock_path: [u32; 3],
+}
+
+impl TaskGlobals {
+    /// `ProbeInfo::reads`.
+    fn reads(&self) -> &'static str {
+        let found = [
+            self.task_pid_offset != 0,
+            self.cgroup_id_path[0] != 0,
+            self.rq_clock_path[0] != 0,
+        ];
+        if found.iter().all(|&f| f) {
+            "fields"
+        } else if found.iter().any(|&f| f) {
+            "fields+helpers"
+        } else {
+            "helpers"
+        }
+    }
+
+    fn of(facts: Option<KernelFacts>) -> TaskGlobals {
+        let Some(facts) = facts else {
+            return TaskGlobals::default();
+        };
+        TaskGlobals {
+            task_pid_offset: facts.task_pid_offset.unwrap_or(0),
+            cgroup_id_path: facts.cgroup_id_path.unwrap_or([0; 4]),
+            rq_clock_path: facts.rq_clock_path.unwrap_or([0; 3]),
         }
     }
 }
@@ -734,9 +843,16 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
-fn load_reference_object() -> Result<Ebpf, ProbeError> {
+/// The object for a reference program, with the accounting program's
+/// globals, so that the ladder's rungs read what it reads the way it does.
+fn load_reference_object(host_sys: &Path) -> Result<Ebpf, ProbeError> {
+    let facts = kernel_btf::scan(&host_sys.join("kernel/btf/vmlinux")).ok();
+    let globals = TaskGlobals::of(facts);
     loader_without_kernel_btf()
         .btf(None)
+        .override_global(GLOBAL_TASK_PID_OFFSET, &globals.task_pid_offset, true)
+        .override_global(GLOBAL_CGROUP_ID_PATH, &globals.cgroup_id_path, true)
+        .override_global(GLOBAL_RQ_CLOCK_PATH, &globals.rq_clock_path, true)
         .load(EBPF_OBJECT)
         .map_err(|e| ProbeError::Load(error_chain(&e)))
 }
@@ -779,7 +895,7 @@ impl ReferenceProgram {
         if hook == "tp_btf" {
             return ReferenceProgram::tp_btf(ergon_ebpf::PROG_EMPTY_TP_BTF, host_sys);
         }
-        let mut bpf = load_reference_object()?;
+        let mut bpf = load_reference_object(host_sys)?;
         let program: &mut TracePoint = bpf
             .program_mut(ergon_ebpf::PROG_EMPTY_TRACEPOINT)
             .ok_or_else(|| ProbeError::Load("empty tracepoint program missing".into()))?
@@ -802,7 +918,7 @@ impl ReferenceProgram {
         name: &'static str,
         host_sys: &std::path::Path,
     ) -> Result<ReferenceProgram, ProbeError> {
-        let mut bpf = load_reference_object()?;
+        let mut bpf = load_reference_object(host_sys)?;
         let btf_path = host_sys.join("kernel/btf/vmlinux");
         let facts = kernel_btf::scan(&btf_path).ok();
         let btf = sched_switch_btf(facts, &btf_path).map_err(ProbeError::Load)?;

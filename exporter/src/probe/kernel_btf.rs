@@ -4,10 +4,12 @@
 //! test machines) into ~15 MB of Rust values whenever it uses BTF: that parse
 //! was the exporter's start-up memory peak. The probe needs a few facts from
 //! it: the id of the typedef `btf_trace_sched_switch` (what a `tp_btf`
-//! program is attached by) and the offsets of the fields the `tp_btf`
-//! programs read (`task_struct.pid`, and the path to the task's cgroup id:
+//! program is attached by) and the offsets of the fields the programs read
+//! (`task_struct.pid`; the path to the task's cgroup id:
 //! `task_struct.cgroups`, `css_set.dfl_cgrp`, `cgroup.kn`, `kernfs_node.id`,
-//! which is what `bpf_get_current_cgroup_id` follows). [`scan`] reads the file once, front to
+//! which is what `bpf_get_current_cgroup_id` follows; and the path to its
+//! run queue's clock: `task_struct.se`, `sched_entity.cfs_rq`, `cfs_rq.rq`,
+//! `rq.clock`, the time without a `bpf_ktime_get_ns` call). [`scan`] reads the file once, front to
 //! back, through a small buffer; [`attach_btf`] hands aya a BTF that holds
 //! that typedef at its kernel id and nothing else, which aya parses in a
 //! fraction of the memory.
@@ -27,12 +29,16 @@ const KIND_STRUCT: u32 = 4;
 const KIND_TYPEDEF: u32 = 8;
 
 /// The struct fields whose byte offsets the `tp_btf` programs need.
-const FIELDS: [(&str, &str); 5] = [
+const FIELDS: [(&str, &str); 9] = [
     ("task_struct", "pid"),
     ("task_struct", "cgroups"),
     ("css_set", "dfl_cgrp"),
     ("cgroup", "kn"),
     ("kernfs_node", "id"),
+    ("task_struct", "se"),
+    ("sched_entity", "cfs_rq"),
+    ("cfs_rq", "rq"),
+    ("rq", "clock"),
 ];
 
 /// The facts of one kernel's BTF the probe uses.
@@ -45,6 +51,10 @@ pub struct KernelFacts {
     /// Byte offsets of `task_struct.cgroups`, `css_set.dfl_cgrp`,
     /// `cgroup.kn` and `kernfs_node.id`, where all are found.
     pub cgroup_id_path: Option<[u32; 4]>,
+    /// Byte offsets of `task_struct.se.cfs_rq` (`se` plus `cfs_rq`),
+    /// `cfs_rq.rq` and `rq.clock`, where all are found (`sched_entity`
+    /// has `cfs_rq` only with `CONFIG_FAIR_GROUP_SCHED`).
+    pub rq_clock_path: Option<[u32; 3]>,
 }
 
 fn invalid(detail: impl Into<String>) -> io::Error {
@@ -169,12 +179,17 @@ pub fn scan(path: &Path) -> io::Result<KernelFacts> {
         io::copy(&mut (&mut types).take(tail), &mut io::sink())?;
     }
     let path = [1, 2, 3, 4].map(|field| field_offsets[field]);
+    let clock = [5, 6, 7, 8].map(|field| field_offsets[field]);
     Ok(KernelFacts {
         sched_switch_typedef_id: typedef_id
             .ok_or_else(|| invalid("no typedef btf_trace_sched_switch"))?,
         task_pid_offset: field_offsets[0],
         cgroup_id_path: match path {
             [Some(a), Some(b), Some(c), Some(d)] => Some([a, b, c, d]),
+            _ => None,
+        },
+        rq_clock_path: match clock {
+            [Some(se), Some(cfs_rq), Some(rq), Some(clock)] => Some([se + cfs_rq, rq, clock]),
             _ => None,
         },
     })
@@ -232,6 +247,7 @@ mod tests {
         assert_eq!(facts.sched_switch_typedef_id, expected);
         assert!(facts.task_pid_offset.is_some(), "{facts:?}");
         assert!(facts.cgroup_id_path.is_some(), "{facts:?}");
+        assert!(facts.rq_clock_path.is_some(), "{facts:?}");
     }
 
     #[test]

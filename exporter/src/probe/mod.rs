@@ -76,11 +76,14 @@ pub struct ProbeConfig {
     pub max_processes: u32,
     /// How the kernel's hash maps get their memory.
     pub map_allocation: MapAllocation,
-    /// Let the `tp_btf` programs read the outgoing task's pid and cgroup id
-    /// through `task_struct` at the offsets found in the kernel's BTF
-    /// (cheaper than helper calls). Off, or where the offsets are not found,
-    /// they call `bpf_get_current_pid_tgid` and `bpf_get_current_cgroup_id`:
-    /// the portable path, which a test forces.
+    /// Let the programs read the outgoing task's pid, cgroup id and run
+    /// queue clock through `task_struct` at the offsets found in the
+    /// kernel's BTF (no helper call per switch; the classic tracepoint gets
+    /// the task from `bpf_get_current_task_btf`). Off, where the offsets are
+    /// not found, or where the kernel refuses those programs (retried once,
+    /// logged), they call `bpf_get_current_pid_tgid`,
+    /// `bpf_get_current_cgroup_id` and `bpf_ktime_get_ns`: the portable
+    /// path, which a test forces.
     pub read_task_fields: bool,
     /// What the kernel maps may cost at worst (every entry used); the cgroup
     /// map's bound is lowered to fit it on nodes with many CPUs.
@@ -187,13 +190,23 @@ pub struct ProbeInfo {
     pub hook: &'static str,
     /// "hardware", "software" or "none".
     pub pmu: &'static str,
+    /// How the programs learn the switched-out task's pid, cgroup id and
+    /// the time: "fields" (loads at offsets from the kernel's BTF, the
+    /// cheap path), "helpers" (helper calls: no BTF, or the kernel refused
+    /// the loads), "fields+helpers" (some offsets missing) or "none"
+    /// (procfs).
+    pub reads: &'static str,
     /// Why the fallback was taken, when it was.
     pub fallback_reason: Option<String>,
 }
 
 impl fmt::Display for ProbeInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "mode={} hook={} pmu={}", self.mode, self.hook, self.pmu)
+        write!(
+            f,
+            "mode={} hook={} pmu={} reads={}",
+            self.mode, self.hook, self.pmu, self.reads
+        )
     }
 }
 

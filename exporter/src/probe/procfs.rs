@@ -91,6 +91,7 @@ impl ProcfsProbe {
                 mode: "procfs",
                 hook: "none",
                 pmu: "none",
+                reads: "none",
                 fallback_reason,
             },
             cgroup_root: config.cgroup_root.clone(),
