@@ -268,6 +268,22 @@ fn rows(r: &Results) -> Result<Vec<Row>> {
             met: judged.then_some(lost < 1.0),
         });
     }
+    // What Ergon's program costs the pinned pipe beyond what any program on
+    // the hook costs (issue 13's target), from the two rows above.
+    let beyond = |what: &str| -> Result<f64> {
+        Ok(get(r, &format!("workload_cost.pipe_pinned.{what}"))?
+            - get(r, &format!("workload_cost.pipe_pinned_empty.{what}"))?)
+    };
+    let (lost_beyond, cpu_beyond) = (beyond("lost_pct")?, beyond("cpu_added_pct")?);
+    rows.push(Row {
+        measure: "2. Pinned pipe: the probe's loss beyond the empty-program reference".into(),
+        result: format!(
+            "{lost_beyond:+.1} points of throughput, {cpu_beyond:+.1} points of CPU per run"
+        ),
+        baseline: "the empty-program row, same run".into(),
+        target: "< 2 points".into(),
+        met: Some(lost_beyond < 2.0),
+    });
     let window = get(r, "exporter_cost.window_s")?;
     for (size, label) in [
         ("0x0", "no pods (baseline: the node's own cgroups)"),
