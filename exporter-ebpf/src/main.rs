@@ -578,6 +578,12 @@ mod programs {
         threads: &HashMap<u32, ThreadCounters>,
     ) {
         let now = task.now();
+        // A BTF-typed load that faults reads 0. No kernel gives the run
+        // queue's clock as 0, but if one did, stamping it would lose the
+        // next slice; skipping the stamp folds this slice into the next.
+        if now == 0 {
+            return;
+        }
         let Some(state) = CPU_STATE.get_ptr_mut(0) else {
             return;
         };
