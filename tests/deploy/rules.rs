@@ -26,15 +26,18 @@ pub fn promtool_accepts_the_rules() {
 }
 
 /// The CO2e rules' arithmetic (joules / 3.6e6 × gCO2e/kWh, per pod,
-/// namespace and node) against known series: tests/rules/*.test.yaml.
+/// namespace and node) and the alerts that need more than a name
+/// (the probe's overflow) against known series: tests/rules/*.test.yaml.
 #[test]
 pub fn promtool_rule_unit_tests_pass() {
-    let output = run_ok(
-        Command::new(tool("promtool"))
-            .args(["test", "rules"])
-            .arg(repo_root().join("tests/rules/carbon.test.yaml")),
-    );
-    assert!(output.contains("SUCCESS"), "{output}");
+    for file in ["carbon.test.yaml", "probe.test.yaml"] {
+        let output = run_ok(
+            Command::new(tool("promtool"))
+                .args(["test", "rules"])
+                .arg(repo_root().join("tests/rules").join(file)),
+        );
+        assert!(output.contains("SUCCESS"), "{file}: {output}");
+    }
 }
 
 #[test]
@@ -51,6 +54,7 @@ pub fn rules_have_the_promised_records_and_alerts() {
         "ErgonMeterDown",
         "ErgonProbeFellBackToProcfs",
         "ErgonMeasurementStalled",
+        "ErgonProbeOverflow",
     ] {
         assert!(
             names.contains(expected),

@@ -172,7 +172,7 @@ pub fn catalogue() -> Vec<Family> {
         ),
         Family::new(
             PROBE_OVERFLOW_SECONDS,
-            "CPU time counted in a map's overflow bucket because the map was full (raise --max-cgroups / --max-processes).",
+            "CPU time counted in a map's overflow bucket, on the node but in no cgroup (or process): the map was full (raise --max-cgroups / --max-processes), or a new key could not be allocated for 100 ms (see ergon_probe_map_insert_failures_total).",
             Counter,
             &["map"],
         ),
