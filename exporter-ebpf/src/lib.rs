@@ -37,12 +37,12 @@ pub const GLOBAL_PMU_MASK: &str = "PMU_MASK";
 pub const GLOBAL_TASK_PID_OFFSET: &str = "TASK_PID_OFFSET";
 /// Global set at load time: byte offsets of `task_struct.cgroups`,
 /// `css_set.dfl_cgrp`, `cgroup.kn` and `kernfs_node.id` (from the kernel's
-/// BTF), the path to the cgroup id the `tp_btf` programs follow; zeros make
-/// them call `bpf_get_current_cgroup_id` instead.
+/// BTF), the path to the cgroup id the programs follow; zeros make them
+/// call `bpf_get_current_cgroup_id` instead.
 pub const GLOBAL_CGROUP_ID_PATH: &str = "CGROUP_ID_PATH";
 /// Global set at load time: byte offsets of `task_struct.se.cfs_rq`,
 /// `cfs_rq.rq` and `rq.clock` (from the kernel's BTF), the path to the run
-/// queue's clock the `tp_btf` programs read as "now"; zeros make them call
+/// queue's clock the programs read as "now"; zeros make them call
 /// `bpf_ktime_get_ns` instead.
 pub const GLOBAL_RQ_CLOCK_PATH: &str = "RQ_CLOCK_PATH";
 

@@ -117,15 +117,15 @@ mod programs {
     static TASK_PID_OFFSET: u32 = 0;
     /// Byte offsets of `task_struct.cgroups`, `css_set.dfl_cgrp`,
     /// `cgroup.kn` and `kernfs_node.id`: the path
-    /// `bpf_get_current_cgroup_id` follows, read directly by the `tp_btf`
-    /// programs; zeros where user space did not find them.
+    /// `bpf_get_current_cgroup_id` follows, read directly by the programs
+    /// (see `Task`); zeros where user space did not find them.
     #[unsafe(no_mangle)]
     static CGROUP_ID_PATH: [u32; 4] = [0; 4];
     /// Byte offsets of `task_struct.se.cfs_rq` (the two added),
     /// `cfs_rq.rq` and `rq.clock`: the run queue's clock, which the
-    /// scheduler has just updated for this switch, read by the `tp_btf`
-    /// programs instead of calling `bpf_ktime_get_ns`; zeros where user
-    /// space did not find them.
+    /// scheduler has just updated for this switch, read by the programs
+    /// instead of calling `bpf_ktime_get_ns`; zeros where user space did
+    /// not find them.
     #[unsafe(no_mangle)]
     static RQ_CLOCK_PATH: [u32; 3] = [0; 3];
 
@@ -143,9 +143,10 @@ mod programs {
 
     /// The task switched out, as a BTF-typed pointer the verifier lets the
     /// program read directly (it checks each load against the kernel's
-    /// types and makes it fault-safe); null where the programs use helpers
-    /// instead (user space found no offsets: no kernel BTF, or
-    /// `ProbeConfig::read_task_fields` off).
+    /// types and makes it fault-safe). Each read falls back to its helper
+    /// where user space left its offsets at zero (no kernel BTF, or
+    /// `ProbeConfig::read_task_fields` off); the classic tracepoint then
+    /// does not fetch the pointer at all (null).
     #[derive(Clone, Copy)]
     struct Task(*const u8);
 
@@ -160,7 +161,7 @@ mod programs {
         /// which `__schedule` updated (`update_rq_clock`) just before it
         /// picked the next task. Three loads of data the scheduler has just
         /// touched, where `bpf_ktime_get_ns` is a helper call and a clock
-        /// source read (the ladder prices it at 40–75 ns on the test VMs).
+        /// source read (the ladder priced it at 38–79 ns on the test VM).
         /// Only differences on one CPU are used, and the run queue's clock
         /// is monotonic per CPU, so the slices telescope: a switch whose
         /// clock update was skipped (`RQCF_ACT_SKIP`, after a yield) gives
@@ -225,15 +226,14 @@ mod programs {
     }
 
     #[inline(always)]
-    fn btf_switch(ctx: &BtfTracePointContext) -> Switch {
+    fn btf_switch(task: Task) -> Switch {
         let offset = global(&TASK_PID_OFFSET);
         if offset == 0 {
             return Switch {
                 prev_idle: bpf_get_current_pid_tgid() as u32 == 0,
             };
         }
-        let prev = Task::of_btf(ctx).0;
-        let pid = unsafe { core::ptr::read_volatile(prev.add(offset as usize) as *const i32) };
+        let pid = unsafe { core::ptr::read_volatile(task.0.add(offset as usize) as *const i32) };
         Switch {
             prev_idle: pid == 0,
         }
@@ -253,7 +253,7 @@ mod programs {
     #[btf_tracepoint(function = "sched_switch")]
     pub fn sched_switch_btf(ctx: BtfTracePointContext) -> i32 {
         let task = Task::of_btf(&ctx);
-        account(&ctx, btf_switch(&ctx), task, &CGROUPS, &THREADS);
+        account(&ctx, btf_switch(task), task, &CGROUPS, &THREADS);
         0
     }
 
@@ -268,7 +268,7 @@ mod programs {
         let task = Task::of_btf(&ctx);
         account(
             &ctx,
-            btf_switch(&ctx),
+            btf_switch(task),
             task,
             &CGROUPS_PREALLOC,
             &THREADS_PREALLOC,

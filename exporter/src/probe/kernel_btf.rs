@@ -28,7 +28,7 @@ const KIND_PTR: u32 = 2;
 const KIND_STRUCT: u32 = 4;
 const KIND_TYPEDEF: u32 = 8;
 
-/// The struct fields whose byte offsets the `tp_btf` programs need.
+/// The struct fields whose byte offsets the programs need.
 const FIELDS: [(&str, &str); 9] = [
     ("task_struct", "pid"),
     ("task_struct", "cgroups"),
