@@ -220,3 +220,107 @@ pub fn daemonset_mounts_host_paths_read_only_and_tolerates_every_taint() {
         );
     }
 }
+
+/// The exporter's ClusterRole grants what the code calls, and nothing else
+/// (the chart README's "Why each permission" table names the code path of
+/// each rule):
+/// - pods `list` and `watch`: the API server watch of this node's pods
+///   (`workload::kube::run_watcher`, a kube-runtime watcher: one list, then
+///   watches; never a `get`), for `podSource` apiserver and auto;
+/// - nodes/proxy `get`: how the kubelet authorizes the exporter's
+///   `GET https://<node>:10250/pods` (`workload::kubelet::Kubelet::pods`),
+///   for `podSource` kubelet and auto;
+/// - tokenreviews and subjectaccessreviews `create`: `--authorize-metrics`
+///   (`export::auth::Authorizer::review`), with `auth.enabled`.
+///
+/// Nothing reads the Node object (no `nodes get`), and the watcher never
+/// gets a single pod (no `pods get`).
+#[test]
+pub fn cluster_role_grants_only_what_the_code_calls() {
+    type Rule = (String, String, String);
+    let rule = |group: &str, resource: &str, verb: &str| -> Rule {
+        (group.to_string(), resource.to_string(), verb.to_string())
+    };
+    let watch_pods = [rule("", "pods", "list"), rule("", "pods", "watch")];
+    let kubelet_pods = [rule("", "nodes/proxy", "get")];
+    let reviews = [
+        rule("authentication.k8s.io", "tokenreviews", "create"),
+        rule("authorization.k8s.io", "subjectaccessreviews", "create"),
+    ];
+    let role_name = format!("{HELM_NAMESPACE}-ergon");
+    for pod_source in ["apiserver", "kubelet", "auto"] {
+        for auth in [false, true] {
+            let mut expected: BTreeSet<Rule> = BTreeSet::new();
+            if pod_source != "kubelet" {
+                expected.extend(watch_pods.iter().cloned());
+            }
+            if pod_source != "apiserver" {
+                expected.extend(kubelet_pods.iter().cloned());
+            }
+            if auth {
+                expected.extend(reviews.iter().cloned());
+            }
+            let sets = [
+                format!("exporter.podSource={pod_source}"),
+                format!("auth.enabled={auth}"),
+            ];
+            let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+            let objects = helm_template_with(HELM_NAMESPACE, None, &sets);
+            let role = find(&objects, "ClusterRole", &role_name);
+            let mut granted: BTreeSet<Rule> = BTreeSet::new();
+            for entry in role.object["rules"].as_array().unwrap() {
+                let keys: BTreeSet<&str> = entry
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .map(String::as_str)
+                    .collect();
+                assert_eq!(
+                    keys,
+                    BTreeSet::from(["apiGroups", "resources", "verbs"]),
+                    "podSource={pod_source} auth={auth}: a rule with other fields \
+                     (resourceNames, nonResourceURLs) in the exporter's role: {entry}"
+                );
+                let strings = |key: &str| -> Vec<&str> {
+                    entry[key]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_str().unwrap())
+                        .collect()
+                };
+                for group in strings("apiGroups") {
+                    for resource in strings("resources") {
+                        for verb in strings("verbs") {
+                            assert!(
+                                granted.insert(rule(group, resource, verb)),
+                                "podSource={pod_source} auth={auth}: {group:?} {resource} \
+                                 {verb} granted twice"
+                            );
+                        }
+                    }
+                }
+            }
+            assert_eq!(
+                granted,
+                expected,
+                "podSource={pod_source} auth={auth}: the exporter's ClusterRole must grant \
+                 exactly what the code calls (extra: {:?}; missing: {:?})",
+                granted.difference(&expected).collect::<Vec<_>>(),
+                expected.difference(&granted).collect::<Vec<_>>()
+            );
+            // The role is the exporter's, bound to its ServiceAccount only;
+            // the metrics-reader role (auth) is for scrapers, never bound here.
+            let bindings: Vec<&Rendered> = objects
+                .iter()
+                .filter(|o| o.kind() == "ClusterRoleBinding")
+                .collect();
+            assert_eq!(bindings.len(), 1, "podSource={pod_source} auth={auth}");
+            assert_eq!(bindings[0].object["roleRef"]["name"], role_name.as_str());
+            assert_eq!(
+                bindings[0].object["subjects"],
+                json!([{"kind": "ServiceAccount", "name": "ergon", "namespace": HELM_NAMESPACE}])
+            );
+        }
+    }
+}

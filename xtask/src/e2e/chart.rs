@@ -200,7 +200,15 @@ fn check_rbac(cluster: &Cluster, profile: Profile) -> Result<()> {
     // watch; apiserver only the watch.
     let kubelet = matches!(profile, Profile::Privileged);
     let mut needed = vec![("list", "pods"), ("watch", "pods")];
-    let mut denied = vec![("delete", "pods"), ("list", "secrets"), ("create", "pods")];
+    // Nothing reads Node objects or gets single pods (a watch lists, then
+    // watches): those verbs are not granted.
+    let mut denied = vec![
+        ("delete", "pods"),
+        ("list", "secrets"),
+        ("create", "pods"),
+        ("get", "nodes"),
+        ("get", "pods"),
+    ];
     if kubelet {
         needed.push(("get", "nodes/proxy"));
     } else {
