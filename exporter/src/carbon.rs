@@ -141,8 +141,7 @@ impl CarbonIntensity {
             Ok(seen) if reading.seen == Some(seen) => return,
             Ok(seen) => {
                 reading.seen = Some(seen);
-                std::fs::read_to_string(path)
-                    .map_err(|e| e.to_string())
+                read_bounded(path)
                     .and_then(|text| parse_intensity(&text))
                     .map(|value| (value, Some(unix_seconds(seen.0))))
             }
@@ -170,6 +169,27 @@ impl CarbonIntensity {
             }
         }
     }
+}
+
+/// The most a carbon intensity file may hold: it holds one number, so a
+/// larger file is refused unparsed (a wrong path, a device, a file that
+/// grows) and costs no unbounded allocation.
+pub const MAX_CARBON_FILE_BYTES: u64 = 4096;
+
+/// The file's text, at most [`MAX_CARBON_FILE_BYTES`] of it; a larger file
+/// is an error (which the caller's WARN names with the file).
+fn read_bounded(path: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_CARBON_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 > MAX_CARBON_FILE_BYTES {
+        return Err(format!(
+            "larger than {MAX_CARBON_FILE_BYTES} bytes, which no single number of gCO2e/kWh is"
+        ));
+    }
+    String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))
 }
 
 fn warn_unusable(path: &Path, reason: &str, kept: Option<(GramsPerKwh, Option<f64>)>) {
@@ -322,5 +342,33 @@ mod tests {
         std::fs::remove_file(&file).unwrap();
         carbon.refresh();
         assert_eq!(carbon.current().map(|(v, _)| v), Some(GramsPerKwh(97.0)));
+    }
+
+    #[test]
+    fn a_file_larger_than_the_bound_is_refused_unparsed_and_keeps_the_last_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("intensity");
+        let carbon = CarbonIntensity::new(CarbonSource::File(file.clone()));
+        std::fs::write(&file, "97\n").unwrap();
+        carbon.refresh();
+        assert_eq!(carbon.current().map(|(v, _)| v), Some(GramsPerKwh(97.0)));
+
+        // A number that would parse, padded with whitespace past the bound:
+        // refused by size alone (nothing past the bound is read), and the
+        // reason the WARN gives (with the file's name) says so.
+        let padded = format!("412{}", "\n".repeat(MAX_CARBON_FILE_BYTES as usize));
+        assert!(parse_intensity(&padded).is_ok());
+        std::fs::write(&file, &padded).unwrap();
+        carbon.refresh();
+        assert_eq!(carbon.current().map(|(v, _)| v), Some(GramsPerKwh(97.0)));
+        let problem = carbon.lock().problem.clone().unwrap_or_default();
+        assert!(problem.contains("larger than 4096 bytes"), "{problem}");
+
+        // At the bound exactly: read.
+        let full = format!("412{}", "\n".repeat(MAX_CARBON_FILE_BYTES as usize - 3));
+        std::fs::write(&file, &full).unwrap();
+        carbon.refresh();
+        assert_eq!(carbon.current().map(|(v, _)| v), Some(GramsPerKwh(412.0)));
+        assert_eq!(carbon.lock().problem, None);
     }
 }

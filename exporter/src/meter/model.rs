@@ -490,14 +490,32 @@ enum CoefficientsFile {
     Bare(ModelCoefficients),
 }
 
+/// The most a coefficients file may hold. A saved fit is a few hundred
+/// bytes; a larger file is refused before it is parsed, so a wrong path
+/// (a log, a device) costs no unbounded allocation.
+pub const MAX_COEFFICIENTS_FILE_BYTES: u64 = 1024 * 1024;
+
 /// Read coefficients written by [`ModelFit::save`] or by hand (JSON or YAML).
 pub fn load_coefficients(path: &Path) -> Result<ModelCoefficients, MeterError> {
     let bad = |message: String| MeterError::Coefficients {
         path: path.to_path_buf(),
         message,
     };
+    use std::io::Read as _;
     let format = file_format(path)?;
-    let text = std::fs::read_to_string(path).map_err(|err| MeterError::io(path, err))?;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|file| {
+            file.take(MAX_COEFFICIENTS_FILE_BYTES + 1)
+                .read_to_end(&mut bytes)
+        })
+        .map_err(|err| MeterError::io(path, err))?;
+    if bytes.len() as u64 > MAX_COEFFICIENTS_FILE_BYTES {
+        return Err(bad(format!(
+            "larger than {MAX_COEFFICIENTS_FILE_BYTES} bytes: not a coefficients file"
+        )));
+    }
+    let text = String::from_utf8(bytes).map_err(|err| bad(format!("not UTF-8 text: {err}")))?;
     let file: CoefficientsFile = match format {
         FileFormat::Json => serde_json::from_str(&text).map_err(|err| err.to_string()),
         FileFormat::Yaml => serde_yaml::from_str(&text).map_err(|err| err.to_string()),
@@ -630,5 +648,41 @@ mod tests {
             fit.add(0.5, Watts(100.0));
         }
         assert!(fit.fit(4, "cpu").is_none());
+    }
+
+    #[test]
+    fn a_coefficients_file_larger_than_the_bound_is_refused_unparsed() {
+        let dir = tempfile::tempdir().unwrap();
+        let valid = "idle_watts_per_cpu: 1\nmax_watts_per_cpu: 2\n";
+        // Valid YAML, padded with a comment past the bound: refused by size
+        // alone, so nothing larger than the bound is ever read or parsed.
+        let huge = dir.path().join("huge.yaml");
+        let padding = "#".repeat(MAX_COEFFICIENTS_FILE_BYTES as usize);
+        std::fs::write(&huge, format!("{valid}{padding}\n")).unwrap();
+        let err = load_coefficients(&huge).unwrap_err();
+        assert!(matches!(err, MeterError::Coefficients { .. }), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("huge.yaml") && message.contains("larger than 1048576 bytes"),
+            "{message}"
+        );
+        // At the bound exactly: read and parsed.
+        let full = dir.path().join("full.yaml");
+        let padding = "#".repeat(MAX_COEFFICIENTS_FILE_BYTES as usize - valid.len() - 1);
+        std::fs::write(&full, format!("{valid}{padding}\n")).unwrap();
+        assert_eq!(
+            std::fs::metadata(&full).unwrap().len(),
+            MAX_COEFFICIENTS_FILE_BYTES
+        );
+        let loaded = load_coefficients(&full).unwrap();
+        assert_eq!(loaded.max_watts_per_cpu, Watts(2.0));
+        // Not text: named, not a panic.
+        let binary = dir.path().join("binary.json");
+        std::fs::write(&binary, [0xff, 0xfe, 0x00]).unwrap();
+        let message = load_coefficients(&binary).unwrap_err().to_string();
+        assert!(
+            message.contains("binary.json") && message.contains("UTF-8"),
+            "{message}"
+        );
     }
 }
