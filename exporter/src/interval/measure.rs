@@ -77,11 +77,7 @@ impl Metering {
     /// with its idle estimate. A meter that fails is reported down and
     /// skipped; the others still count.
     pub fn measure(&mut self, utilisation: Option<f64>) -> Measurement {
-        let now = Instant::now();
-        let elapsed = self
-            .read_at
-            .map_or(Nanos(0), |then| Nanos((now - then).as_nanos() as u64));
-        self.read_at = Some(now);
+        let elapsed = self.time_since_last_read();
         let ctx = MeterContext {
             elapsed,
             cpu_utilisation: utilisation,
@@ -92,59 +88,27 @@ impl Metering {
             ..Measurement::default()
         };
         for meter in &mut self.meters {
-            let source = meter.source();
-            let last = &mut measurement.last;
-            if meter.is_estimate() {
-                last.estimate_sources.push(source);
-            }
-            let sampled = meter.sample(&ctx);
-            last.meter_health.insert(source, meter.health());
-            let samples = match sampled {
-                Ok(samples) => samples,
-                Err(e) => {
-                    last.meter_up.insert(source, false);
-                    tracing::warn!("meter {source} failed this interval: {e}");
-                    continue;
-                }
+            let Some(per_domain) = read_meter(meter.as_mut(), &ctx, &mut measurement.last) else {
+                continue;
             };
-            last.meter_up.insert(source, true);
-            let mut per_domain: BTreeMap<Domain, Joules> = BTreeMap::new();
-            for sample in samples {
-                *per_domain.entry(sample.domain).or_default() += sample.joules;
-            }
-            if let Some(watts) = meter.idle_power() {
-                for domain in per_domain.keys() {
-                    self.idle.set_model_idle(*domain, source, watts);
-                }
-            }
             if per_domain.contains_key(&Domain::Gpu) {
-                measurement.gpu_processes = Some(
-                    meter
-                        .gpu_processes()
-                        .into_iter()
-                        .map(|s| attribute::GpuProcessSample {
-                            pid: s.pid,
-                            sm_util_percent: s.utilisation_percent.round().clamp(0.0, 100.0) as u32,
-                        })
-                        .collect(),
-                );
+                measurement.gpu_processes = Some(gpu_processes(meter.as_mut()));
             }
-            for (domain, energy) in per_domain {
-                let idle = self.idle.estimate(domain, source, energy, elapsed).idle;
-                if elapsed.0 > 0 {
-                    last.power
-                        .insert((domain, source), Watts(energy.0 / elapsed.as_secs_f64()));
-                }
-                measurement.energies.push(DomainEnergy {
-                    domain,
-                    source: source.to_owned(),
-                    energy,
-                    idle,
-                });
-            }
+            split_idle(&mut self.idle, meter.as_ref(), per_domain, &mut measurement);
         }
         self.learn(&measurement.energies, utilisation, elapsed);
         measurement
+    }
+
+    /// Time since the meters were last read (0 before any read), and now
+    /// the time of the last read.
+    fn time_since_last_read(&mut self) -> Nanos {
+        let now = Instant::now();
+        let elapsed = self
+            .read_at
+            .map_or(Nanos(0), |then| Nanos((now - then).as_nanos() as u64));
+        self.read_at = Some(now);
+        elapsed
     }
 
     /// Feeds the online fit with the measured (never modelled) package power.
@@ -171,5 +135,80 @@ impl Metering {
     /// The first meter's source, for series that name one (Kepler's).
     pub fn primary_source(&self) -> &'static str {
         self.meters.first().map(|m| m.source()).unwrap_or("none")
+    }
+}
+
+/// One meter's energy this interval, per domain; `None` (the meter marked
+/// down, with a WARN) when it could not be read. Its health and whether it
+/// estimates go into `last` either way.
+fn read_meter(
+    meter: &mut dyn Meter,
+    ctx: &MeterContext,
+    last: &mut LastInterval,
+) -> Option<BTreeMap<Domain, Joules>> {
+    let source = meter.source();
+    if meter.is_estimate() {
+        last.estimate_sources.push(source);
+    }
+    let sampled = meter.sample(ctx);
+    last.meter_health.insert(source, meter.health());
+    let samples = match sampled {
+        Ok(samples) => samples,
+        Err(e) => {
+            last.meter_up.insert(source, false);
+            tracing::warn!("meter {source} failed this interval: {e}");
+            return None;
+        }
+    };
+    last.meter_up.insert(source, true);
+    let mut per_domain: BTreeMap<Domain, Joules> = BTreeMap::new();
+    for sample in samples {
+        *per_domain.entry(sample.domain).or_default() += sample.joules;
+    }
+    Some(per_domain)
+}
+
+/// Per-process GPU utilisation from a meter that measured a GPU.
+fn gpu_processes(meter: &mut dyn Meter) -> Vec<attribute::GpuProcessSample> {
+    meter
+        .gpu_processes()
+        .into_iter()
+        .map(|s| attribute::GpuProcessSample {
+            pid: s.pid,
+            sm_util_percent: s.utilisation_percent.round().clamp(0.0, 100.0) as u32,
+        })
+        .collect()
+}
+
+/// Each domain's energy with its idle part (the estimator's, or the
+/// meter's own idle power where it models one), and its power for the
+/// gauges.
+fn split_idle(
+    idle: &mut IdleEstimator,
+    meter: &dyn Meter,
+    per_domain: BTreeMap<Domain, Joules>,
+    measurement: &mut Measurement,
+) {
+    let source = meter.source();
+    let elapsed = measurement.elapsed;
+    if let Some(watts) = meter.idle_power() {
+        for domain in per_domain.keys() {
+            idle.set_model_idle(*domain, source, watts);
+        }
+    }
+    for (domain, energy) in per_domain {
+        let idle = idle.estimate(domain, source, energy, elapsed).idle;
+        if elapsed.0 > 0 {
+            measurement
+                .last
+                .power
+                .insert((domain, source), Watts(energy.0 / elapsed.as_secs_f64()));
+        }
+        measurement.energies.push(DomainEnergy {
+            domain,
+            source: source.to_owned(),
+            energy,
+            idle,
+        });
     }
 }
