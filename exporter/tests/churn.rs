@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ergon::probe::map_memory::{Allocated, hash_map_bytes, thread_shape};
+use ergon::probe::map_memory::{Allocated, cgroup_shape, hash_map_bytes, thread_shape};
 use support::pods::PodFixture;
 use support::{BusyChild, CgroupGuard, ExporterProcess, FakeRapl, Metrics, cpu_lock, unique_uid};
 
@@ -114,10 +114,10 @@ impl Drop for ChurnGuard {
 
 /// RSS (bytes), open fds and CPU time (user + system) of a process. Fds
 /// on directories of the cgroup tree are left out of the count and
-/// returned apart: the cgroup walk holds them only while it runs (one per
-/// sibling directory until the resolver closes each before descending,
-/// issue 9 item 4, on the `cgroups` branch), so a scrape that lands inside
-/// a walk sees them and one outside does not.
+/// returned apart: the cgroup walk holds one only while it reads that
+/// directory (the resolver reads each directory whole and closes it before
+/// descending), so a scrape that lands inside a walk sees it and one
+/// outside does not.
 fn process_figures(pid: u32) -> (u64, usize, Duration, usize) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let rss_kib: u64 = status
@@ -208,6 +208,43 @@ fn anon_rss(pid: u32) -> u64 {
         * 1024
 }
 
+/// Cgroup directories under `root`, itself included.
+fn count_cgroups(root: &std::path::Path) -> u32 {
+    let mut count = 1;
+    if let Ok(entries) = std::fs::read_dir(root) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                count += count_cgroups(&entry.path());
+            }
+        }
+    }
+    count
+}
+
+/// Entries in the per-CPU cgroup map, from the kernel's memlock figure of
+/// it (on demand, each entry costs the same; the empty map's lock bytes
+/// scale with the CPUs).
+fn cgroup_map_entries(metrics: &Metrics, bound: u64) -> u64 {
+    let bytes = map_bytes(metrics, "CGROUPS") as u64;
+    let cpus = possible_cpus();
+    let empty = hash_map_bytes(cgroup_shape(), bound, 0, cpus, Allocated::OnDemand);
+    let one = hash_map_bytes(cgroup_shape(), bound, 1, cpus, Allocated::OnDemand) - empty;
+    bytes.saturating_sub(empty) / one
+}
+
+/// The kernel's possible CPUs (`0-N` in `/sys/devices/system/cpu/possible`):
+/// per-CPU maps hold a value for each.
+fn possible_cpus() -> u64 {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    text.trim()
+        .split(',')
+        .map(|range| match range.split_once('-') {
+            Some((a, b)) => b.parse::<u64>().unwrap() - a.parse::<u64>().unwrap() + 1,
+            None => 1,
+        })
+        .sum()
+}
+
 fn live_threads() -> usize {
     std::fs::read_dir("/proc")
         .unwrap()
@@ -242,6 +279,19 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
     let mut churn_pod_fixtures: Vec<PodFixture> = (0..20)
         .map(|i| PodFixture::start("churn", &format!("churn-{i}"), 0))
         .collect();
+    // The cgroup map is bounded below the number of cgroups the run makes:
+    // if the keys of dead cgroups stayed in it, it would fill (and the
+    // `full` check below fail). What lives now, the steady and churned pods,
+    // and the keys of what died in the last intervals (two intervals pass
+    // before a dead cgroup's key goes) must fit.
+    let room = 600;
+    let max_cgroups = count_cgroups(&support::cgroup2_root()) + room;
+    let churned_at_least = per_second * seconds as f64 * 0.5;
+    assert!(
+        churned_at_least > room as f64,
+        "the run makes {churned_at_least} cgroups, fewer than the map's room of {room} beyond \
+         what lives: it could not show that dead keys leave the map"
+    );
     let rapl = FakeRapl::start(40.0);
     let exporter = ExporterProcess::start(
         ERGON.as_ref(),
@@ -254,6 +304,7 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
             format!("--interval={}ms", interval.as_millis()),
             "--per-process".into(),
             format!("--retention={}s", retention.as_secs()),
+            format!("--max-cgroups={max_cgroups}"),
         ],
     );
     let pid = exporter.child.id();
@@ -353,10 +404,11 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
                 metrics.samples.len()
             ));
         }
-        // Bounded by the tree's width, never by how many cgroups came and went.
+        // One directory at a time (a few where a walk overlaps a GPU or
+        // process lookup), never one per sibling.
         walk_fds_max = walk_fds_max.max(walk_fds);
         assert!(
-            walk_fds <= steady_pods + 100,
+            walk_fds <= 4,
             "{walk_fds} cgroup directories open at {:?}",
             start.elapsed()
         );
@@ -446,7 +498,7 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
     let charged: f64 = dead.iter().map(|d| d.usage_usec as f64 / 1e6).sum();
     let found = named + other;
     assert!(
-        dead.len() as f64 >= per_second * seconds as f64 * 0.5,
+        dead.len() as f64 >= churned_at_least,
         "only {} cgroups churned",
         dead.len()
     );
@@ -472,6 +524,15 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
         "the thread map holds ~{entries} entries with {live} threads alive after {} processes came and went",
         dead.len()
     );
+    // And the dead cgroups left the cgroup map: it holds what lives.
+    let cgroup_entries = cgroup_map_entries(&metrics, max_cgroups as u64);
+    let live_now = count_cgroups(&support::cgroup2_root()) as u64;
+    assert!(
+        cgroup_entries <= live_now + 300,
+        "the cgroup map holds ~{cgroup_entries} entries with {live_now} cgroups alive after {} \
+         came and went",
+        dead.len()
+    );
     let churned_for = warm_at.elapsed().as_secs_f64();
     let cpu_per_minute = (cpu_end - warm_cpu).as_secs_f64() * 60.0 / churned_for;
     println!(
@@ -481,7 +542,7 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
          RSS warm {:.1} MiB, max {:.1} MiB (+{:.1}%); anonymous warm {:.1} MiB, max {:.1} MiB; \
          fds warm {warm_fds}, max {fds_max} \
          (+ up to {walk_fds_max} cgroup directories during walks); \
-         exporter CPU {:.0} ms per minute; THREADS map ~{entries} entries ({:.0} KiB, max {:.0} KiB) of {threads_bound}; \
+         exporter CPU {:.0} ms per minute; CGROUPS map ~{cgroup_entries} entries of {max_cgroups} at the end; THREADS map ~{entries} entries ({:.0} KiB, max {:.0} KiB) of {threads_bound}; \
          dead cgroups' CPU {charged:.3} s, found {found:.3} s ({named_count} named, {named:.3} s; other {other:.3} s); \
          RSS over time: {}",
         dead.len(),
@@ -495,5 +556,77 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
         threads_now as f64 / 1024.0,
         threads_map_max / 1024.0,
         rss_curve.join("; "),
+    );
+}
+
+/// Per-process mode: an exited process's counter stays in `/metrics` for
+/// the retention window (its value kept, not reset), then goes.
+#[test]
+fn an_exited_process_keeps_its_series_for_the_retention_window_then_goes() {
+    let _lock = cpu_lock();
+    let interval = Duration::from_millis(200);
+    let retention = Duration::from_secs(3);
+    let rapl = FakeRapl::start(40.0);
+    let exporter = ExporterProcess::start(
+        ERGON.as_ref(),
+        &[
+            rapl.host_sys_arg(),
+            format!("--cgroup-root={}", support::cgroup2_root().display()),
+            support::kubelet_cgroup_root_arg(),
+            "--meter=rapl".into(),
+            format!("--interval={}ms", interval.as_millis()),
+            "--per-process".into(),
+            format!("--retention={}s", retention.as_secs()),
+        ],
+    );
+    let cgroup = CgroupGuard::pod_shaped("exited-process");
+    std::thread::sleep(Duration::from_millis(20));
+    let child = BusyChild::spawn_in(&cgroup.path);
+    let pid = child.pid().to_string();
+    let joules = || {
+        let metrics = exporter.metrics();
+        let series: Vec<f64> = metrics
+            .select("ergon_process_energy_joules_total", &[("pid", &pid)])
+            .map(|(_, value)| value)
+            .collect();
+        (!series.is_empty()).then(|| series.iter().sum::<f64>())
+    };
+    let started = Instant::now();
+    while joules().is_none_or(|j| j <= 0.0) && started.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(interval);
+    }
+    assert!(
+        joules().is_some_and(|j| j > 0.0),
+        "process {pid} never exported"
+    );
+    child.stop();
+    let exited = Instant::now();
+    // Its final slices are counted within a couple of intervals; from then
+    // on the value holds until the series goes.
+    std::thread::sleep(interval * 3);
+    let last = joules().expect("the exited process's series is kept");
+    let gone_at = loop {
+        match joules() {
+            Some(now) => {
+                assert!(
+                    (now - last).abs() < 1e-9,
+                    "process {pid} exited {:?} ago; its counter moved from {last} to {now}",
+                    exited.elapsed()
+                );
+            }
+            None => break exited.elapsed(),
+        }
+        assert!(
+            exited.elapsed() < retention + Duration::from_secs(10),
+            "process {pid} still exported {:?} after it exited (retention {retention:?})",
+            exited.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // Last seen at most an interval before the exit; pruned once the
+    // retention window has passed since.
+    assert!(
+        gone_at + interval * 2 >= retention,
+        "process {pid} was dropped {gone_at:?} after it exited, before the {retention:?} retention"
     );
 }

@@ -43,10 +43,11 @@ fn wait_for(port: u16, path: &str, want: u16, within: Duration) -> (u16, String,
 }
 
 #[test]
-fn healthz_fails_after_three_failed_intervals_says_why_and_recovers() {
+fn healthz_fails_after_the_configured_failed_intervals_says_why_and_recovers() {
     // The procfs probe reads a one-cgroup tree; renaming it away makes
     // every sample fail as a vanished cgroup mount would.
-    let mut exporter = Binary::spawn(&["--unhealthy-after-failed-intervals=3".into()]);
+    // Four, not the default three: the flag must reach the health state.
+    let mut exporter = Binary::spawn(&["--unhealthy-after-failed-intervals=4".into()]);
     let port = exporter.port;
     let root = exporter.cgroups.path().to_owned();
     let away = root.with_extension("away");
@@ -71,18 +72,18 @@ fn healthz_fails_after_three_failed_intervals_says_why_and_recovers() {
 
     std::fs::rename(&root, &away).unwrap();
     let broke = Instant::now();
-    // Two failed intervals are tolerated: still healthy 250 ms later.
+    // Three failed intervals are tolerated: still healthy 250 ms later.
     std::thread::sleep(Duration::from_millis(250));
     assert_eq!(get(port, "/healthz").0, 200, "{}", log.lock().unwrap());
     let (status, why, _) = wait_for(port, "/healthz", 503, Duration::from_secs(5));
     assert_eq!(status, 503, "{}", log.lock().unwrap());
     let failed_after = broke.elapsed();
     assert!(
-        failed_after >= Duration::from_millis(400),
-        "unhealthy after {failed_after:?}, before three 200 ms intervals"
+        failed_after >= Duration::from_millis(550),
+        "unhealthy after {failed_after:?}, before four 200 ms intervals"
     );
     assert!(
-        why.contains("3 intervals")
+        why.contains("4 intervals")
             && why.contains(&root.display().to_string())
             && why.contains("sampling"),
         "{why}"
@@ -107,4 +108,35 @@ fn healthz_fails_after_three_failed_intervals_says_why_and_recovers() {
     assert_eq!(status, 200, "{body}");
     std::thread::sleep(Duration::from_millis(300));
     assert!(last_success(port) > stalled);
+}
+
+/// One garbled cgroup costs only itself: it is counted by reason in
+/// `ergon_probe_skipped_total`, and the sample, `/healthz` and the liveness
+/// gauge go on.
+#[test]
+fn one_unreadable_cgroup_is_skipped_and_counted_not_the_sample() {
+    let exporter = Binary::spawn(&[]);
+    let port = exporter.port;
+    let broken = exporter.cgroups.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::write(broken.join("cpu.stat"), "garbage\n").unwrap();
+    let (ready, body, _) = wait_for(port, "/readyz", 200, Duration::from_secs(20));
+    assert_eq!(ready, 200, "{body}");
+    let skipped = || {
+        Metrics::parse(&get(port, "/metrics").1).sum(
+            "ergon_probe_skipped_total",
+            &[("kind", "cgroup"), ("reason", "unparsable")],
+        )
+    };
+    let started = Instant::now();
+    while skipped() < 2.0 && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let first = skipped();
+    assert!(first >= 2.0, "{}", get(port, "/metrics").1);
+    let measured = last_success(port);
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(skipped() > first, "skipped at every sample");
+    assert!(last_success(port) > measured, "the samples still succeed");
+    assert_eq!(get(port, "/healthz").0, 200);
 }

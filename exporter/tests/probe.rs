@@ -457,6 +457,55 @@ fn on_demand_map_memory_follows_the_kernels_formula() {
     panic!("the cgroup map never held still for a read");
 }
 
+/// Issue 9 item 1: on a big node the cgroup map's bound comes from the
+/// memory budget and the CPU count. This node has few CPUs, so a small
+/// budget stands in for many CPUs: the bound the exporter computed must be
+/// the one the kernel's map was created with, and its worst case must fit.
+#[test]
+fn a_small_budget_lowers_the_kernel_maps_bound() {
+    use ergon::probe::map_memory::{Allocated, cgroup_shape, hash_map_bytes};
+    let _lock = cpu_lock();
+    let budget = 512 * 1024;
+    let config = ProbeConfig {
+        mode: ProbeMode::Ebpf,
+        max_cgroups: 16_384,
+        map_memory_budget_bytes: budget,
+        ..ProbeConfig::local()
+    };
+    let probe = Probe::start(&config).unwrap();
+    let layout = ebpf(&probe).layout().clone();
+    assert!(
+        layout.bounds.cgroups_lowered && layout.bounds.cgroups < 16_384,
+        "a {budget}-byte budget on {} CPUs keeps {} cgroups",
+        layout.possible_cpus,
+        layout.bounds.cgroups
+    );
+    let full = hash_map_bytes(
+        cgroup_shape(),
+        layout.bounds.cgroups as u64,
+        layout.bounds.cgroups as u64,
+        layout.possible_cpus,
+        layout.allocated,
+    );
+    assert!(full <= budget, "worst case {full} bytes over the budget");
+    let name = match layout.allocated {
+        Allocated::OnDemand => ergon_ebpf::MAP_CGROUPS,
+        Allocated::Prealloc => ergon_ebpf::MAP_CGROUPS_PREALLOC,
+    };
+    let (map_id, _) = map_bytes(&probe, name);
+    let out = std::process::Command::new("bpftool")
+        .args(["map", "show", "id", &map_id.to_string(), "-j"])
+        .output()
+        .expect("bpftool is installed by `cargo xtask setup` (Debian package bpftool)");
+    assert!(out.status.success(), "bpftool map show: {out:?}");
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        shown["max_entries"].as_u64(),
+        Some(layout.bounds.cgroups as u64),
+        "the kernel's map {name}: {shown}"
+    );
+}
+
 #[test]
 fn forced_preallocation_fallback_counts_like_on_demand() {
     use ergon::probe::map_memory::{Allocated, MapAllocation, cgroup_shape, hash_map_bytes};
@@ -834,4 +883,53 @@ fn allocation_failures_are_counted_by_reason_and_lose_nothing() {
     memcg.lift();
     let (counted, charged) = counted_and_charged(&mut probe, "memory-back");
     assert_within_5_percent("after the limit was lifted, the probe", counted, charged);
+}
+
+/// Issue 9 item 1: `ergon doctor` prints the maps' memory as the kernel
+/// reports it, and what they can reach at worst here and on a 192-CPU node,
+/// with and without `--per-process`.
+#[test]
+fn doctor_prints_the_kernels_map_memory_and_the_192_cpu_projection() {
+    use ergon::probe::map_memory::{Allocated, BIG_NODE_CPUS};
+    let _lock = cpu_lock();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ergon"))
+        .args(["--probe=ebpf", "doctor"])
+        .env("ERGON_LOG", "off")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = |name: &str| {
+        stdout
+            .lines()
+            .find(|line| line.contains(name))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no `{name}` line: {stdout}\n{}",
+                    String::from_utf8_lossy(&output.stderr)
+                )
+            })
+            .to_string()
+    };
+    let now = line("map memory");
+    assert!(
+        now.starts_with("[ok ]") && now.contains("MiB now, kernel's memlock figure"),
+        "{now}"
+    );
+    let big = line("maps worst, 192");
+    let config = ProbeConfig::local();
+    for (per_process, label) in [(false, "default"), (true, "--per-process")] {
+        let bounds = config.map_bounds(per_process, BIG_NODE_CPUS, Allocated::OnDemand);
+        let expected = format!(
+            "{label}: cgroups ≤ {} → {:.1} MiB",
+            bounds.cgroups,
+            bounds.full_bytes as f64 / (1024.0 * 1024.0)
+        );
+        assert!(big.contains(&expected), "`{expected}` not in: {big}");
+        assert!(
+            bounds.full_bytes <= config.map_memory_budget_bytes,
+            "{label} on {BIG_NODE_CPUS} CPUs: {} bytes over the budget",
+            bounds.full_bytes
+        );
+    }
+    assert!(big.contains(&format!("{BIG_NODE_CPUS} CPUs")), "{big}");
 }

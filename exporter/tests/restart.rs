@@ -196,6 +196,24 @@ fn the_first_interval_has_energy_wherever_cpu_time_was_counted() {
         );
         let node = first.sum("ergon_node_energy_joules_total", &[("source", source)]);
         assert!(node > 0.0, "{source}: no energy in the first interval");
+        // All of it, not a part: the first interval's energy is its power
+        // over the whole 3 s (the fake RAPL counter draws 30 W; the model's
+        // power is its gauge), as for every later interval.
+        let watts = match source {
+            "rapl" => 30.0,
+            _ => first.sum(
+                "ergon_node_power_watts",
+                &[("source", source), ("domain", "package")],
+            ),
+        };
+        let package = first.sum(
+            "ergon_node_energy_joules_total",
+            &[("source", source), ("domain", "package")],
+        );
+        assert!(
+            (package / (watts * 3.0) - 1.0).abs() < 0.15,
+            "{source}: the first 3-s interval has {package} J at {watts} W"
+        );
     }
 }
 

@@ -605,6 +605,31 @@ mod tests {
         }
     }
 
+    /// The reason label of `ergon_probe_skipped_total`: a permission error
+    /// (which root on this test machine cannot provoke on a tmpfs) is told
+    /// apart from a path too long, a garbled file and any other I/O error.
+    #[test]
+    fn skips_are_counted_by_the_reason_the_kernel_gave() {
+        let skip = |error| Skip {
+            kind: "cgroup",
+            path: PathBuf::from("/sys/fs/cgroup/x"),
+            error,
+        };
+        let io = |errno| ProbeError::Io {
+            path: PathBuf::from("/sys/fs/cgroup/x/cpu.stat"),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        assert_eq!(skip(io(libc::EACCES)).reason(), "permission");
+        assert_eq!(skip(io(libc::EPERM)).reason(), "permission");
+        assert_eq!(skip(io(libc::ENAMETOOLONG)).reason(), "name_too_long");
+        assert_eq!(skip(io(libc::EIO)).reason(), "io");
+        let parse = ProbeError::Parse {
+            path: PathBuf::from("/sys/fs/cgroup/x/cpu.stat"),
+            detail: "no usage_usec".into(),
+        };
+        assert_eq!(skip(parse).reason(), "unparsable");
+    }
+
     #[test]
     fn a_path_longer_than_path_max_is_skipped_and_counted() {
         let root = tempfile::tempdir().unwrap();
