@@ -27,10 +27,11 @@ pub fn promtool_accepts_the_rules() {
 
 /// The CO2e rules' arithmetic (joules / 3.6e6 × gCO2e/kWh, per pod,
 /// namespace and node) and the alerts that need more than a name
-/// (the probe's overflow) against known series: tests/rules/*.test.yaml.
+/// (the probe's overflow, a stalled measurement) against known series:
+/// tests/rules/*.test.yaml.
 #[test]
 pub fn promtool_rule_unit_tests_pass() {
-    for file in ["carbon.test.yaml", "probe.test.yaml"] {
+    for file in ["carbon.test.yaml", "probe.test.yaml", "stalled.test.yaml"] {
         let output = run_ok(
             Command::new(tool("promtool"))
                 .args(["test", "rules"])
