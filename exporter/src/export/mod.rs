@@ -285,7 +285,9 @@ impl Published {
         self.snapshot().map(|snapshot| read(&snapshot.report))
     }
 
-    /// Whether any interval has completed (readiness).
+    /// Whether a report has been published (readiness): after the first
+    /// interval, or at once when counters were restored from a checkpoint
+    /// (they are served before anything new is measured).
     pub fn is_ready(&self) -> bool {
         self.snapshot().is_some()
     }
