@@ -303,3 +303,217 @@ fn idle_and_trickling_connections_are_closed() {
         opened.elapsed()
     );
 }
+
+/// The most a loopback connection can hold in flight when its reader sets
+/// `client_receive_buffer`: the server's send buffer at its largest
+/// (`tcp_wmem`'s maximum, which autotuning may reach) plus the client's.
+fn socket_buffers_bytes(client_receive_buffer: usize) -> usize {
+    let wmem = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem").unwrap();
+    let send_max: usize = wmem
+        .split_whitespace()
+        .nth(2)
+        .and_then(|max| max.parse().ok())
+        .expect("three numbers in tcp_wmem");
+    send_max + client_receive_buffer
+}
+
+#[test]
+fn a_stuck_scrape_frees_its_slot_after_the_write_timeout() {
+    use std::io::Write;
+    let options = ServerOptions {
+        max_scrapers: 1,
+        write_timeout: Duration::from_secs(1),
+        ..ServerOptions::default()
+    };
+    let write_timeout = options.write_timeout;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+
+    // The stuck client asks for a small receive buffer (before connecting,
+    // so that the window stays small); the body must be larger than all the
+    // sockets can hold, or the server would finish writing it.
+    let stuck_socket = tokio::net::TcpSocket::new_v4().unwrap();
+    stuck_socket.set_recv_buffer_size(16 * 1024).unwrap();
+    let receive_buffer = stuck_socket.recv_buffer_size().unwrap() as usize;
+    let buffers = socket_buffers_bytes(receive_buffer);
+    let per_pod = ergon::export::render_report(&report_of_pods(100)).len() / 100;
+    let pods = (2 * buffers / per_pod).max(1000);
+    let server = TestServer::start(report_of_pods(pods), options);
+    let port = server.port;
+    let scrape = b"GET /metrics HTTP/1.1\r\nHost: ergon\r\nConnection: close\r\n\r\n";
+
+    // A first scrape renders the interval's body once (later ones share it)
+    // and frees its slot when done.
+    let first = raw_request(port, scrape, Duration::from_secs(30)).expect("a first scrape");
+    assert_eq!(status_of(&first), 200, "{}", &first[..200]);
+    assert!(complete(&first));
+    assert!(
+        first.len() > buffers,
+        "the body ({} B) must not fit in the sockets' buffers ({buffers} B)",
+        first.len()
+    );
+
+    // The stuck client: asks for /metrics, keeps its socket open, reads nothing.
+    let stuck = runtime
+        .block_on(stuck_socket.connect(([127, 0, 0, 1], port).into()))
+        .unwrap()
+        .into_std()
+        .unwrap();
+    stuck.set_nonblocking(false).unwrap();
+    (&stuck)
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: ergon\r\n\r\n")
+        .unwrap();
+    let asked = Instant::now();
+
+    // Its slot is the only one: scrapes are turned away (503) until the
+    // server gives up on it, one write timeout after it started writing.
+    let mut busy = Vec::new();
+    let freed = loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let sent = asked.elapsed();
+        let answer = raw_request(port, scrape, Duration::from_secs(10));
+        let status = answer.as_deref().map(status_of).unwrap_or(0);
+        match status {
+            503 => busy.push(sent),
+            200 => {
+                let answer = answer.unwrap();
+                assert!(complete(&answer), "an incomplete scrape after {sent:?}");
+                assert!(answer.len() > buffers, "{} B", answer.len());
+                break sent;
+            }
+            other => panic!("a scrape after {sent:?} answered {other}: {answer:?}"),
+        }
+        assert!(
+            asked.elapsed() < write_timeout + Duration::from_millis(500),
+            "the stuck scrape still held the only slot {:?} after it was asked, with a write \
+             timeout of {write_timeout:?} ({} scrapes turned away)",
+            asked.elapsed(),
+            busy.len()
+        );
+    };
+    assert!(
+        !busy.is_empty() && busy[0] < Duration::from_millis(500),
+        "the stuck scrape held its slot at first: {busy:?}"
+    );
+    assert!(
+        freed + Duration::from_millis(300) >= write_timeout,
+        "the slot was free after {freed:?}, before the write timeout {write_timeout:?}: was \
+         the stuck scrape stuck?"
+    );
+    assert!(
+        freed <= write_timeout + Duration::from_millis(500),
+        "the slot was free after {freed:?}"
+    );
+    eprintln!(
+        "{} B body; {} scrapes turned away, the next answered 200 {freed:?} after the stuck one",
+        first.len(),
+        busy.len()
+    );
+    drop(stuck);
+}
+
+/// Holds `count` connections to `port` that send nothing; one the server
+/// closes is opened again at once, as a client that keeps the cap full
+/// would. Stops when `stop` is set; returns how many it opened.
+fn silent_connections(
+    port: u16,
+    count: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    use std::io::Read;
+    std::thread::spawn(move || {
+        let connect = || {
+            let stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            stream.set_nonblocking(true).ok()?;
+            Some(stream)
+        };
+        let mut streams: Vec<_> = (0..count).map(|_| connect()).collect();
+        let mut opened = count;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for stream in &mut streams {
+                let open = stream.as_mut().is_some_and(|stream| {
+                    matches!(stream.read(&mut [0u8; 64]),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                });
+                if !open {
+                    *stream = connect();
+                    opened += 1;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        opened
+    })
+}
+
+#[test]
+fn probes_are_answered_while_silent_connections_fill_the_connection_cap() {
+    let max_connections = 8;
+    let options = ServerOptions {
+        max_connections,
+        ..ServerOptions::default()
+    };
+    let header_read_timeout = options.header_read_timeout;
+    let server = TestServer::start(report_of_pods(50), options);
+    let port = server.port;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let silent = silent_connections(port, 2 * max_connections, stop.clone());
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Probes every 0.5 s, for longer than a silent connection may wait for
+    // its request head (so the silent client renews some meanwhile).
+    let mut probes = Vec::new();
+    let started = Instant::now();
+    while started.elapsed() < header_read_timeout + Duration::from_secs(1) {
+        for path in ["/healthz", "/readyz"] {
+            let asked = Instant::now();
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: ergon\r\nConnection: close\r\n\r\n");
+            let answer = raw_request(port, request.as_bytes(), Duration::from_secs(1));
+            probes.push((
+                started.elapsed(),
+                path,
+                answer.as_deref().map(status_of).unwrap_or(0),
+                asked.elapsed(),
+            ));
+        }
+        std::thread::sleep(PROBE_EVERY);
+    }
+    // A scrape gets in too.
+    let scrape = raw_request(
+        port,
+        b"GET /metrics HTTP/1.1\r\nHost: ergon\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let opened = silent.join().unwrap();
+
+    let failed: Vec<_> = probes
+        .iter()
+        .filter(|(_, _, status, took)| *status != 200 || *took > Duration::from_secs(1))
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} probes failed or took over 1 s with {max_connections} connections allowed \
+         and {} silent ones held (at, path, status, took): {failed:?}",
+        failed.len(),
+        probes.len(),
+        2 * max_connections
+    );
+    assert!(probes.len() >= 20, "{} probes", probes.len());
+    let scrape = scrape.expect("a scrape while the cap is full");
+    assert_eq!(
+        status_of(&scrape),
+        200,
+        "{}",
+        &scrape[..scrape.len().min(200)]
+    );
+    assert!(complete(&scrape));
+    eprintln!(
+        "{} probes all 200 (slowest {:?}); the silent client opened {opened} connections",
+        probes.len(),
+        probes.iter().map(|p| p.3).max().unwrap()
+    );
+}

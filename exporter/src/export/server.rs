@@ -5,10 +5,13 @@
 //! client, however slow or hostile, may stop the probes from being answered
 //! or push the process past its memory limit:
 //!
-//! - **Probes never wait for a slot.** Every connection is accepted up to
-//!   [`ServerOptions::max_connections`] (beyond that, closed at once, so
-//!   sockets and tasks stay bounded), and its request is routed before any
-//!   slot is taken: `/healthz` and `/readyz` are answered on any connection.
+//! - **Probes never wait for a slot.** Every connection is accepted and its
+//!   request routed before any slot is taken: `/healthz` and `/readyz` are
+//!   answered on any connection. At most [`ServerOptions::max_connections`]
+//!   are open, so sockets, tasks and buffers stay bounded; one past the cap
+//!   closes the oldest open connection instead of being refused
+//!   ([`Connections`]), so clients that hold every connection, silent or
+//!   stuck, cannot lock the kubelet out.
 //!   Only `/metrics` needs one of [`ServerOptions::max_scrapers`] slots; a
 //!   connection claims one at its first scrape and keeps it until it closes
 //!   (Prometheus keeps one connection per target). A scrape that finds every
@@ -43,9 +46,12 @@
 //!   and a request that declares a body is answered 413 and its connection
 //!   closed without the body being read.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -56,6 +62,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::AbortHandle;
 
 use super::auth::{Authorizer, Decision};
 use super::deadlines::{Deadlines, Limits};
@@ -71,7 +78,7 @@ pub const MAX_BUFFER_BYTES: usize = 16 * 1024;
 /// without `--tls-*` and `--authorize-metrics`.
 #[derive(Clone)]
 pub struct ServerOptions {
-    /// Open connections at most; more are closed when accepted.
+    /// Open connections at most; a new one past this closes the oldest.
     pub max_connections: usize,
     /// Connections that may scrape `/metrics` at once.
     pub max_scrapers: usize,
@@ -96,7 +103,7 @@ impl Default for ServerOptions {
         ServerOptions {
             // A connection that is not stuck in a scrape costs a task and
             // its buffers, a few KiB: 512 of them fit the memory limit, and
-            // a burst of clients does not lock the probes out.
+            // a burst of clients closes no one's connection.
             max_connections: 512,
             // Prometheus needs one per scraper; 32 leaves room for several
             // scrapers (HA pairs, an agent), curl and retries.
@@ -333,6 +340,104 @@ async fn respond(request: Request<Incoming>, slot: &ScrapeSlot, shared: &Shared)
     }
 }
 
+/// The open connections, oldest first, each with what closes it.
+///
+/// Past the cap, a new connection closes the oldest one rather than being
+/// closed itself. Refusing new connections, as a plain cap does, hands the
+/// server to whoever holds the cap: 512 clients that connect and send
+/// nothing, each renewed as it times out, kept every kubelet probe out. Nor
+/// would a few connections reserved for probes help: the same clients fill
+/// the reserve too, since a connection says what it wants only after it has
+/// been accepted. With eviction every new connection is served, and one is
+/// closed before it is answered only if `max_connections` newer ones are
+/// accepted first. The accept loop lets each new connection's task run
+/// before it accepts the next ([`serve`]), so a probe, whose head follows
+/// its connection at once and which is answered in the same turn, is
+/// answered first. The oldest connection is the one that has had most of
+/// its share: a silent one still waiting for its head, a stuck scrape (its
+/// slot goes with it) or an idle keep-alive connection, which HTTP lets a
+/// server close at any time. Memory stays bounded as before: at most
+/// `max_connections` tasks, plus those aborted and not yet dropped.
+struct Connections {
+    max: usize,
+    /// By connection number (which grows): the oldest is the first. The
+    /// task's handle is missing only while [`Connections::admit`] spawns it.
+    open: std::sync::Mutex<BTreeMap<u64, (SocketAddr, Option<AbortHandle>)>>,
+    next: AtomicU64,
+}
+
+impl Connections {
+    fn new(max: usize) -> Connections {
+        Connections {
+            max: max.max(1),
+            open: std::sync::Mutex::new(BTreeMap::new()),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, (SocketAddr, Option<AbortHandle>)>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `serve` as the task of the connection from `peer`, first
+    /// closing the oldest connection if `max` are open. Called by the one
+    /// accept loop only.
+    fn admit<F>(self: &Arc<Self>, peer: SocketAddr, serve: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let evicted = {
+            let mut open = self.lock();
+            let evicted = if open.len() >= self.max {
+                open.pop_first()
+            } else {
+                None
+            };
+            open.insert(id, (peer, None));
+            evicted
+        };
+        if let Some((_, (oldest, task))) = evicted {
+            tracing::debug!(
+                "closing the connection from {oldest} for one from {peer}: {} connections are open",
+                self.max
+            );
+            // Its future (socket, buffers, scrape slot) is dropped at the
+            // runtime's next turn.
+            if let Some(task) = task {
+                task.abort();
+            }
+        }
+        let registered = Registered {
+            connections: self.clone(),
+            id,
+        };
+        // Spawned without the lock: a runtime that is shutting down drops
+        // the future (and so `registered`, which takes the lock) at once.
+        let task = tokio::spawn(async move {
+            let _registered = registered;
+            serve.await;
+        });
+        // A task that has ended already took its entry out.
+        if let Some((_, handle)) = self.lock().get_mut(&id) {
+            *handle = Some(task.abort_handle());
+        }
+    }
+}
+
+/// A connection's place in [`Connections`], given up when its task ends or
+/// is aborted.
+struct Registered {
+    connections: Arc<Connections>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.connections.lock().remove(&self.id);
+    }
+}
+
 /// What every connection's task shares.
 struct Shared {
     handle: ServerHandle,
@@ -348,7 +453,7 @@ pub async fn serve(
     handle: ServerHandle,
     options: ServerOptions,
 ) -> std::io::Result<()> {
-    let connections = Arc::new(Semaphore::new(options.max_connections));
+    let connections = Arc::new(Connections::new(options.max_connections));
     let scrapers = Arc::new(Semaphore::new(options.max_scrapers));
     let process = super::process_registry();
     process
@@ -386,19 +491,12 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tracing::debug!(
-                "closing the connection from {peer}: {} connections are open",
-                shared.options.max_connections
-            );
-            continue;
-        };
         let slot = ScrapeSlot {
             scrapers: scrapers.clone(),
             permit: std::sync::Mutex::new(None),
         };
         let shared = shared.clone();
-        tokio::spawn(async move {
+        connections.admit(peer, async move {
             let limits = Limits {
                 idle: shared.options.idle_timeout,
                 write: shared.options.write_timeout,
@@ -424,8 +522,12 @@ pub async fn serve(
             if let Err(e) = served {
                 tracing::debug!("connection from {peer} ended: {e}");
             }
-            drop(permit);
         });
+        // The new connection's task runs, and the sockets that became
+        // readable are polled, before the next connection is accepted: a
+        // probe in a burst of connections reads its head (and is answered)
+        // before the burst can push it out as the oldest.
+        tokio::task::yield_now().await;
     }
 }
 
