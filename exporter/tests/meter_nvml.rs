@@ -497,3 +497,57 @@ fn nvml_strings_and_numbers_of_any_shape_never_panic() {
         })
         .unwrap();
 }
+
+/// A GPU unreachable for five intervals: its energy counter kept counting,
+/// and the step of its next reading spans six intervals, judged against six
+/// intervals' maximum: counted, not rejected. A jump no GPU could make over
+/// the whole outage is still rejected.
+#[test]
+fn a_gpu_back_after_five_intervals_counts_them() {
+    // A 300 W GPU: at most 600 W, 1200 J per two-second interval.
+    let fake = FakeNvml::build(
+        "devices=2\ngpu0.energy_mj=1000\ngpu0.power_limit_mw=300000\ngpu1.energy_mj=1000\n",
+    );
+    let mut meter = fake.open();
+    joules(&mut meter);
+    for interval in 0..5u64 {
+        fake.control(&format!(
+            "devices=2\ngpu0.lost=1\ngpu1.energy_mj={}\n",
+            1000 + (interval + 1) * 2000
+        ));
+        let measured = joules(&mut meter);
+        assert!(!measured.contains_key("gpu-0"), "{interval}: {measured:?}");
+        assert!(!zones_up(&meter)["gpu-0"], "{interval}");
+    }
+    // Back: twelve seconds at 250 W, 3000 J, more than one interval's 1200 J.
+    fake.control(
+        "devices=2\ngpu0.energy_mj=3001000\ngpu0.power_limit_mw=300000\ngpu1.energy_mj=13000\n",
+    );
+    let (measured, logs) = capture_logs(|| joules(&mut meter));
+    assert_close(measured["gpu-0"], 3000.0);
+    assert_eq!(
+        rejected(&meter, Rejection::AboveMaxPower),
+        0,
+        "{}",
+        logs.text()
+    );
+    assert!(zones_up(&meter)["gpu-0"]);
+
+    // Another outage of five intervals, then 100 × what the GPU can draw in
+    // the twelve seconds (7200 J): rejected, never added.
+    for _ in 0..5 {
+        fake.control("devices=2\ngpu0.no_permission=1\ngpu1.energy_mj=13000\n");
+        joules(&mut meter);
+    }
+    fake.control(
+        "devices=2\ngpu0.energy_mj=723001000\ngpu0.power_limit_mw=300000\ngpu1.energy_mj=13000\n",
+    );
+    let measured = joules(&mut meter);
+    assert!(!measured.contains_key("gpu-0"), "never added: {measured:?}");
+    assert_eq!(rejected(&meter, Rejection::AboveMaxPower), 1);
+    // The baseline moved on: the next interval is measured.
+    fake.control(
+        "devices=2\ngpu0.energy_mj=723501000\ngpu0.power_limit_mw=300000\ngpu1.energy_mj=13000\n",
+    );
+    assert_close(joules(&mut meter)["gpu-0"], 500.0);
+}

@@ -747,3 +747,58 @@ fn a_zone_whose_permission_changes_is_down_until_readable() {
     );
     assert!(output.contains("\"package-1\""), "read again: {output}");
 }
+
+/// A zone unreadable for five intervals: the step of its next reading spans
+/// all six intervals and is judged against six intervals' maximum, so the
+/// energy of the outage is counted (the counter kept counting), not rejected
+/// as above the zone's power; a jump no zone could make over the whole
+/// outage is still rejected.
+#[test]
+fn a_zone_back_after_five_unreadable_intervals_counts_them() {
+    let fixture = SysFixture::intel_one_socket();
+    // A 35 W part: at most 70 W with the headroom, 70 J per one-second interval.
+    fixture.set_zone_file("intel-rapl:0", "constraint_0_max_power_uw", b"35000000\n");
+    let mut meter = RaplMeter::open(fixture.path(), 60).unwrap();
+    sample_map(&mut meter);
+    // Drawing 50 W throughout; the counter cannot be read for five intervals.
+    fixture.set_zone_file("intel-rapl:0", "energy_uj", b"garbage\n");
+    for interval in 0..5 {
+        let joules = sample_map(&mut meter);
+        assert!(!joules.contains_key("package-0"), "{interval}: {joules:?}");
+        assert!(!zones_up(&meter)["package-0"], "{interval}");
+    }
+    // Readable again: six seconds at 50 W, 300 J, more than one interval's 70 J.
+    fixture.set_energy("intel-rapl:0", 1_000_000 + 300_000_000);
+    let (joules, logs) = capture_logs(|| sample_map(&mut meter));
+    assert_close(joules["package-0"], 300.0, "the outage's energy is counted");
+    assert_eq!(
+        rejected(&meter, Rejection::AboveMaxPower),
+        0,
+        "{}",
+        logs.text()
+    );
+    assert!(zones_up(&meter)["package-0"]);
+
+    // The next interval is judged over one interval again.
+    fixture.set_energy("intel-rapl:0", 1_000_000 + 300_000_000 + 100_000_000);
+    let joules = sample_map(&mut meter);
+    assert!(
+        !joules.contains_key("package-0"),
+        "100 J in 1 s: {joules:?}"
+    );
+    assert_eq!(rejected(&meter, Rejection::AboveMaxPower), 1);
+
+    // Another five-interval outage, then 100 × what the zone can draw in
+    // the six seconds: rejected, never added.
+    let before = 1_000_000 + 400_000_000;
+    fixture.set_zone_file("intel-rapl:0", "energy_uj", b"garbage\n");
+    for _ in 0..5 {
+        sample_map(&mut meter);
+    }
+    fixture.set_energy("intel-rapl:0", before + 100 * 420_000_000);
+    let joules = sample_map(&mut meter);
+    assert!(!joules.contains_key("package-0"), "never added: {joules:?}");
+    assert_eq!(rejected(&meter, Rejection::AboveMaxPower), 2);
+    fixture.set_energy("intel-rapl:0", before + 100 * 420_000_000 + 40_000_000);
+    assert_close(sample_map(&mut meter)["package-0"], 40.0, "after the jump");
+}

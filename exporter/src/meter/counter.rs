@@ -34,6 +34,16 @@
 //! `ergon_meter_rejected_readings_total{source,reason}` so the gap is
 //! visible; a reset is counted there too (reason `counter_reset`).
 //!
+//! The elapsed time is the time since the counter's *previous reading*, not
+//! one sampling interval: a zone that could not be read for N intervals (a
+//! GPU lost for a while, a counter file that read garbage) has a counter
+//! that kept counting, and the step of its next reading covers all N + 1
+//! intervals. Judged against one interval's maximum, that real energy would
+//! be rejected as above the zone's power; judged against the whole span it
+//! is counted, and the gap rule above stays exact (a span long enough for an
+//! unseen wrap is ambiguous). [`EnergyCounter::elapse`] keeps that time per
+//! counter; every sample calls it, read or not, and a reading restarts it.
+//!
 //! Where no elapsed time is known (`most` is `None`: the first interval of a
 //! loop), the older half-range rule decides: a backwards move is a wrap when
 //! it implies at most half the counter's range, else a reset. Readers sample
@@ -49,6 +59,8 @@
 //! kernel computes it as `(2^32 - 1) × unit`, so the true modulus is one RAPL
 //! unit — at most 61 µJ — larger: at most 61 µJ per wrap are not seen, less
 //! than a billionth of the energy between two wraps).
+
+use crate::units::Nanos;
 
 /// What one reading of a counter meant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,16 +192,39 @@ pub fn counter_step(previous: u64, current: u64, wrap: Wrap, most: Option<u64>) 
     }
 }
 
-/// One cumulative counter and its last reading.
+/// One cumulative counter, its last reading and the time since.
 #[derive(Clone, Debug)]
 pub struct EnergyCounter {
     wrap: Wrap,
     last: Option<u64>,
+    /// Time since `last` was read: the intervals in which the counter could
+    /// not be read add up, so the next step is judged over all of them.
+    since_last: Nanos,
 }
 
 impl EnergyCounter {
     pub fn new(wrap: Wrap) -> EnergyCounter {
-        EnergyCounter { wrap, last: None }
+        EnergyCounter {
+            wrap,
+            last: None,
+            since_last: Nanos(0),
+        }
+    }
+
+    /// Another sampling interval of `elapsed` passed, whether or not this
+    /// counter is read in it; returns the time since its last reading, the
+    /// span the next reading's step covers (for the `most` of
+    /// [`EnergyCounter::advance`]). Call it once per sample, before reading.
+    pub fn elapse(&mut self, elapsed: Nanos) -> Nanos {
+        if self.last.is_some() {
+            self.since_last = Nanos(self.since_last.0.saturating_add(elapsed.0));
+        }
+        self.since_last
+    }
+
+    /// Time since the last reading, as [`EnergyCounter::elapse`] last returned it.
+    pub fn since_last(&self) -> Nanos {
+        self.since_last
     }
 
     /// The range can change when a zone is re-read after a rescan.
@@ -214,6 +249,7 @@ impl EnergyCounter {
             Some(previous) => counter_step(previous, reading, self.wrap, most),
         };
         self.last = Some(reading);
+        self.since_last = Nanos(0);
         step
     }
 }
@@ -221,7 +257,57 @@ impl EnergyCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::meter::limits::most_units;
+    use crate::units::Watts;
     use proptest::prelude::*;
+
+    /// A counter not read for five intervals: its next step spans six, and
+    /// is judged against six intervals' maximum; a reading restarts the span.
+    #[test]
+    fn the_span_since_the_last_reading_covers_intervals_not_read() {
+        let second = Nanos(1_000_000_000);
+        let max = Watts(70.0);
+        let mut counter = EnergyCounter::new(Wrap::at(262_143_328_850));
+        // Before the baseline there is no span.
+        assert_eq!(counter.elapse(second), Nanos(0));
+        assert_eq!(counter.advance(1_000_000, None), CounterStep::Baseline);
+        for _ in 0..5 {
+            counter.elapse(second);
+        }
+        let span = counter.elapse(second);
+        assert_eq!(span, Nanos(6_000_000_000));
+        // 300 J at 50 W over six seconds: counted, though above 70 J.
+        assert_eq!(
+            counter.advance(301_000_000, most_units(max, span, 1e-6)),
+            CounterStep::Advanced(300_000_000)
+        );
+        assert_eq!(counter.since_last(), Nanos(0));
+        // One interval again: 100 J is above 70 W.
+        let span = counter.elapse(second);
+        assert_eq!(span, second);
+        assert!(matches!(
+            counter.advance(401_000_000, most_units(max, span, 1e-6)),
+            CounterStep::Implausible { .. }
+        ));
+        // A rejected reading is the baseline too: the span restarts.
+        assert_eq!(counter.elapse(second), second);
+    }
+
+    /// The gap rule with the whole span: an outage long enough for the
+    /// counter to wrap unseen is ambiguous, not a small delta.
+    #[test]
+    fn an_outage_long_enough_for_an_unseen_wrap_is_ambiguous() {
+        let second = Nanos(1_000_000_000);
+        // A 100 J range, a 70 W zone: a wrap every 1.4 s at full power.
+        let mut counter = EnergyCounter::new(Wrap::at(100_000_000));
+        counter.advance(10_000_000, None);
+        let mut span = Nanos(0);
+        for _ in 0..3 {
+            span = counter.elapse(second);
+        }
+        let step = counter.advance(20_000_000, most_units(Watts(70.0), span, 1e-6));
+        assert!(matches!(step, CounterStep::Ambiguous { .. }), "{step:?}");
+    }
 
     #[test]
     fn first_reading_is_a_baseline() {

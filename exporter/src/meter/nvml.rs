@@ -20,14 +20,21 @@
 //!   samples", not an error.
 //! - Failures are per device: a lost GPU (`GPU_IS_LOST`) or an unsupported
 //!   call makes that device report nothing for the interval, logged once per
-//!   device and call until it works again; the other GPUs carry on. A counter
-//!   read after the device comes back covers the missed intervals, so no
-//!   joule is lost on counter-capable GPUs.
+//!   device and call until it works again; the other GPUs carry on. On a
+//!   counter-capable GPU the counter keeps counting meanwhile, and its first
+//!   reading after the device comes back covers the missed intervals: that
+//!   step is judged against the GPU's maximum over the whole time since its
+//!   last reading (`counter.rs`), so the outage's energy is counted, unless
+//!   the driver restarted the counter (a reset: that energy is unknown and
+//!   counted as a rejected reading). A power-only GPU has no reading for
+//!   the missed intervals: their energy is unknown, and the GPU shows as
+//!   down for them.
 //! - Each GPU's maximum power is its enforced power limit
-//!   (`nvmlDeviceGetEnforcedPowerLimit`), else the `gpu` ceiling
-//!   (`limits.rs`): a counter step or power reading above it is rejected and
-//!   counted, never added. A GPU that reports nothing is listed as down in
-//!   [`Meter::health`] with the failing call and error.
+//!   (`nvmlDeviceGetEnforcedPowerLimit`) × the headroom factor of
+//!   `limits.rs`, else the `gpu` ceiling: a counter step or power reading
+//!   above it is rejected and counted, never added. A GPU that reports
+//!   nothing is listed as down in [`Meter::health`] with the failing call
+//!   and error.
 //! - No library, no driver or no GPU: `open` fails with the reason and
 //!   `detect` logs it as one info line; it is never an error for the exporter.
 
@@ -295,6 +302,13 @@ impl Meter for NvmlMeter {
         let mut samples = Vec::with_capacity(self.devices.len());
         for device in &mut self.devices {
             let zones = &mut self.log;
+            // Time since this GPU's counter was last read: the intervals it
+            // did not answer in count, so the energy of an outage is judged
+            // against the outage's maximum, not one interval's.
+            let span = match &mut device.energy {
+                EnergySource::Counter(counter) => counter.elapse(ctx.elapsed),
+                EnergySource::Unknown | EnergySource::Power => ctx.elapsed,
+            };
             let handle = match self.nvml.device_by_index(device.index) {
                 Ok(handle) => {
                     device.recovered("nvmlDeviceGetHandleByIndex");
@@ -325,7 +339,7 @@ impl Meter for NvmlMeter {
                 EnergySource::Unknown => continue,
                 EnergySource::Counter(counter) => match handle.total_energy_consumption() {
                     Ok(millijoules) => {
-                        let step = counter.advance(millijoules, most_units(max, ctx.elapsed, 1e-3));
+                        let step = counter.advance(millijoules, most_units(max, span, 1e-3));
                         device.recovered("nvmlDeviceGetTotalEnergyConsumption");
                         match step {
                             CounterStep::Reset { previous, current } => zones.reject(
@@ -346,7 +360,7 @@ impl Meter for NvmlMeter {
                                         "GPU energy counter advanced {:.1} J in {:.3} s; the GPU \
                                          draws at most {:.0} W",
                                         units as f64 / 1e3,
-                                        ctx.elapsed.as_secs_f64(),
+                                        span.as_secs_f64(),
                                         max.0
                                     ),
                                 );

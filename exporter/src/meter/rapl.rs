@@ -27,7 +27,10 @@
 //!   zone at all can be read.
 //! - Each zone's maximum power is its largest `constraint_*_max_power_uw` or
 //!   `constraint_*_power_limit_uw` (see `limits.rs`); a reading above it is
-//!   rejected and counted.
+//!   rejected and counted. "Above" is judged over the time since the zone's
+//!   last reading, so a zone unreadable for a few intervals (whose counter
+//!   kept counting) has the whole outage's energy counted when it reads
+//!   again (`counter.rs`).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -463,6 +466,10 @@ impl Meter for RaplMeter {
         let mut samples = Vec::with_capacity(self.zones.len());
         let mut first_error = None;
         for zone in &mut self.zones {
+            // The time since this zone's last reading: the intervals it could
+            // not be read in count, so the energy of an outage is judged
+            // against the outage's maximum, not one interval's.
+            let span = zone.counter.elapse(ctx.elapsed);
             let microjoules = match read_counter(zone, &mut self.read_buffer) {
                 Ok(microjoules) => microjoules,
                 Err(err) => {
@@ -479,7 +486,7 @@ impl Meter for RaplMeter {
                 .zone_max(zone.info.domain, zone.info.max_power);
             let step = zone
                 .counter
-                .advance(microjoules, most_units(max, ctx.elapsed, 1e-6));
+                .advance(microjoules, most_units(max, span, 1e-6));
             match step {
                 CounterStep::Reset { previous, current } => self.log.reject(
                     &zone.info.zone,
@@ -500,8 +507,8 @@ impl Meter for RaplMeter {
                              at most {:.0} W{})",
                             zone.energy_path.display(),
                             Joules::from_microjoules(units),
-                            ctx.elapsed.as_secs_f64(),
-                            Joules::from_microjoules(units).0 / ctx.elapsed.as_secs_f64(),
+                            span.as_secs_f64(),
+                            Joules::from_microjoules(units).0 / span.as_secs_f64(),
                             max.0,
                             if rejection == super::Rejection::AmbiguousGap {
                                 ", so the counter may also have wrapped unseen"
