@@ -113,3 +113,74 @@ fn doctor_says_which_zone_is_not_read_and_why() {
     );
     assert!(stdout.contains("measured by rapl"), "{stdout}");
 }
+
+/// A counter that jumps forward by 100 × what the zone can draw in a second
+/// is rejected: `ergon_meter_rejected_readings_total{source="rapl",
+/// reason="above_max_power"}` reads 1 on /metrics, and the node's energy
+/// never takes the jump.
+#[test]
+fn a_counter_jump_of_100_times_the_zone_limit_is_rejected_on_metrics() {
+    let rapl = FakeRapl::start(40.0);
+    // A 50 W part: at most 100 W with the headroom.
+    std::fs::write(
+        rapl.zone_dir().join("constraint_0_max_power_uw"),
+        "50000000\n",
+    )
+    .unwrap();
+    let exporter = ExporterProcess::start(
+        Path::new(ERGON),
+        &[
+            rapl.host_sys_arg(),
+            format!("--cgroup-root={}", support::cgroup2_root().display()),
+            "--probe=procfs".into(),
+            "--interval=200ms".into(),
+        ],
+    );
+    let package = [("source", "rapl"), ("domain", "package")];
+    let rejected = |metrics: &Metrics| {
+        metrics
+            .select(
+                "ergon_meter_rejected_readings_total",
+                &[("source", "rapl"), ("reason", "above_max_power")],
+            )
+            .map(|(_, value)| value)
+            .next()
+    };
+    let wait_for = |what: &str, done: &dyn Fn(&Metrics) -> bool| -> Metrics {
+        for _ in 0..150 {
+            let metrics = exporter.metrics();
+            if done(&metrics) {
+                return metrics;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("{what}: {:?}", exporter.metrics().samples);
+    };
+    let measured = wait_for("package energy measured", &|metrics| {
+        metrics.sum("ergon_node_energy_joules_total", &package) > 0.0
+    });
+    assert_eq!(rejected(&measured), None, "{:?}", measured.samples);
+
+    // 100 × 100 W for a second: 10 kJ at once.
+    rapl.jump(10_000_000_000);
+    let after = wait_for("the jump rejected", &|metrics| rejected(metrics).is_some());
+    assert_eq!(rejected(&after), Some(1.0), "{:?}", after.samples);
+    // The next intervals are measured again, and the jump is in none of them.
+    let before = after.sum("ergon_node_energy_joules_total", &package);
+    let later = wait_for("measured after the jump", &|metrics| {
+        metrics.sum("ergon_node_energy_joules_total", &package) > before
+    });
+    let total = later.sum("ergon_node_energy_joules_total", &package);
+    assert!(
+        total < 2_000.0,
+        "the node's package energy took the jump: {total} J"
+    );
+    assert_eq!(rejected(&later), Some(1.0), "{:?}", later.samples);
+    assert_eq!(
+        later.sum(
+            "ergon_meter_zone_up",
+            &[("source", "rapl"), ("zone", "package-0")]
+        ),
+        1.0
+    );
+}

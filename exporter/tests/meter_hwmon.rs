@@ -325,3 +325,158 @@ fn a_sensor_whose_permission_changes_is_down_until_readable() {
     assert!(after.contains("power2=true"), "{output}");
     assert!(output.contains("AFTER-SENSORS: 2"), "{output}");
 }
+
+/// Chip `name` contents no driver writes (empty, whitespace or control
+/// bytes, not UTF-8, longer than any name), by what they are. A name such
+/// as "garbage" or "-5" is a name: a chip not configured, skipped.
+fn bad_chip_names() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("empty", b"".to_vec()),
+        ("blank", b"\n".to_vec()),
+        ("non-UTF-8", b"\xff\xfe1\x1b[31m\n".to_vec()),
+        ("garbage", b"\x00\x01gar bage\x07\n".to_vec()),
+        ("huge", vec![b'x'; 100_000]),
+    ]
+}
+
+/// What a message shows of `bad` (trimmed, escaped, truncated by `shown`;
+/// the closing quote left off, as a file that is not UTF-8 is shown whole).
+fn found(bad: &[u8]) -> String {
+    let shown = ergon::meter::shown(bad.trim_ascii());
+    let head = shown.split('…').next().unwrap().to_string();
+    format!("found \"{head}")
+}
+
+#[test]
+fn a_chip_whose_name_cannot_be_read_is_a_warning_and_down_and_the_others_are_read() {
+    for (what, bad) in bad_chip_names() {
+        let fixture = SysFixture::new();
+        add_chip(
+            fixture.path(),
+            "hwmon0",
+            "power_meter",
+            &[("power1_average", "100000000")],
+        );
+        add_chip(
+            fixture.path(),
+            "hwmon1",
+            "power_meter",
+            &[("power1_average", "50000000")],
+        );
+        let name = chip_dir(fixture.path(), "hwmon1").join("name");
+        std::fs::write(&name, &bad).unwrap();
+        let (meter, logs) =
+            capture_logs(|| HwmonMeter::open(fixture.path(), &["power_meter".to_string()]));
+        let mut meter = meter.unwrap_or_else(|err| panic!("{what}: {err}"));
+        assert_eq!(
+            zones_up(&meter),
+            BTreeMap::from([
+                ("hwmon1".to_string(), false),
+                ("power_meter-hwmon0-power1".to_string(), true),
+            ]),
+            "{what}"
+        );
+        let reason = meter_support::reason_of(&meter, "hwmon1");
+        assert!(
+            reason.contains("hwmon1/name") && reason.contains(&found(&bad)),
+            "{what}: {reason}"
+        );
+        let warnings = logs.lines_with(&["WARN", "hwmon1/name"]);
+        assert_eq!(warnings.len(), 1, "{what}: {}", logs.text());
+        assert!(
+            !warnings[0].contains('\u{1b}') && warnings[0].len() < 1000,
+            "{what}: {warnings:?}"
+        );
+        meter.sample(&TWO_SECONDS).unwrap();
+        let sample = meter.sample(&TWO_SECONDS).unwrap();
+        assert_eq!(sample.len(), 1, "{what}: {sample:?}");
+    }
+}
+
+#[test]
+fn a_lone_chip_whose_name_cannot_be_read_is_a_warning_not_an_absent_meter() {
+    for (what, bad) in bad_chip_names() {
+        let fixture = SysFixture::new();
+        add_chip(
+            fixture.path(),
+            "hwmon0",
+            "power_meter",
+            &[("power1_average", "100000000")],
+        );
+        std::fs::write(chip_dir(fixture.path(), "hwmon0").join("name"), &bad).unwrap();
+        let config = MeterConfig {
+            host_sys: fixture.path().to_path_buf(),
+            host_proc: fixture.write_cpuinfo("processor : 0\n"),
+            rapl: RaplInterface::Off,
+            nvml: false,
+            ..MeterConfig::default()
+        };
+        let (meters, logs) = capture_logs(|| detect(&config));
+        assert!(
+            meters.iter().all(|meter| meter.source() != "hwmon"),
+            "{what}"
+        );
+        assert!(
+            !logs
+                .lines_with(&["WARN", "hwmon", "hwmon0/name", &found(&bad)])
+                .is_empty(),
+            "{what}: {}",
+            logs.text()
+        );
+        assert!(
+            logs.lines_with(&["hwmon", "meter absent"]).is_empty(),
+            "{what}: {}",
+            logs.text()
+        );
+    }
+}
+
+#[test]
+fn a_bad_power_max_or_crit_is_warned_once_and_the_ceiling_applies() {
+    for limit in ["power1_max", "power1_crit"] {
+        for (what, bad) in BAD_VALUES {
+            let fixture = SysFixture::new();
+            add_chip(
+                fixture.path(),
+                "hwmon0",
+                "power_meter",
+                &[("power1_average", "100000000")],
+            );
+            let dir = chip_dir(fixture.path(), "hwmon0");
+            std::fs::write(dir.join(limit), bad).unwrap();
+            let (meter, logs) = capture_logs(|| {
+                let mut meter =
+                    HwmonMeter::open(fixture.path(), &["power_meter".to_string()]).unwrap();
+                for _ in 0..3 {
+                    meter.sample(&TWO_SECONDS).unwrap();
+                }
+                meter
+            });
+            let mut meter = meter;
+            let warnings = logs.lines_with(&["WARN", &format!("hwmon0/{limit}")]);
+            assert_eq!(warnings.len(), 1, "{limit} {what}: {}", logs.text());
+            assert!(
+                warnings[0].contains(&found(bad)) && !warnings[0].contains('\u{1b}'),
+                "{limit} {what}: {}",
+                warnings[0]
+            );
+            assert!(
+                zones_up(&meter)["power_meter-hwmon0-power1"],
+                "{limit} {what}"
+            );
+            // The platform ceiling (20 kW) applies: 15 kW counts, 30 kW not.
+            std::fs::write(dir.join("power1_average"), "15000000000\n").unwrap();
+            assert_eq!(
+                meter.sample(&TWO_SECONDS).unwrap().len(),
+                1,
+                "{limit} {what}"
+            );
+            std::fs::write(dir.join("power1_average"), "30000000000\n").unwrap();
+            assert!(
+                meter.sample(&TWO_SECONDS).unwrap().is_empty(),
+                "{limit} {what}"
+            );
+            assert_eq!(meter.health().rejected[&Rejection::AboveMaxPower], 1);
+        }
+    }
+}

@@ -369,3 +369,153 @@ fn without_perfmon_the_error_says_what_is_needed() {
         assert!(line.contains("opened"), "{output}");
     }
 }
+
+/// What `bad` looks like in a message once the reader trimmed it: escaped
+/// as `shown` escapes it (the closing quote left off: a file that is not
+/// UTF-8 is shown untrimmed).
+fn found(bad: &[u8]) -> String {
+    format!("found \"{}", ergon::meter::shown(bad.trim_ascii()))
+}
+
+/// A PMU `type` or `cpumask` that cannot be read or parsed leaves no event
+/// usable; it is a WARN naming the file and what it held, never an INFO
+/// "meter absent", and `auto` reads powercap instead.
+#[test]
+fn a_bad_type_or_cpumask_is_a_warning_naming_the_file_and_powercap_takes_over() {
+    for file in ["type", "cpumask"] {
+        for (what, bad) in BAD_VALUES {
+            let fixture = SysFixture::intel_two_socket();
+            write_pmu(fixture.path(), PERF_TYPE_SOFTWARE, "0");
+            let pmu = fixture.path().join("bus/event_source/devices/power");
+            std::fs::write(pmu.join(file), bad).unwrap();
+            let forced = MeterConfig {
+                host_sys: fixture.path().to_path_buf(),
+                host_proc: fixture.write_cpuinfo("processor : 0\n"),
+                rapl: RaplInterface::Perf,
+                nvml: false,
+                hwmon: false,
+                ..MeterConfig::default()
+            };
+            let (meters, logs) = capture_logs(|| detect(&forced));
+            let sources: Vec<&str> = meters.iter().map(|meter| meter.source()).collect();
+            assert_eq!(sources, vec!["model"], "{file} {what}");
+            let warnings = logs.lines_with(&[
+                "WARN",
+                "rapl-perf",
+                &format!("devices/power/{file}"),
+                &found(bad),
+            ]);
+            assert_eq!(warnings.len(), 1, "{file} {what}: {}", logs.text());
+            assert!(
+                !warnings[0].contains('\u{1b}'),
+                "no terminal escape reaches the log: {warnings:?}"
+            );
+            assert!(
+                logs.lines_with(&["rapl-perf", "meter absent"]).is_empty(),
+                "{file} {what}: {}",
+                logs.text()
+            );
+
+            let auto = MeterConfig {
+                rapl: RaplInterface::Auto,
+                ..forced
+            };
+            let (meters, logs) = capture_logs(|| detect(&auto));
+            let sources: Vec<&str> = meters.iter().map(|meter| meter.source()).collect();
+            assert_eq!(sources, vec!["rapl"], "{file} {what}");
+            assert_eq!(
+                logs.lines_with(&["WARN", "rapl-perf", &format!("devices/power/{file}")])
+                    .len(),
+                1,
+                "{file} {what}: {}",
+                logs.text()
+            );
+        }
+    }
+}
+
+/// A software PMU whose package and dram events both count cpu-clock, so
+/// both open: the dram event's files are then spoiled one at a time.
+fn write_two_event_software_pmu(root: &Path) -> std::path::PathBuf {
+    write_software_pmu(root, "1e-9");
+    let events = root.join("bus/event_source/devices/power/events");
+    std::fs::write(events.join("energy-ram"), "event=0x00\n").unwrap();
+    std::fs::write(events.join("energy-ram.scale"), "1e-9\n").unwrap();
+    events
+}
+
+/// Through the real open path: a bad event file or `.scale` costs only its
+/// event, which is down with a WARN naming the file and what it held, and
+/// once the file is fixed the event is opened again on a later sample.
+#[test]
+fn a_bad_event_file_or_scale_costs_only_its_event_and_is_opened_again_once_fixed() {
+    for file in ["energy-ram", "energy-ram.scale"] {
+        for (what, bad) in BAD_VALUES {
+            let fixture = SysFixture::new();
+            let events = write_two_event_software_pmu(fixture.path());
+            let good = std::fs::read(events.join(file)).unwrap();
+            std::fs::write(events.join(file), bad).unwrap();
+            let (meter, logs) = capture_logs(|| PerfPowerMeter::open(fixture.path()));
+            let mut meter = meter.unwrap_or_else(|err| panic!("{file} {what}: {err}"));
+            assert_eq!(meter.zones(), vec!["package-0"], "{file} {what}");
+            let down: Vec<_> = meter.health().down().cloned().collect();
+            assert_eq!(down.len(), 1, "{file} {what}: {down:?}");
+            assert_eq!(down[0].zone, "dram-0");
+            let reason = down[0].reason.clone().unwrap();
+            assert!(
+                reason.contains(&format!("events/{file}")) && reason.contains(&found(bad)),
+                "{file} {what}: {reason}"
+            );
+            let warnings = logs.lines_with(&["WARN", "dram-0", &format!("events/{file}")]);
+            assert_eq!(warnings.len(), 1, "{file} {what}: {}", logs.text());
+            assert!(!warnings[0].contains('\u{1b}'), "{warnings:?}");
+
+            sample_after(&mut meter, Duration::ZERO);
+            std::fs::write(events.join(file), &good).unwrap();
+            let mut samples = Vec::new();
+            for _ in 0..ergon::meter::rapl::DEFAULT_RESCAN_EVERY {
+                samples = sample_after(&mut meter, Duration::from_millis(1));
+                if samples.len() == 2 {
+                    break;
+                }
+            }
+            assert_eq!(samples.len(), 2, "{file} {what}: opened again {samples:?}");
+            assert_eq!(meter.zones(), vec!["package-0", "dram-0"]);
+            assert!(meter.health().down().next().is_none(), "{file} {what}");
+            // Its first reading was its baseline; the next one counts.
+            let samples = sample_after(&mut meter, Duration::from_millis(20));
+            let dram = samples.iter().find(|sample| sample.zone == "dram-0");
+            assert!(
+                dram.is_some_and(|sample| sample.joules.0 > 0.0),
+                "{file} {what}: {samples:?}"
+            );
+        }
+    }
+}
+
+/// An event the kernel does not open at start is tried again on later
+/// samples, not given up for the process's life.
+#[test]
+fn an_event_that_did_not_open_is_tried_again_on_later_samples() {
+    let fixture = SysFixture::new();
+    write_software_pmu(fixture.path(), "1e-9");
+    let mut meter = PerfPowerMeter::open(fixture.path()).unwrap();
+    assert_eq!(meter.zones(), vec!["package-0"]);
+    // The kernel now has the event (here: the description names one it has).
+    let events = fixture.path().join("bus/event_source/devices/power/events");
+    std::fs::write(events.join("energy-ram"), "event=0x00\n").unwrap();
+    let mut opened_after = None;
+    for sample in 1..=ergon::meter::rapl::DEFAULT_RESCAN_EVERY {
+        sample_after(&mut meter, Duration::from_millis(1));
+        if meter.zones().len() == 2 {
+            opened_after = Some(sample);
+            break;
+        }
+    }
+    assert!(opened_after.is_some(), "{:?}", meter.health());
+    assert!(zones_up_perf(&meter)["dram-0"]);
+}
+
+fn zones_up_perf(meter: &PerfPowerMeter) -> std::collections::BTreeMap<String, bool> {
+    meter_support::zones_up(meter)
+}

@@ -13,6 +13,14 @@
 //! rail — and counting them as the platform would be wrong, so they are
 //! skipped (with a debug line) unless named.
 //!
+//! A chip with power sensors whose `name` cannot be read, is not UTF-8 or
+//! is no name a driver gives (empty, whitespace or control bytes, longer
+//! than 64 bytes) might be the platform meter: it is skipped
+//! with a WARN naming the file and what it held and listed as down under its
+//! device ("hwmon3"); where it is the only candidate the meter is unusable,
+//! never silently absent. A `powerN_max`/`_crit` that cannot be parsed is
+//! logged once and ignored (the other limit or the ceiling applies).
+//!
 //! A sensor that cannot be opened, read or parsed is skipped with a WARN
 //! naming the file and what it held, and listed as down in
 //! [`Meter::health`]; the other sensors are read, and the broken one is
@@ -55,14 +63,56 @@ pub struct HwmonMeter {
     ceilings: PowerCeilings,
 }
 
-/// The larger of a sensor's `_max` and `_crit` limits (µW in sysfs).
-fn sensor_max_power(chip_dir: &Path, sensor: &str) -> Option<Watts> {
+/// The larger of a sensor's `_max` and `_crit` limits (µW in sysfs). A
+/// limit file that is there but cannot be read or parsed is logged (once:
+/// limits are read when the meter opens) and ignored, so the platform
+/// ceiling applies where no other limit does.
+fn sensor_max_power(chip_dir: &Path, sensor: &str, zone: &str) -> Option<Watts> {
     ["max", "crit"]
         .iter()
-        .filter_map(|limit| read_u64(&chip_dir.join(format!("{sensor}_{limit}"))).ok())
+        .filter_map(
+            |limit| match read_u64(&chip_dir.join(format!("{sensor}_{limit}"))) {
+                Ok(microwatts) => Some(microwatts),
+                Err(MeterError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => None,
+                Err(err) => {
+                    tracing::warn!(
+                        source = "hwmon",
+                        zone = %zone,
+                        "power limit not used, the sensor is read against its other limit or \
+                         else the configured platform ceiling (--max-watts platform=…): {err}"
+                    );
+                    None
+                }
+            },
+        )
         .max()
         .filter(|microwatts| *microwatts > 0)
         .map(|microwatts| Watts(microwatts as f64 / 1e6))
+}
+
+/// Longest chip name read: real ones are a few bytes ("power_meter").
+const MAX_CHIP_NAME: usize = 64;
+
+/// A chip's `name`: a short string of printable ASCII without whitespace
+/// (hwmon's ABI also forbids '-' and '*', but the kernel only warns about
+/// them, so such a chip may exist and be configured), else an error naming
+/// the file and what it held. Read with a bound: a file is host input.
+fn read_chip_name(path: &Path) -> Result<String, MeterError> {
+    use std::io::Read;
+    let mut raw = Vec::new();
+    File::open(path)
+        .and_then(|file| file.take(4096).read_to_end(&mut raw))
+        .map_err(|err| MeterError::io(path, err))?;
+    let expected = "a hwmon chip name (1 to 64 printable ASCII characters, no whitespace)";
+    let name = std::str::from_utf8(raw.trim_ascii())
+        .map_err(|_| MeterError::parse(path, expected, &raw))?;
+    let valid = !name.is_empty()
+        && name.len() <= MAX_CHIP_NAME
+        && name.bytes().all(|byte| byte.is_ascii_graphic());
+    if !valid {
+        return Err(MeterError::parse(path, expected, &raw));
+    }
+    Ok(name.to_string())
 }
 
 fn open_sensor(path: &Path) -> Result<File, MeterError> {
@@ -135,45 +185,54 @@ impl HwmonMeter {
             .collect();
         devices.sort();
         let mut sensors = Vec::new();
+        let mut log = ZoneLog::new("hwmon");
+        let mut first_error = None;
         for device in devices {
             let chip_dir = hwmon_dir.join(&device);
-            let Ok(chip) =
-                std::fs::read_to_string(chip_dir.join("name")).map(|name| name.trim().to_string())
-            else {
-                continue;
-            };
             let found = power_files(&chip_dir);
             if found.is_empty() {
                 continue;
             }
+            // A chip with power sensors whose name cannot be read may be the
+            // platform meter: down under its device ("hwmon3"), with why.
+            let chip = match read_chip_name(&chip_dir.join("name")) {
+                Ok(chip) => chip,
+                Err(err) => {
+                    log.down(&device, &err);
+                    first_error.get_or_insert(MeterError::NoZoneReadable(err.to_string()));
+                    continue;
+                }
+            };
             if !chips.contains(&chip) {
                 tracing::debug!(chip = %chip, device = %device, "hwmon chip has power sensors but is not a configured platform meter");
                 continue;
             }
             for (sensor, path) in found {
+                let zone = format!("{chip}-{device}-{sensor}");
                 sensors.push(PowerSensor {
-                    zone: format!("{chip}-{device}-{sensor}"),
-                    max_power: sensor_max_power(&chip_dir, &sensor),
+                    max_power: sensor_max_power(&chip_dir, &sensor, &zone),
+                    zone,
                     path,
                     file: None,
                 });
             }
         }
         if sensors.is_empty() {
-            return Err(MeterError::Absent(format!(
-                "no power sensor of the platform meter chips {chips:?} under {}",
-                hwmon_dir.display()
-            )));
+            return Err(first_error.unwrap_or_else(|| {
+                MeterError::Absent(format!(
+                    "no power sensor of the platform meter chips {chips:?} under {}",
+                    hwmon_dir.display()
+                ))
+            }));
         }
         let mut meter = HwmonMeter {
             sensors,
             baseline_taken: false,
             read_buffer: [0; 64],
-            log: ZoneLog::new("hwmon"),
+            log,
             ceilings: PowerCeilings::default(),
         };
         // Prove each sensor readable now; the meter is absent only when none is.
-        let mut first_error = None;
         for sensor in &mut meter.sensors {
             let reading = open_sensor(&sensor.path).and_then(|file| {
                 read_microwatts(&file, &sensor.path, &mut meter.read_buffer)?;

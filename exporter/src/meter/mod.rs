@@ -388,9 +388,23 @@ pub fn detect(config: &MeterConfig) -> Vec<Box<dyn Meter>> {
 /// powercap, or what the configuration forces.
 fn detect_rapl(config: &MeterConfig) -> Option<Box<dyn Meter>> {
     let open_perf = || match perf_power::PerfPowerMeter::open(&config.host_sys) {
-        Ok(meter) => Some(meter.with_ceilings(config.max_watts.clone())),
-        Err(reason) => {
+        Ok(meter) => Some(
+            meter
+                .with_ceilings(config.max_watts.clone())
+                .with_rescan_every(config.rescan_every),
+        ),
+        // No PMU, or a kernel/CPU that opens none of its events: not here.
+        Err(reason @ (MeterError::Absent(_) | MeterError::PerfOpen { .. })) => {
             tracing::info!(source = "rapl-perf", "meter absent: {reason}");
+            None
+        }
+        // A PMU whose `type`, `cpumask` or every event's description cannot
+        // be read or parsed: there, but broken; the error names the file.
+        Err(reason) => {
+            tracing::warn!(
+                source = "rapl-perf",
+                "meter unusable, no event could be opened: {reason}"
+            );
             None
         }
     };

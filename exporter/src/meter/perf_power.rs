@@ -16,8 +16,16 @@
 //!   CPU of the mask, so a multi-socket machine does not count it twice.
 //! - One event whose sysfs description cannot be read or parsed, or that
 //!   does not open on one package, is skipped with a WARN naming the file
-//!   (or the event and CPU) and listed as down in [`Meter::health`]; the
-//!   others are read. The backend is absent only when no event opens.
+//!   and what it held (or the event and CPU) and listed as down in
+//!   [`Meter::health`]; the others are read. Down events are opened again
+//!   from their description every `rescan_every` samples (as powercap zones
+//!   are re-listed), from a new baseline; an event whose read fails keeps
+//!   its file until then, so a count read after a transient failure covers
+//!   the missed intervals. The backend is absent only when no event opens.
+//! - A `type` or `cpumask` file that cannot be read or parsed makes every
+//!   event unusable (neither the PMU nor the CPUs to open on are known):
+//!   `detect` logs it as a WARN naming the file and what it held, never as
+//!   an absent meter, and reads powercap where the interface is `auto`.
 //! - The PMU states no power limit: each event's maximum is the configured
 //!   ceiling of its domain (`limits.rs`); a count above it is rejected.
 
@@ -151,6 +159,9 @@ fn parse_number(text: &str) -> Option<u64> {
 fn parse_event_config(pmu_dir: &Path, event_path: &Path, terms: &str) -> Result<u64, MeterError> {
     let bad = |expected: &'static str| MeterError::parse(event_path, expected, terms.as_bytes());
     let mut config = 0u64;
+    if terms.trim().is_empty() {
+        return Err(bad("terms such as \"event=0x02\""));
+    }
     for term in terms.trim().split(',').filter(|term| !term.is_empty()) {
         let (key, value) = term
             .split_once('=')
@@ -319,31 +330,48 @@ pub fn open_event(pmu_type: u32, event: &PowerEvent, cpu: u32) -> Result<File, M
     Ok(unsafe { File::from_raw_fd(fd) })
 }
 
-struct OpenEvent {
+/// One event on one package's CPU: open and read, or down and retried.
+struct EventSlot {
+    /// "energy-pkg".
+    name: String,
     domain: Domain,
     zone: String,
+    cpu: u32,
+    /// Joules per count, from the description the event was opened with.
     scale: f64,
-    file: File,
+    /// `None` while the event's description cannot be parsed or the event
+    /// does not open: retried at the next retry round.
+    file: Option<File>,
+    /// The last read of `file` failed: the next reads try the same file (a
+    /// count read after a transient failure covers the missed intervals),
+    /// and the next retry round opens the event afresh.
+    failing: bool,
     counter: EnergyCounter,
 }
 
 /// Reads RAPL counters through perf events, one per package and domain.
 pub struct PerfPowerMeter {
-    events: Vec<OpenEvent>,
+    pmu_dir: PathBuf,
+    pmu_type: u32,
+    slots: Vec<EventSlot>,
     log: ZoneLog,
     ceilings: PowerCeilings,
+    /// Down events are opened again every this many samples.
+    retry_every: u32,
+    samples_since_retry: u32,
 }
 
 impl PerfPowerMeter {
     /// Parse the PMU under `host_sys` and open its events on the CPUs of its
-    /// cpumask. Events that cannot be parsed or opened are logged and listed
-    /// as down; the backend is absent when none opens (the error is the
+    /// cpumask. Events that cannot be parsed or opened are logged, listed
+    /// as down and tried again every [`PerfPowerMeter::with_rescan_every`]
+    /// samples; the backend is absent when none opens (the error is the
     /// first event's).
     pub fn open(host_sys: &Path) -> Result<PerfPowerMeter, MeterError> {
         let pmu = parse_power_pmu(host_sys)?;
         let mut log = ZoneLog::new("rapl-perf");
         let mut first_error = None;
-        let mut events = Vec::new();
+        let mut slots = Vec::new();
         for (position, &cpu) in pmu.cpus.iter().enumerate() {
             let package = package_of(host_sys, cpu, position as u32);
             let zone_of = |domain: Domain| match domain {
@@ -352,39 +380,61 @@ impl PerfPowerMeter {
                 domain => Some(format!("{}-{package}", domain.as_str())),
             };
             for (name, reason) in &pmu.broken {
-                if let Some(zone) = event_domain(name).and_then(zone_of) {
+                let Some(domain) = event_domain(name) else {
+                    continue;
+                };
+                if let Some(zone) = zone_of(domain) {
                     log.down(&zone, reason);
+                    slots.push(EventSlot {
+                        name: name.clone(),
+                        domain,
+                        zone,
+                        cpu,
+                        scale: 0.0,
+                        file: None,
+                        failing: false,
+                        counter: EnergyCounter::new(Wrap::Never),
+                    });
                 }
             }
             for event in &pmu.events {
                 let Some(zone) = zone_of(event.domain) else {
                     continue;
                 };
-                match open_event(pmu.pmu_type, event, cpu) {
-                    Ok(file) => events.push(OpenEvent {
-                        domain: event.domain,
-                        zone,
-                        scale: event.scale,
-                        file,
-                        counter: EnergyCounter::new(Wrap::Never),
-                    }),
+                let file = match open_event(pmu.pmu_type, event, cpu) {
+                    Ok(file) => Some(file),
                     Err(err) => {
                         log.down(&zone, &err);
                         first_error.get_or_insert(err);
+                        None
                     }
-                }
+                };
+                slots.push(EventSlot {
+                    name: event.name.clone(),
+                    domain: event.domain,
+                    zone,
+                    cpu,
+                    scale: event.scale,
+                    file,
+                    failing: false,
+                    counter: EnergyCounter::new(Wrap::Never),
+                });
             }
         }
-        if events.is_empty()
+        if slots.iter().all(|slot| slot.file.is_none())
             && let Some(err) = first_error
         {
             return Err(err);
         }
-        events.sort_by(|a, b| (a.domain, &a.zone).cmp(&(b.domain, &b.zone)));
+        slots.sort_by(|a, b| (a.domain, &a.zone).cmp(&(b.domain, &b.zone)));
         Ok(PerfPowerMeter {
-            events,
+            pmu_dir: pmu.dir,
+            pmu_type: pmu.pmu_type,
+            slots,
             log,
             ceilings: PowerCeilings::default(),
+            retry_every: super::rapl::DEFAULT_RESCAN_EVERY,
+            samples_since_retry: 0,
         })
     }
 
@@ -394,8 +444,57 @@ impl PerfPowerMeter {
         self
     }
 
+    /// Open down events again every `samples` samples (the powercap meter's
+    /// re-listing period, `MeterConfig::rescan_every`).
+    pub fn with_rescan_every(mut self, samples: u32) -> PerfPowerMeter {
+        self.retry_every = samples.max(1);
+        self
+    }
+
+    /// The zones read, in order: "package-0", "dram-0", …
     pub fn zones(&self) -> Vec<String> {
-        self.events.iter().map(|event| event.zone.clone()).collect()
+        self.slots
+            .iter()
+            .filter(|slot| slot.file.is_some())
+            .map(|slot| slot.zone.clone())
+            .collect()
+    }
+
+    /// Open every down event again from its sysfs description, as the
+    /// powercap meter re-lists its zones: a description fixed or an event
+    /// the kernel now accepts is read from a new baseline (a new perf event
+    /// counts from zero).
+    fn retry_down_events(&mut self) {
+        let events_dir = self.pmu_dir.join("events");
+        for slot in &mut self.slots {
+            if slot.file.is_some() && !slot.failing {
+                continue;
+            }
+            let opened = parse_event(&self.pmu_dir, &events_dir, &slot.name, slot.domain)
+                .and_then(|event| Ok((open_event(self.pmu_type, &event, slot.cpu)?, event)));
+            match opened {
+                Ok((file, event)) => {
+                    tracing::info!(
+                        source = "rapl-perf",
+                        zone = %slot.zone,
+                        event = %slot.name,
+                        "perf power event opened again; its first reading is its baseline"
+                    );
+                    slot.file = Some(file);
+                    slot.scale = event.scale;
+                    slot.failing = false;
+                    slot.counter = EnergyCounter::new(Wrap::Never);
+                }
+                // A file whose reads fail keeps its reason; one that never
+                // opened says why it still does not.
+                Err(err) if slot.file.is_none() => self.log.down(&slot.zone, &err),
+                Err(err) => tracing::debug!(
+                    source = "rapl-perf",
+                    zone = %slot.zone,
+                    "re-opening a perf power event whose reads fail failed too: {err}"
+                ),
+            }
+        }
     }
 }
 
@@ -409,28 +508,53 @@ impl Meter for PerfPowerMeter {
     }
 
     fn domains(&self) -> Vec<Domain> {
-        distinct_domains(self.events.iter().map(|event| event.domain))
+        distinct_domains(
+            self.slots
+                .iter()
+                .filter(|slot| slot.file.is_some())
+                .map(|slot| slot.domain),
+        )
     }
 
     fn sample(&mut self, ctx: &MeterContext) -> Result<Vec<EnergySample>, MeterError> {
-        let mut samples = Vec::with_capacity(self.events.len());
+        self.samples_since_retry += 1;
+        if self.samples_since_retry >= self.retry_every {
+            self.samples_since_retry = 0;
+            if self
+                .slots
+                .iter()
+                .any(|slot| slot.file.is_none() || slot.failing)
+            {
+                self.retry_down_events();
+            }
+        }
+        let mut samples = Vec::with_capacity(self.slots.len());
         let mut first_error = None;
-        for event in &mut self.events {
+        for event in &mut self.slots {
+            // The time since this event's last reading: intervals whose read
+            // failed count, so the count read after them is judged against
+            // their whole maximum, not one interval's.
+            let span = event.counter.elapse(ctx.elapsed);
+            let Some(file) = event.file.as_mut() else {
+                continue;
+            };
             let mut count = [0u8; 8];
-            if let Err(err) = event.file.read_exact(&mut count) {
+            if let Err(err) = file.read_exact(&mut count) {
                 let err = MeterError::Read {
-                    what: format!("perf power event for {}", event.zone),
+                    what: format!("perf power event {} for {}", event.name, event.zone),
                     source: err,
                 };
+                event.failing = true;
                 self.log.down(&event.zone, &err);
                 first_error.get_or_insert(err);
                 continue;
             }
+            event.failing = false;
             self.log.up(&event.zone);
             let max = self.ceilings.get(event.domain);
             let step = event.counter.advance(
                 u64::from_ne_bytes(count),
-                most_units(max, ctx.elapsed, event.scale),
+                most_units(max, span, event.scale),
             );
             if let Some(rejection) = step.rejection() {
                 let detail = match step {
@@ -440,7 +564,7 @@ impl Meter for PerfPowerMeter {
                             "perf energy count advanced {:.1} J in {:.3} s; the zone draws at most \
                              {:.0} W (--max-watts {}=…)",
                             units as f64 * event.scale,
-                            ctx.elapsed.as_secs_f64(),
+                            span.as_secs_f64(),
                             max.0,
                             event.domain.as_str()
                         )
@@ -467,14 +591,77 @@ impl Meter for PerfPowerMeter {
     }
 
     fn health(&self) -> MeterHealth {
-        self.log
-            .health(self.events.iter().map(|event| event.zone.as_str()))
+        self.log.health(
+            self.slots
+                .iter()
+                .filter(|slot| slot.file.is_some())
+                .map(|slot| slot.zone.as_str()),
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::units::Nanos;
+
+    /// A perf event whose reads fail for five intervals (here: a
+    /// non-blocking pipe with nothing in it) and then read again on the same
+    /// file: the count covers six intervals and is judged over all six, so
+    /// the outage's energy is counted, not rejected as above the ceiling.
+    #[test]
+    fn a_count_read_after_failed_reads_is_judged_over_the_whole_span() {
+        use std::io::Write;
+        use std::os::fd::FromRawFd;
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills the two descriptors, which the Files below own.
+        assert_eq!(
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK) },
+            0
+        );
+        let (reader, mut writer) =
+            unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        let root = tempfile::tempdir().unwrap();
+        let mut meter = PerfPowerMeter {
+            pmu_dir: root.path().to_path_buf(),
+            pmu_type: 0,
+            slots: vec![EventSlot {
+                name: "energy-pkg".to_string(),
+                domain: Domain::Package,
+                zone: "package-0".to_string(),
+                cpu: 0,
+                // One µJ per count.
+                scale: 1e-6,
+                file: Some(reader),
+                failing: false,
+                counter: EnergyCounter::new(Wrap::Never),
+            }],
+            log: ZoneLog::new("rapl-perf"),
+            ceilings: PowerCeilings::default(),
+            retry_every: 1000,
+            samples_since_retry: 0,
+        };
+        let ctx = MeterContext {
+            elapsed: Nanos(1_000_000_000),
+            cpu_utilisation: None,
+            cpus: 1,
+        };
+        writer.write_all(&1_000_000u64.to_ne_bytes()).unwrap();
+        assert_eq!(meter.sample(&ctx).unwrap()[0].joules, Joules(0.0));
+        for _ in 0..5 {
+            assert!(meter.sample(&ctx).is_err(), "nothing to read");
+            assert!(meter.health().down().any(|zone| zone.zone == "package-0"));
+        }
+        // 900 W for six seconds: above one interval's 1000 J, within six.
+        writer
+            .write_all(&(1_000_000u64 + 5_400_000_000).to_ne_bytes())
+            .unwrap();
+        let samples = meter.sample(&ctx).unwrap();
+        assert_eq!(samples.len(), 1, "{:?}", meter.health());
+        assert!((samples[0].joules.0 - 5400.0).abs() < 1e-6, "{samples:?}");
+        assert!(meter.health().rejected.is_empty());
+        assert!(meter.health().down().next().is_none());
+    }
 
     /// Found writing the `perf_power` fuzz target: a cpumask of
     /// `0-4294967295` asked for a 16 GiB list.

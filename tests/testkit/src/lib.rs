@@ -481,6 +481,8 @@ impl Metrics {
 pub struct FakeRapl {
     pub host_sys: tempfile::TempDir,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// µJ added on top of the steady power ([`FakeRapl::jump`]).
+    jumped_uj: std::sync::Arc<std::sync::atomic::AtomicU64>,
     ticker: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -496,8 +498,10 @@ impl FakeRapl {
         // The probe still needs the kernel's BTF and tracefs under host-sys.
         std::os::unix::fs::symlink("/sys/kernel", host_sys.path().join("kernel")).unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let jumped_uj = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let ticker = {
             let stop = stop.clone();
+            let jumped_uj = jumped_uj.clone();
             let zone = zone.clone();
             std::thread::spawn(move || {
                 use std::os::unix::fs::FileExt;
@@ -517,7 +521,9 @@ impl FakeRapl {
                 }
                 let start = std::time::Instant::now();
                 while !stop.load(Ordering::Relaxed) {
-                    let uj = 1_000_000 + (watts * 1e6 * start.elapsed().as_secs_f64()) as u64;
+                    let uj = 1_000_000
+                        + (watts * 1e6 * start.elapsed().as_secs_f64()) as u64
+                        + jumped_uj.load(Ordering::Relaxed);
                     file.write_all_at(format!("{uj:020}\n").as_bytes(), 0)
                         .unwrap();
                     std::thread::sleep(Duration::from_millis(5));
@@ -527,8 +533,21 @@ impl FakeRapl {
         FakeRapl {
             host_sys,
             stop,
+            jumped_uj,
             ticker: Some(ticker),
         }
+    }
+
+    /// Make the counter jump forward by `microjoules` at once (on top of the
+    /// steady power), as a broken or hostile counter might.
+    pub fn jump(&self, microjoules: u64) {
+        self.jumped_uj
+            .fetch_add(microjoules, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The zone's directory, for tests that add files (constraints) to it.
+    pub fn zone_dir(&self) -> std::path::PathBuf {
+        self.host_sys.path().join("class/powercap/intel-rapl:0")
     }
 
     pub fn host_sys_arg(&self) -> String {
