@@ -159,7 +159,9 @@ pub struct Cli {
     /// values cost once per CPU: on big nodes the cgroup map's bound is
     /// lowered to fit (logged). Keep the pod's memory limit above this plus
     /// the exporter's own ~30 MiB peak.
-    #[arg(long, env = "ERGON_MAP_MEMORY_BUDGET_MIB", default_value_t = crate::probe::map_memory::DEFAULT_BUDGET_MIB)]
+    #[arg(long, env = "ERGON_MAP_MEMORY_BUDGET_MIB",
+          default_value_t = crate::probe::map_memory::DEFAULT_BUDGET_MIB,
+          value_parser = clap::value_parser!(u64).range(MAP_MEMORY_BUDGET_MIB_RANGE))]
     pub map_memory_budget_mib: u64,
 
     /// How the kernel maps get memory: on-demand (Linux 6.1+), prealloc, or
@@ -247,14 +249,15 @@ pub struct Cli {
     #[arg(long, env = "ERGON_KUBELET_INSECURE_SKIP_TLS_VERIFY")]
     pub kubelet_insecure_skip_tls_verify: bool,
 
-    /// Longest time between two kubelet polls; a new pod's cgroup asks for
-    /// one sooner (at most one per --interval).
-    #[arg(long, env = "ERGON_KUBELET_POLL_PERIOD", default_value = "60s", value_parser = parse_duration)]
+    /// Longest time between two kubelet polls, from 1s to 1h; a new pod's
+    /// cgroup asks for one sooner (at most one per --interval).
+    #[arg(long, env = "ERGON_KUBELET_POLL_PERIOD", default_value = "60s", value_parser = parse_kubelet_poll_period)]
     pub kubelet_poll_period: Duration,
 
     /// Grid carbon intensity in gCO2e/kWh, exported as
-    /// ergon_grid_carbon_intensity_grams_per_kwh: a number, or a file holding
-    /// one (re-read when it changes, so a CronJob or sidecar can update it).
+    /// ergon_grid_carbon_intensity_grams_per_kwh: a number from 0 to 10000,
+    /// or a file holding one (re-read when it changes, so a
+    /// CronJob or sidecar can update it).
     #[arg(long, env = "ERGON_CARBON_INTENSITY")]
     pub carbon_intensity: Option<String>,
 
@@ -344,6 +347,24 @@ pub const MAX_PROCESSES_RANGE: std::ops::RangeInclusive<i64> = 1..=4_194_304;
 /// Accepted `--idle-watts` per domain: above any single machine's draw, so
 /// a typo (`2000000` for `20`) is refused rather than billed.
 pub const MAX_IDLE_WATTS: f64 = 100_000.0;
+/// Accepted `--max-watts` per domain: the same bound, for the same reason
+/// (a ceiling that high would let any reading through).
+pub const MAX_WATTS: f64 = MAX_IDLE_WATTS;
+/// Accepted `--kubelet-poll-period`: more often than every second would
+/// load the kubelet for names that change once per pod start (a new pod asks
+/// for a poll sooner anyway); rarer than hourly leaves renamed pods stale.
+pub const KUBELET_POLL_PERIOD_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(3600));
+/// Accepted `--map-memory-budget-mib`: at least one MiB for the maps, at
+/// most 64 GiB (far beyond the 1M-cgroup bound on any CPU count), so the
+/// byte count can never overflow.
+pub const MAP_MEMORY_BUDGET_MIB_RANGE: std::ops::RangeInclusive<u64> = 1..=65_536;
+/// Accepted `--carbon-intensity`, in gCO2e/kWh. The dirtiest generation
+/// (lignite, oil-fired peakers, small diesel sets) emits about 1,000-1,500
+/// over its life cycle and grid averages stay below 1,200; ten thousand
+/// leaves room for any real grid and still refuses a unit slip (kg for g is
+/// harmless, mg for g is not).
+pub const MAX_CARBON_INTENSITY: f64 = 10_000.0;
 /// Most `--pod-labels` keys: each adds a label to every `ergon_pod_labels`
 /// series.
 pub const MAX_POD_LABELS: usize = 32;
@@ -416,6 +437,10 @@ fn parse_retention(text: &str) -> Result<Duration, String> {
     parse_duration_in(text, RETENTION_RANGE)
 }
 
+fn parse_kubelet_poll_period(text: &str) -> Result<Duration, String> {
+    parse_duration_in(text, KUBELET_POLL_PERIOD_RANGE)
+}
+
 /// Errors in the configuration, from any of its three sources.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -437,6 +462,10 @@ pub enum ConfigError {
     /// A value that parsed but is out of its accepted range.
     #[error("{0}")]
     Invalid(String),
+    /// [`ConfigError::Invalid`] where the flags and variables alone pass:
+    /// the configuration file gave the value (or one it conflicts with).
+    #[error("{message} (in the configuration file {path})")]
+    FileInvalid { path: PathBuf, message: String },
 }
 
 /// Turns the YAML file's keys into `--key=value` arguments, skipping keys
@@ -593,9 +622,21 @@ impl Cli {
         let mut merged = vec![args[0].clone()];
         merged.extend(file_args(&path, env_set)?.into_iter().map(Into::into));
         merged.extend(args[1..].iter().cloned());
-        let cli =
-            Cli::try_parse_from(&merged).map_err(|error| ConfigError::FileFlags { path, error })?;
-        cli.validate()?;
+        let cli = Cli::try_parse_from(&merged).map_err(|error| ConfigError::FileFlags {
+            path: path.clone(),
+            error,
+        })?;
+        if let Err(error) = cli.validate() {
+            // Name the file unless the flags and variables alone are
+            // already refused (then the value is theirs).
+            if first.validate().is_err() {
+                return Err(error);
+            }
+            return Err(ConfigError::FileInvalid {
+                path,
+                message: error.to_string(),
+            });
+        }
         Ok(cli)
     }
 
@@ -661,6 +702,22 @@ impl Cli {
         check_pod_labels(&self.pod_label_keys()).map_err(invalid)?;
         self.idle_watts().map_err(invalid)?;
         self.meter_config().map_err(invalid)?;
+        self.kubelet_cgroup_roots().map_err(invalid)?;
+        self.carbon_source().map_err(invalid)?;
+        if let Some(endpoint) = &self.otlp_endpoint {
+            check_otlp_endpoint(endpoint).map_err(invalid)?;
+        }
+        // Only that the files are there: their content is loaded (and
+        // reloaded as it changes) when the server starts.
+        let tls_files = [
+            ("--tls-cert-file", &self.tls_cert_file),
+            ("--tls-key-file", &self.tls_key_file),
+        ];
+        for (flag, path) in tls_files {
+            if let Some(path) = path {
+                check_readable_file(flag, path).map_err(invalid)?;
+            }
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log).map_err(|e| {
             invalid(format!(
                 "--log `{}` is not a log filter ({e}): use a level (error, warn, info, debug, \
@@ -681,7 +738,8 @@ impl Cli {
             max_processes: self.max_processes,
             map_allocation: self.map_allocation,
             read_task_fields: true,
-            map_memory_budget_bytes: self.map_memory_budget_mib * 1024 * 1024,
+            // Ranged by its parser; saturating for a value set past it.
+            map_memory_budget_bytes: self.map_memory_budget_mib.saturating_mul(1024 * 1024),
             host_proc: self.host_proc.clone(),
             host_sys: self.host_sys.clone(),
             cgroup_root: self.cgroup_root(),
@@ -760,6 +818,74 @@ impl Cli {
 }
 
 impl Cli {
+    /// How to poll the kubelet (`--pod-source kubelet`/`auto`): `None`
+    /// without a node name or `--kubelet-url` to find it by.
+    pub fn kubelet_config(&self) -> Option<crate::workload::KubeletConfig> {
+        let node = self.node_name.as_deref().unwrap_or_default();
+        let url = match &self.kubelet_url {
+            Some(url) => url.clone(),
+            None if node.is_empty() => return None,
+            None => format!("https://{node}:{}", crate::workload::kubelet::KUBELET_PORT),
+        };
+        let mut config = crate::workload::KubeletConfig::new(url);
+        config.token_file = Some(self.kubelet_token_file.clone());
+        config.ca_file = Some(self.kubelet_ca_file.clone());
+        config.insecure_skip_tls_verify = self.kubelet_insecure_skip_tls_verify;
+        // The same keys as the API server watch: trimmed, no repeats.
+        config.label_allowlist = self.pod_label_keys();
+        config.deleted_retention = self.retention;
+        config.period = self.kubelet_poll_period;
+        config.min_gap = self.interval;
+        Some(config)
+    }
+
+    /// `--carbon-intensity`, checked: a number of gCO2e/kWh from 0 to
+    /// [`MAX_CARBON_INTENSITY`], or a readable regular file (or one not
+    /// there yet, in an existing directory). A
+    /// value that starts like a number is a number (`35O`, a typo, is
+    /// refused rather than taken for a file that never appears).
+    pub fn carbon_source(&self) -> Result<Option<crate::carbon::CarbonSource>, String> {
+        use crate::carbon::{CarbonSource, GramsPerKwh};
+        let Some(given) = self.carbon_intensity.as_deref() else {
+            return Ok(None);
+        };
+        let text = given.trim();
+        let accepted = format!(
+            "give gCO2e/kWh as a number from 0 to {MAX_CARBON_INTENSITY} (e.g. 350), or the \
+             path of a file holding one (in an existing directory)"
+        );
+        if text.is_empty() {
+            return Err(format!("--carbon-intensity is empty: {accepted}"));
+        }
+        let mut chars = text.chars();
+        let first = chars.next().unwrap_or_default();
+        let second = chars.next().unwrap_or_default();
+        let numeric = first.is_ascii_digit()
+            || (matches!(first, '+' | '-' | '.') && second.is_ascii_digit())
+            || text.parse::<f64>().is_ok();
+        if numeric {
+            return text
+                .parse::<f64>()
+                .ok()
+                .filter(|value| (0.0..=MAX_CARBON_INTENSITY).contains(value))
+                .map(|value| Some(CarbonSource::Fixed(GramsPerKwh(value))))
+                .ok_or_else(|| {
+                    format!("--carbon-intensity `{text}` is not a carbon intensity: {accepted}")
+                });
+        }
+        let path = PathBuf::from(text);
+        // A file another container writes may not be there yet: one not
+        // there in an existing directory is awaited (a WARN until it
+        // appears, as when it later becomes unreadable); one that is there
+        // must be a readable file.
+        let awaited = !path.exists() && path.parent().is_some_and(|dir| dir.is_dir());
+        if !awaited {
+            check_readable_file("--carbon-intensity", &path)
+                .map_err(|reason| format!("{reason}; {accepted}"))?;
+        }
+        Ok(Some(CarbonSource::File(path)))
+    }
+
     /// `--kubelet-cgroup-root`, checked.
     pub fn kubelet_cgroup_roots(&self) -> Result<crate::workload::KubeletCgroupRoots, String> {
         crate::workload::KubeletCgroupRoots::parse(&self.kubelet_cgroup_root)
@@ -778,15 +904,7 @@ impl Cli {
 
     /// `--idle-watts package=20,dram=3` as (domain, watts) pairs.
     pub fn idle_watts(&self) -> Result<Vec<(crate::units::Domain, crate::units::Watts)>, String> {
-        let pairs = domain_watts("--idle-watts", &self.idle_watts, 0.0)?;
-        if let Some((domain, watts)) = pairs.iter().find(|(_, w)| w.0 > MAX_IDLE_WATTS) {
-            return Err(format!(
-                "--idle-watts `{}={}`: at most {MAX_IDLE_WATTS} watts of idle power",
-                domain.as_str(),
-                watts.0
-            ));
-        }
-        Ok(pairs)
+        domain_watts("--idle-watts", &self.idle_watts, 0.0, MAX_IDLE_WATTS)
     }
 
     /// The meters `--meter` asks for: `auto` detects; a list enables exactly
@@ -799,7 +917,8 @@ impl Cli {
             nvml_library: self.nvml_library.clone(),
             ..MeterConfig::default()
         };
-        for (domain, watts) in domain_watts("--max-watts", &self.max_watts, f64::MIN_POSITIVE)? {
+        let ceilings = domain_watts("--max-watts", &self.max_watts, f64::MIN_POSITIVE, MAX_WATTS)?;
+        for (domain, watts) in ceilings {
             config.max_watts.set(domain, watts);
         }
         if let Some(path) = &self.model_coefficients {
@@ -846,11 +965,12 @@ impl Cli {
 }
 
 /// `DOMAIN=WATTS` items of `flag` as (domain, watts) pairs, each at least
-/// `least` watts.
+/// `least` and at most `most` watts.
 fn domain_watts(
     flag: &str,
     items: &[String],
     least: f64,
+    most: f64,
 ) -> Result<Vec<(crate::units::Domain, crate::units::Watts)>, String> {
     items
         .iter()
@@ -872,13 +992,16 @@ fn domain_watts(
                 .trim()
                 .parse()
                 .ok()
-                .filter(|w: &f64| w.is_finite() && *w >= least)
+                .filter(|w: &f64| (least..=most).contains(w))
                 .ok_or_else(|| {
-                    if least > 0.0 {
-                        format!("{flag} `{item}`: `{watts}` is not a positive number")
+                    let kind = if least > 0.0 {
+                        "positive"
                     } else {
-                        format!("{flag} `{item}`: `{watts}` is not a non-negative number")
-                    }
+                        "non-negative"
+                    };
+                    format!(
+                        "{flag} `{item}`: `{watts}` is not a {kind} number of watts up to {most}"
+                    )
                 })?;
             Ok((domain, crate::units::Watts(watts)))
         })
@@ -898,6 +1021,50 @@ fn check_kube_api(url: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// `--otlp-endpoint`: what the push will post to must be a plain-HTTP URL
+/// the HTTP client takes (checked here, before anything starts; the push
+/// itself starts later).
+fn check_otlp_endpoint(endpoint: &str) -> Result<(), String> {
+    let url = crate::export::otlp::metrics_url(endpoint).map_err(|e| e.to_string())?;
+    let bad = |why: String| {
+        format!(
+            "--otlp-endpoint `{endpoint}` is not a URL ({why}): give the collector's OTLP/HTTP \
+             receiver, e.g. http://otel-collector:4318"
+        )
+    };
+    let parsed: hyper::Uri = url
+        .parse()
+        .map_err(|e: hyper::http::uri::InvalidUri| bad(e.to_string()))?;
+    if parsed.host().is_none_or(str::is_empty) {
+        return Err(bad("no host".into()));
+    }
+    // The parser leaves the port to a later, lenient look-up (`43x8` is
+    // taken and then ignored): check it here.
+    let authority = parsed.authority().map_or("", |a| a.as_str());
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    if !host_port.ends_with(']')
+        && let Some((_, port)) = host_port.rsplit_once(':')
+        && port.parse::<u16>().is_err()
+    {
+        return Err(bad(format!("port `{port}`")));
+    }
+    Ok(())
+}
+
+/// A file the exporter will read: it exists, is a regular file (not a
+/// directory, a FIFO or a device) and opens for reading. Nothing is read.
+fn check_readable_file(flag: &str, path: &Path) -> Result<(), String> {
+    let shown = path.display();
+    match std::fs::metadata(path) {
+        Err(e) => Err(format!("{flag} {shown}: {e}")),
+        Ok(meta) if !meta.is_file() => Err(format!("{flag} {shown}: not a regular file")),
+        // Opening a regular file has no side effect.
+        Ok(_) => std::fs::File::open(path)
+            .map(drop)
+            .map_err(|e| format!("{flag} {shown}: cannot be read ({e})")),
+    }
 }
 
 /// `--node-name`: Kubernetes node names are RFC 1123 DNS subdomains.
@@ -1259,6 +1426,8 @@ mod tests {
         assert_eq!(ceilings.get(Domain::Gpu), Watts(700.0));
         assert_eq!(ceilings.get(Domain::Dram), Watts(500.0), "defaults stay");
         for (bad, says) in [
+            ("package=NaN", "positive"),
+            ("gpu=1e6", "100000"),
             ("package=0", "positive"),
             ("package=-5", "positive"),
             ("package=inf", "positive"),
@@ -1279,6 +1448,192 @@ mod tests {
     }
 
     #[test]
+    fn the_kubelet_poller_gets_the_same_label_keys_as_the_api_server_watch() {
+        // `ERGON_POD_LABELS="app, team"`: " team" would never match a label.
+        let cli = Cli::load_from(
+            &args(&[
+                "ergon",
+                "--node-name=node-a",
+                "--pod-labels",
+                "app, team,app,,",
+            ]),
+            |_| false,
+        )
+        .unwrap();
+        let config = cli.kubelet_config().unwrap();
+        assert_eq!(config.label_allowlist, vec!["app", "team"]);
+        assert_eq!(config.label_allowlist, cli.pod_label_keys());
+        assert_eq!(config.url, "https://node-a:10250");
+        assert_eq!(config.period, Duration::from_secs(60));
+        let cli = Cli::load_from(&args(&["ergon"]), |_| false).unwrap();
+        assert!(cli.kubelet_config().is_none(), "no node, no kubelet URL");
+    }
+
+    #[test]
+    fn the_kubelet_poll_period_and_map_budget_have_ranges() {
+        for bad in ["10000000000000000000", "0.000001", "1ns", "999ms", "61m"] {
+            let err = refused(&["ergon", "--kubelet-poll-period", bad]);
+            assert!(
+                err.contains("--kubelet-poll-period") && err.contains("from 1s to 1h"),
+                "{bad}: {err}"
+            );
+        }
+        let cli = Cli::load_from(&args(&["ergon", "--kubelet-poll-period=1h"]), |_| false).unwrap();
+        assert_eq!(cli.kubelet_poll_period, Duration::from_secs(3600));
+        for bad in ["18446744073709551615", "17592186044416", "0", "65537"] {
+            let err = refused(&["ergon", "--map-memory-budget-mib", bad]);
+            assert!(
+                err.contains("--map-memory-budget-mib") && err.contains("65536"),
+                "{bad}: {err}"
+            );
+        }
+        let cli = Cli::load_from(&args(&["ergon", "--map-memory-budget-mib=65536"]), |_| {
+            false
+        })
+        .unwrap();
+        assert_eq!(cli.probe_config().map_memory_budget_bytes, 65536 << 20);
+        // Built by hand past the parser: saturates, never wraps or panics.
+        let mut cli = cli;
+        cli.map_memory_budget_mib = u64::MAX;
+        assert_eq!(cli.probe_config().map_memory_budget_bytes, u64::MAX);
+    }
+
+    #[test]
+    fn carbon_intensity_is_a_number_in_range_or_a_file_in_an_existing_directory() {
+        use crate::carbon::{CarbonSource, GramsPerKwh};
+        let source = |value: &str| {
+            Cli::load_from(
+                &args(&["ergon", &format!("--carbon-intensity={value}")]),
+                |_| false,
+            )
+            .map(|cli| cli.carbon_source().unwrap())
+        };
+        assert_eq!(
+            source("350").unwrap(),
+            Some(CarbonSource::Fixed(GramsPerKwh(350.0)))
+        );
+        assert_eq!(
+            source(" 0.5 ").unwrap(),
+            Some(CarbonSource::Fixed(GramsPerKwh(0.5)))
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("intensity");
+        std::fs::write(&file, "412\n").unwrap();
+        assert_eq!(
+            source(file.to_str().unwrap()).unwrap(),
+            Some(CarbonSource::File(file.clone()))
+        );
+        assert_eq!(
+            Cli::load_from(&args(&["ergon"]), |_| false)
+                .unwrap()
+                .carbon_source(),
+            Ok(None)
+        );
+        // Not there yet, in a directory that is: awaited.
+        let later = dir.path().join("written-later");
+        assert_eq!(
+            source(later.to_str().unwrap()).unwrap(),
+            Some(CarbonSource::File(later.clone()))
+        );
+        let missing = dir.path().join("no-such-dir/intensity");
+        for bad in [
+            "35O",
+            "350g",
+            "-5",
+            "+1e9",
+            "20000",
+            "NaN",
+            "inf",
+            ".5x",
+            "",
+            missing.to_str().unwrap(),
+            dir.path().to_str().unwrap(),
+        ] {
+            let err = source(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("--carbon-intensity") && err.contains("10000"),
+                "{bad}: {err}"
+            );
+            assert!(err.contains(bad.trim()), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn kubelet_cgroup_roots_endpoints_and_tls_files_are_checked_at_load() {
+        let err = refused(&["ergon", "--kubelet-cgroup-root", "/,kubelet.slice"]);
+        assert!(
+            err.contains("--kubelet-cgroup-root `kubelet.slice`"),
+            "{err}"
+        );
+        for bad in [
+            "https://collector:4318",
+            "http://collector:43x8",
+            "http://",
+            "http://collector:4318/v1 metrics",
+            "collector:4318",
+        ] {
+            let err = refused(&["ergon", "--otlp-endpoint", bad]);
+            assert!(
+                err.contains(&format!("--otlp-endpoint `{bad}`"))
+                    && err.contains("http://otel-collector:4318"),
+                "{bad}: {err}"
+            );
+        }
+        Cli::load_from(
+            &args(&[
+                "ergon",
+                "--otlp-endpoint",
+                "http://10.0.0.1:4318/otlp/v1/metrics",
+            ]),
+            |_| false,
+        )
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert, "-").unwrap();
+        let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+        let err = refused(&["ergon", "--tls-cert-file", cert, "--tls-key-file", key]);
+        assert!(err.contains(&format!("--tls-key-file {key}")), "{err}");
+        let folder = dir.path().to_str().unwrap();
+        let err = refused(&["ergon", "--tls-cert-file", folder, "--tls-key-file", cert]);
+        assert!(
+            err.contains(&format!("--tls-cert-file {folder}")) && err.contains("regular file"),
+            "{err}"
+        );
+        // Present and readable: the content is checked when TLS is set up.
+        Cli::load_from(
+            &args(&["ergon", "--tls-cert-file", cert, "--tls-key-file", cert]),
+            |_| false,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_value_refused_after_parsing_names_the_file_that_gave_it() {
+        let dir = tempfile::tempdir().unwrap();
+        for text in [
+            "kubelet-cgroup-root: kubelet.slice\n",
+            "carbon-intensity: 35O\n",
+            "retention: 1s\ninterval: 2s\n",
+        ] {
+            let file = dir.path().join("settings.yaml");
+            std::fs::write(&file, text).unwrap();
+            let err = refused(&["ergon", "--config", file.to_str().unwrap()]);
+            assert!(err.contains("settings.yaml"), "{text}: {err}");
+        }
+        // A flag's own bad value is not blamed on the file.
+        let file = dir.path().join("settings.yaml");
+        std::fs::write(&file, "interval: 2s\n").unwrap();
+        let err = refused(&[
+            "ergon",
+            "--config",
+            file.to_str().unwrap(),
+            "--kubelet-cgroup-root=kubelet.slice",
+        ]);
+        assert!(!err.contains("settings.yaml"), "{err}");
+    }
+
+    #[test]
     fn idle_watts_and_meters_are_checked() {
         // Checked when the configuration is loaded, so a bad value stops
         // the exporter before it starts.
@@ -1290,6 +1645,7 @@ mod tests {
         assert_eq!(cli.idle_watts().unwrap().len(), 2);
         assert!(refused(&["ergon", "--idle-watts", "cpu=20"]).contains("unknown domain `cpu`"));
         assert!(refused(&["ergon", "--idle-watts", "package=-1"]).contains("non-negative"));
+        assert!(refused(&["ergon", "--idle-watts", "package=NaN"]).contains("non-negative"));
         assert!(refused(&["ergon", "--meter", "rapl,model"]).contains("counted twice"));
         let cli = Cli::load_from(&args(&["ergon", "--meter", "rapl,hwmon"]), |_| false).unwrap();
         let meters = cli.meter_config().unwrap();

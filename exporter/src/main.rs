@@ -6,9 +6,7 @@ use ergon::config::{Cli, Command, PodSource};
 use ergon::export::{self, Published, ServerHandle};
 use ergon::interval::{Loop, Settings};
 use ergon::probe::Probe;
-use ergon::workload::{
-    ApiSource, KubeletConfig, KubeletPoller, PodDirectory, PodWatcher, PodWatcherConfig,
-};
+use ergon::workload::{ApiSource, KubeletPoller, PodDirectory, PodWatcher, PodWatcherConfig};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::load();
@@ -25,15 +23,12 @@ fn main() -> anyhow::Result<()> {
     if let Some(Command::Doctor) = cli.command {
         return ergon::doctor::run(&cli);
     }
+    // All checked by `Cli::load` already (an error there exits 2 naming
+    // the setting); these only take the values.
     let idle_watts = cli.idle_watts().map_err(anyhow::Error::msg)?;
     let meter_config = cli.meter_config().map_err(anyhow::Error::msg)?;
     let kubelet_roots = cli.kubelet_cgroup_roots().map_err(anyhow::Error::msg)?;
-    let carbon_source = cli
-        .carbon_intensity
-        .as_deref()
-        .map(ergon::carbon::CarbonSource::parse)
-        .transpose()
-        .map_err(anyhow::Error::msg)?;
+    let carbon_source = cli.carbon_source().map_err(anyhow::Error::msg)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -225,29 +220,14 @@ impl PodFeed {
 /// `--pod-source`: the kubelet, the API server, or the kubelet if it answers
 /// at start and else the API server (one log line says why).
 async fn start_pod_feed(cli: &Cli) -> Option<PodFeed> {
-    let kubelet = || {
-        let node = cli.node_name.as_deref().unwrap_or_default();
-        let url = match &cli.kubelet_url {
-            Some(url) => url.clone(),
-            None if node.is_empty() => return None,
-            None => format!("https://{node}:{}", ergon::workload::kubelet::KUBELET_PORT),
-        };
-        let mut config = KubeletConfig::new(url);
-        config.token_file = Some(cli.kubelet_token_file.clone());
-        config.ca_file = Some(cli.kubelet_ca_file.clone());
-        config.insecure_skip_tls_verify = cli.kubelet_insecure_skip_tls_verify;
-        config.label_allowlist = cli.pod_labels.clone();
-        config.deleted_retention = cli.retention;
-        config.period = cli.kubelet_poll_period;
-        config.min_gap = cli.interval;
-        Some(config)
-    };
+    let kubelet = || cli.kubelet_config();
     match cli.pod_source {
         PodSource::Apiserver => start_pod_watcher(cli).await.map(PodFeed::Apiserver),
         PodSource::Kubelet => {
             let Some(config) = kubelet() else {
                 tracing::warn!(
-                    "--pod-source kubelet needs the node's name (NODE_NAME, downward API                      spec.nodeName) or --kubelet-url; labelling by pod uid only"
+                    "--pod-source kubelet needs the node's name (NODE_NAME, downward API \
+                     spec.nodeName) or --kubelet-url; labelling by pod uid only"
                 );
                 return None;
             };

@@ -155,3 +155,119 @@ fn file_values_of_the_wrong_shape_name_the_key_and_file() {
         assert_refused(&output, needles);
     }
 }
+
+/// The same bad value given as a flag, as its `ERGON_*` variable and as a
+/// key of the YAML file: refused each time, naming the flag and `needles`
+/// (and the file, for the file).
+fn refused_from_every_source(flag: &str, variable: &str, value: &str, needles: &[&str]) {
+    let mut named = vec![flag];
+    named.extend_from_slice(needles);
+    let output = ergon(&[&format!("{flag}={value}")], &[]);
+    assert_refused(&output, &named);
+    let output = ergon(&[], &[(variable, value)]);
+    assert_refused(&output, &named);
+    let dir = tempfile::tempdir().unwrap();
+    let key = flag.trim_start_matches("--");
+    // Quoted: the value reaches the flag's parser as written.
+    let file = config_file(dir.path(), &format!("{key}: '{value}'\n"));
+    named.push("ergon.yaml");
+    let output = ergon(&["--config", &file], &[]);
+    assert_refused(&output, &named);
+}
+
+#[test]
+fn the_kubelet_poll_period_is_ranged_in_every_source() {
+    // 1e19 s overflowed the poller's `Instant + period` (a panic in its
+    // task, pod names silently frozen); 1 µs polled the kubelet in a loop.
+    for value in ["10000000000000000000", "0.000001", "1ns", "500ms", "2h"] {
+        refused_from_every_source(
+            "--kubelet-poll-period",
+            "ERGON_KUBELET_POLL_PERIOD",
+            value,
+            &["1s", "1h"],
+        );
+    }
+}
+
+#[test]
+fn the_map_memory_budget_is_ranged_in_every_source() {
+    // 2^64-1 MiB overflowed `mib * 1024 * 1024`; 0 left no map memory.
+    for value in ["18446744073709551615", "17592186044416", "0"] {
+        refused_from_every_source(
+            "--map-memory-budget-mib",
+            "ERGON_MAP_MEMORY_BUDGET_MIB",
+            value,
+            &["1", "65536"],
+        );
+    }
+}
+
+#[test]
+fn carbon_intensity_is_a_number_in_range_or_a_file_in_an_existing_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir/intensity");
+    for value in [
+        "35O",
+        "350gCO2",
+        "-5",
+        "20000",
+        "NaN",
+        "inf",
+        missing.to_str().unwrap(),
+    ] {
+        refused_from_every_source(
+            "--carbon-intensity",
+            "ERGON_CARBON_INTENSITY",
+            value,
+            &[value, "10000"],
+        );
+    }
+}
+
+#[test]
+fn kubelet_cgroup_roots_and_max_watts_are_checked_with_the_rest() {
+    refused_from_every_source(
+        "--kubelet-cgroup-root",
+        "ERGON_KUBELET_CGROUP_ROOT",
+        "kubelet.slice",
+        &["kubelet.slice", "absolute"],
+    );
+    refused_from_every_source(
+        "--max-watts",
+        "ERGON_MAX_WATTS",
+        "package=1e6",
+        &["package=1e6", "100000"],
+    );
+}
+
+#[test]
+fn the_otlp_endpoint_and_tls_files_are_checked_before_anything_starts() {
+    for value in ["https://collector:4318", "http://collector:43x8", "http://"] {
+        refused_from_every_source(
+            "--otlp-endpoint",
+            "ERGON_OTLP_ENDPOINT",
+            value,
+            &[value, "http://otel-collector:4318"],
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let present = dir.path().join("tls.crt");
+    std::fs::write(&present, "not checked here\n").unwrap();
+    let present = present.to_str().unwrap();
+    let missing = dir.path().join("missing.key");
+    let missing = missing.to_str().unwrap();
+    let a_directory = dir.path().to_str().unwrap();
+    for (cert, key, named) in [
+        (missing, present, "--tls-cert-file"),
+        (present, missing, "--tls-key-file"),
+        (a_directory, present, "--tls-cert-file"),
+    ] {
+        let output = ergon(&["--tls-cert-file", cert, "--tls-key-file", key], &[]);
+        let path = if named == "--tls-cert-file" {
+            cert
+        } else {
+            key
+        };
+        assert_refused(&output, &[named, path]);
+    }
+}

@@ -366,3 +366,31 @@ fn auto_falls_back_to_the_api_server_with_one_line_naming_the_rbac() {
         "auto asked the kubelet more than once"
     );
 }
+
+#[tokio::test]
+async fn a_period_too_long_for_the_clock_still_polls_for_new_pods() {
+    // `last + period` overflowed tokio's Instant and killed the poller's
+    // task: pod names froze with nothing but a panic line in the log.
+    let kubelet = FakeKubelet::start(state_with(vec![api_pod()]), None).await;
+    let mut config = KubeletConfig::new(kubelet.url());
+    config.token_file = None;
+    config.ca_file = None;
+    config.period = Duration::from_secs(10_000_000_000_000_000_000);
+    config.min_gap = Duration::from_millis(50);
+    let poller = KubeletPoller::connect(config).await.unwrap();
+    let directory = poller.directory().clone();
+    kubelet.with(|state| {
+        state.pods.push(pod(
+            UID_NEW,
+            "telemetry",
+            "inference-0",
+            "node-a",
+            &[("model", "containerd://bbb222")],
+        ))
+    });
+    wait_for("the new pod", &directory, |directory| {
+        directory.pod(UID_NEW).is_some()
+    })
+    .await;
+    assert!(kubelet.request_count() >= 2);
+}

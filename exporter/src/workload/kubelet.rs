@@ -339,6 +339,19 @@ impl Drop for KubeletPoller {
     }
 }
 
+/// The longest the poller ever waits: a longer period or gap (the library
+/// takes any `Duration`; `--kubelet-poll-period` is at most an hour) waits
+/// this long instead.
+const LONGEST_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// `last + delay`, for any `delay`: `Instant + Duration` panics past the
+/// clock's range, and a panic here would end the poller's task (pod names
+/// frozen, one line in the log).
+fn after(last: Instant, delay: Duration) -> Instant {
+    let delay = delay.min(LONGEST_WAIT);
+    last.checked_add(delay).unwrap_or(last)
+}
+
 async fn poll(
     kubelet: Kubelet,
     config: KubeletConfig,
@@ -349,15 +362,16 @@ async fn poll(
         if let Some(last) = last_poll {
             let failures = directory.connection().consecutive_failures;
             if failures > 0 {
-                tokio::time::sleep_until(
-                    last + retry_delay(failures, config.retry_initial, config.retry_max),
-                )
+                tokio::time::sleep_until(after(
+                    last,
+                    retry_delay(failures, config.retry_initial, config.retry_max),
+                ))
                 .await;
             } else {
                 tokio::select! {
-                    _ = tokio::time::sleep_until(last + config.period) => {}
+                    _ = tokio::time::sleep_until(after(last, config.period)) => {}
                     _ = directory.unknown_pod_seen() => {
-                        tokio::time::sleep_until(last + config.min_gap).await;
+                        tokio::time::sleep_until(after(last, config.min_gap)).await;
                     }
                 }
             }
