@@ -1,14 +1,8 @@
-//! The counter checkpoint, as read back at start (a file on the host that
-//! outlives the exporter, so anything may be in it).
+//! The counter checkpoint read back at start: see [`ergon_fuzz::targets::checkpoint`].
+//! The body lives in the library so that `exporter/tests/fuzz_corpus.rs`
+//! replays the corpus through the same code in plain `cargo test`.
 #![no_main]
 
-use ergon::interval::State;
-use ergon_fuzz::Tree;
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    let tree = Tree::new();
-    let path = tree.write("checkpoint.json", data);
-    let mut checkpoint = ergon::checkpoint::Checkpoint::new(path, Some("fuzz-boot-id".to_owned()));
-    let _ = checkpoint.load::<State>(|_| Ok(()));
-});
+fuzz_target!(|data: &[u8]| ergon_fuzz::targets::checkpoint(data));

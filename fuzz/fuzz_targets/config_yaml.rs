@@ -1,20 +1,8 @@
-//! The YAML configuration file, through the same parser the flags use.
+//! The YAML configuration file, loaded and validated: see [`ergon_fuzz::targets::config_yaml`].
+//! The body lives in the library so that `exporter/tests/fuzz_corpus.rs`
+//! replays the corpus through the same code in plain `cargo test`.
 #![no_main]
 
-use clap::Parser;
-use ergon::config::{Cli, settings_from_yaml};
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else {
-        return;
-    };
-    let Ok(args) = settings_from_yaml(text, |_| false) else {
-        return;
-    };
-    let Ok(cli) = Cli::try_parse_from(std::iter::once("ergon".to_owned()).chain(args)) else {
-        return;
-    };
-    let _ = cli.idle_watts();
-    let _ = cli.pod_label_keys();
-});
+fuzz_target!(|data: &[u8]| ergon_fuzz::targets::config_yaml(data));

@@ -1,21 +1,8 @@
-//! The perf `power` PMU's sysfs description. Fields: type, cpumask, event
-//! name, event terms, scale, unit, the `event` format.
+//! The perf `power` PMU's sysfs description: see [`ergon_fuzz::targets::perf_power`].
+//! The body lives in the library so that `exporter/tests/fuzz_corpus.rs`
+//! replays the corpus through the same code in plain `cargo test`.
 #![no_main]
 
-use ergon::meter::perf_power::parse_power_pmu;
-use ergon_fuzz::{Tree, component, fields};
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|data: &[u8]| {
-    let [pmu_type, cpumask, event, terms, scale, unit, format] = fields(data);
-    let tree = Tree::new();
-    let pmu = "bus/event_source/devices/power";
-    tree.write(&format!("{pmu}/type"), pmu_type);
-    tree.write(&format!("{pmu}/cpumask"), cpumask);
-    let event = component(event, "energy-pkg").replace('.', "_");
-    tree.write(&format!("{pmu}/events/{event}"), terms);
-    tree.write(&format!("{pmu}/events/{event}.scale"), scale);
-    tree.write(&format!("{pmu}/events/{event}.unit"), unit);
-    tree.write(&format!("{pmu}/format/event"), format);
-    let _ = parse_power_pmu(tree.path());
-});
+fuzz_target!(|data: &[u8]| ergon_fuzz::targets::perf_power(data));

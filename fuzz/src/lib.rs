@@ -66,3 +66,9 @@ pub fn component(bytes: &[u8], fallback: &str) -> String {
         _ => text,
     }
 }
+
+/// The body of each fuzz target, one function per target of the same name:
+/// `fuzz_targets/<name>.rs` hands it libFuzzer's input, and
+/// `exporter/tests/fuzz_corpus.rs` replays `corpus/<name>/` through it in
+/// plain `cargo test`.
+pub mod targets;

@@ -37,7 +37,9 @@ pub(super) fn restore(settings: &Settings, cpus: u32) -> (Option<Checkpoint>, St
 
 impl State {
     /// See the module docs. `now` is `CLOCK_MONOTONIC`, the ledgers' clock.
-    pub(super) fn validate(&self, now: Nanos, cpus: u32) -> Result<(), String> {
+    /// Public for the checkpoint fuzzer, which loads through it as
+    /// `restore` does.
+    pub fn validate(&self, now: Nanos, cpus: u32) -> Result<(), String> {
         self.workloads
             .validate(now)
             .map_err(|e| format!("workload counters: {e}"))?;

@@ -71,11 +71,16 @@ pub fn join_cgroup_paths(base: &str, relative: &str) -> Option<String> {
     Some(format!("/{}", components.join("/")))
 }
 
+/// Mounts whose namespace root is kept: the exporter uses one.
+const MAX_CACHED_MOUNTS: usize = 4;
+
+type Found = Option<HashMap<PathBuf, Option<String>>>;
+/// The namespace root found per mount, at most [`MAX_CACHED_MOUNTS`].
+static FOUND: Mutex<Found> = Mutex::new(None);
+
 /// Our cgroup namespace's root as a path in the host mount at
 /// `cgroup_root`, found once per mount (see the module docs).
 fn own_namespace_root(cgroup_root: &Path) -> Option<String> {
-    type Found = Option<HashMap<PathBuf, Option<String>>>;
-    static FOUND: Mutex<Found> = Mutex::new(None);
     let mut found = FOUND
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -84,8 +89,13 @@ fn own_namespace_root(cgroup_root: &Path) -> Option<String> {
         return root.clone();
     }
     // Searched once per mount, found or not: a miss would otherwise walk the
-    // whole mount for every process asked about.
+    // whole mount for every process asked about. The exporter has one
+    // mount; a caller that makes a new one per run (the fuzzers, tests)
+    // must not grow the map without bound, so past a few it starts over.
     let root = search_own_namespace_root(cgroup_root);
+    if found.len() >= MAX_CACHED_MOUNTS {
+        found.clear();
+    }
     found.insert(cgroup_root.to_owned(), root.clone());
     root
 }
@@ -188,6 +198,31 @@ mod tests {
         assert_eq!(join_cgroup_paths("/a", "/").as_deref(), Some("/a"));
         // Above the host's root: refused, not clamped.
         assert_eq!(join_cgroup_paths("/a", "/../../b"), None);
+    }
+
+    #[test]
+    fn the_namespace_root_cache_stays_bounded_over_many_mounts() {
+        // The fuzzers (and tests) give every run a new mount: the cache of
+        // one entry per mount must not grow with them.
+        let mounts: Vec<tempfile::TempDir> =
+            (0..100).map(|_| tempfile::tempdir().unwrap()).collect();
+        for mount in &mounts {
+            assert_eq!(own_namespace_root(mount.path()), None);
+            let cached = FOUND
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .as_ref()
+                .map_or(0, |found| found.len());
+            assert!(cached <= MAX_CACHED_MOUNTS, "{cached} mounts cached");
+        }
+        // The latest mount is still answered from the cache.
+        let last = mounts.last().unwrap().path();
+        let cached = FOUND
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .as_ref()
+            .is_some_and(|found| found.contains_key(last));
+        assert!(cached);
     }
 
     #[test]
