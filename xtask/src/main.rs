@@ -5,7 +5,7 @@
 //! - `build`  builds the exporter (release)
 //! - `run`    setup + build + run the exporter with defaults (extra args pass through)
 //! - `test`   setup + fmt check + clippy -D warnings + every test, the unit
-//!   tests on arm64 under qemu, a fuzz smoke of 10 s per target, and `e2e`
+//!   tests on arm64 under qemu, a fuzz smoke of 5 s per target, and `e2e`
 //! - `lint`   fmt check + clippy
 //! - `e2e`    a real single-node Kubernetes: image built, chart installed,
 //!   real pods measured through a real Prometheus (see [`e2e`]); part of `test`
