@@ -208,6 +208,27 @@ fn anon_rss(pid: u32) -> u64 {
         * 1024
 }
 
+/// The real exporter with per-process accounting on this machine's cgroups
+/// and the fake RAPL counter, and `extra` flags.
+fn per_process_exporter(
+    rapl: &FakeRapl,
+    interval: Duration,
+    retention: Duration,
+    extra: &[String],
+) -> ExporterProcess {
+    let mut args = vec![
+        rapl.host_sys_arg(),
+        format!("--cgroup-root={}", support::cgroup2_root().display()),
+        support::kubelet_cgroup_root_arg(),
+        "--meter=rapl".into(),
+        format!("--interval={}ms", interval.as_millis()),
+        "--per-process".into(),
+        format!("--retention={}s", retention.as_secs()),
+    ];
+    args.extend_from_slice(extra);
+    ExporterProcess::start(ERGON.as_ref(), &args)
+}
+
 /// Cgroup directories under `root`, itself included.
 fn count_cgroups(root: &std::path::Path) -> u32 {
     let mut count = 1;
@@ -293,17 +314,12 @@ fn churn_of_short_lived_cgroups_and_processes_keeps_memory_flat_and_counts_every
          what lives: it could not show that dead keys leave the map"
     );
     let rapl = FakeRapl::start(40.0);
-    let exporter = ExporterProcess::start(
-        ERGON.as_ref(),
+    let exporter = per_process_exporter(
+        &rapl,
+        interval,
+        retention,
         &[
-            rapl.host_sys_arg(),
-            format!("--cgroup-root={}", support::cgroup2_root().display()),
-            support::kubelet_cgroup_root_arg(),
-            "--meter=rapl".into(),
             "--idle-watts=package=10".into(),
-            format!("--interval={}ms", interval.as_millis()),
-            "--per-process".into(),
-            format!("--retention={}s", retention.as_secs()),
             format!("--max-cgroups={max_cgroups}"),
         ],
     );
@@ -567,18 +583,7 @@ fn an_exited_process_keeps_its_series_for_the_retention_window_then_goes() {
     let interval = Duration::from_millis(200);
     let retention = Duration::from_secs(3);
     let rapl = FakeRapl::start(40.0);
-    let exporter = ExporterProcess::start(
-        ERGON.as_ref(),
-        &[
-            rapl.host_sys_arg(),
-            format!("--cgroup-root={}", support::cgroup2_root().display()),
-            support::kubelet_cgroup_root_arg(),
-            "--meter=rapl".into(),
-            format!("--interval={}ms", interval.as_millis()),
-            "--per-process".into(),
-            format!("--retention={}s", retention.as_secs()),
-        ],
-    );
+    let exporter = per_process_exporter(&rapl, interval, retention, &[]);
     let cgroup = CgroupGuard::pod_shaped("exited-process");
     std::thread::sleep(Duration::from_millis(20));
     let child = BusyChild::spawn_in(&cgroup.path);
