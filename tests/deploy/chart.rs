@@ -245,24 +245,25 @@ pub fn the_exporter_keeps_its_state_in_the_mounted_directory_unless_told_not_to(
     );
 }
 
+/// The exporter container's arguments in a rendered chart.
+fn exporter_args(objects: &[Rendered]) -> Vec<String> {
+    find(objects, "DaemonSet", "ergon").object["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .map(str::to_owned)
+        .collect()
+}
+
 #[test]
 fn otlp_endpoint_value_passes_the_flag_and_the_schema_refuses_https() {
-    let args = |objects: &[Rendered]| -> Vec<String> {
-        find(objects, "DaemonSet", "ergon").object["spec"]["template"]["spec"]["containers"][0]
-            ["args"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(Value::as_str)
-            .map(str::to_owned)
-            .collect()
-    };
-    let default = args(&helm_template(None));
+    let default = exporter_args(&helm_template(None));
     assert!(
         !default.iter().any(|a| a.starts_with("--otlp-endpoint")),
         "{default:?}"
     );
-    let pushed = args(&helm_template_with(
+    let pushed = exporter_args(&helm_template_with(
         HELM_NAMESPACE,
         None,
         &["exporter.otlpEndpoint=http://$(HOST_IP):4318"],
@@ -281,6 +282,46 @@ fn otlp_endpoint_value_passes_the_flag_and_the_schema_refuses_https() {
         !refused.status.success()
             && String::from_utf8_lossy(&refused.stderr).contains("otlpEndpoint"),
         "the schema let https through: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}
+
+/// Issue 10 item 2: the kubelet's cgroup root is configurable for nested
+/// clusters (kind, k3d) from the chart, and the schema refuses a relative
+/// path before the exporter would.
+#[test]
+fn kubelet_cgroup_roots_value_passes_the_flag_and_the_schema_refuses_relative_paths() {
+    let default = exporter_args(&helm_template(None));
+    assert!(
+        !default
+            .iter()
+            .any(|a| a.starts_with("--kubelet-cgroup-root")),
+        "{default:?}"
+    );
+    let nested = exporter_args(&helm_template_with(
+        HELM_NAMESPACE,
+        None,
+        &[
+            "exporter.kubeletCgroupRoots={/kubelet.slice,/system.slice/docker-*.scope/kubelet.slice}",
+        ],
+    ));
+    assert!(
+        nested.contains(
+            &"--kubelet-cgroup-root=/kubelet.slice,/system.slice/docker-*.scope/kubelet.slice"
+                .to_owned()
+        ),
+        "{nested:?}"
+    );
+    let refused = Command::new(tool("helm"))
+        .args(["template", "ergon"])
+        .arg(chart_dir())
+        .args(["--set", "exporter.kubeletCgroupRoots={kubelet.slice}"])
+        .output()
+        .expect("run helm");
+    assert!(
+        !refused.status.success()
+            && String::from_utf8_lossy(&refused.stderr).contains("kubeletCgroupRoots"),
+        "the schema let a relative path through: {}",
         String::from_utf8_lossy(&refused.stderr)
     );
 }
