@@ -259,7 +259,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
         },
         fix: Some(
             "in the DaemonSet, set NODE_NAME from spec.nodeName and give the service account \
-             get/list/watch on pods; outside a cluster pass --kubeconfig"
+             list and watch on pods; outside a cluster pass --kubeconfig"
                 .into(),
         ),
     });
