@@ -29,10 +29,12 @@
 //! - Restoring: the caller validates the state (finite, non-negative
 //!   counters, no time in the future, …). A checkpoint that cannot be used —
 //!   not JSON, another format, too large, not a regular file, invalid — is
-//!   renamed aside to `<checkpoint>.rejected-<unix seconds>` for inspection,
-//!   reported in the log and counted (`ergon_checkpoint_rejected_total`),
-//!   and never used: losing history is better than refusing to start or
-//!   exporting impossible counters.
+//!   renamed aside to `<checkpoint>.rejected-<unix seconds>` (`-<n>` added
+//!   where that name is taken) for inspection, reported in the log and
+//!   counted (`ergon_checkpoint_rejected_total`), and never used: losing
+//!   history is better than refusing to start or exporting impossible
+//!   counters. Only the writer (the lock's holder) moves it: another
+//!   exporter's file stays where it is.
 //! - A boot id that cannot be read matches nothing, not even another
 //!   unreadable boot id: without it nobody can tell that the checkpoint is
 //!   of this boot.
@@ -285,21 +287,42 @@ impl Checkpoint {
         Ok(Some(bytes))
     }
 
-    /// Renames the checkpoint aside and records why.
+    /// Renames the checkpoint aside and records why. Only the writer moves
+    /// it: while another exporter holds the lock (a rolling update's old
+    /// pod, which may write a format this one does not read), the file is
+    /// that exporter's and stays where it is. A name already taken by an
+    /// earlier rejection (two in one second) is not overwritten.
     fn reject(&mut self, reason: RejectReason, detail: String) -> CheckpointError {
         self.rejected = Some(reason);
-        let seconds = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let aside = sibling(&self.path, &format!(".rejected-{seconds}"));
-        // rename(2) moves a symlink itself, never its target.
-        let aside = std::fs::rename(&self.path, &aside).ok().map(|()| aside);
+        let aside = if matches!(self.take_lock(), Ok(true)) {
+            self.set_aside()
+        } else {
+            None
+        };
         CheckpointError::Rejected {
             path: self.path.clone(),
             reason,
             detail,
             aside,
         }
+    }
+
+    /// Moves the checkpoint to `<checkpoint>.rejected-<unix seconds>`, or
+    /// `…-<seconds>-<n>` where that is taken; the new name, if it moved.
+    fn set_aside(&self) -> Option<PathBuf> {
+        let seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        (0..100u32)
+            .map(|n| match n {
+                0 => sibling(&self.path, &format!(".rejected-{seconds}")),
+                n => sibling(&self.path, &format!(".rejected-{seconds}-{n}")),
+            })
+            // symlink_metadata: a planted symlink is a name taken, not
+            // followed.
+            .find(|aside| std::fs::symlink_metadata(aside).is_err())
+            // rename(2) moves a symlink itself, never its target.
+            .and_then(|aside| std::fs::rename(&self.path, &aside).ok().map(|()| aside))
     }
 
     /// [`save`](Self::save), reporting failures without flooding the log:
@@ -593,6 +616,8 @@ mod tests {
         for aside in rejected_files(dir.path()) {
             std::fs::remove_file(aside).unwrap();
         }
+        // It took the writer's lock to set the file aside.
+        drop(checkpoint);
 
         let target = dir.path().join("elsewhere.json");
         at(&target, "boot-a").save(&vec![7u64]).unwrap();
@@ -710,6 +735,48 @@ mod tests {
         checkpoint.save_and_report(&vec![1u64]);
         assert_eq!(checkpoint.consecutive_failures, 0);
         assert!(checkpoint.writing());
+    }
+
+    #[test]
+    fn a_rejection_leaves_the_file_to_the_exporter_that_writes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ergon-checkpoint.json");
+        // The old pod of a rolling update writes (and holds the lock); the
+        // new one cannot read what it finds.
+        let mut writer = at(&path, "boot-a");
+        assert!(writer.save(&vec![1u64]).unwrap());
+        std::fs::write(&path, b"{ a format of a later version").unwrap();
+        let mut surge = at(&path, "boot-a");
+        let err = surge.load::<Vec<u64>>(no_check).unwrap_err();
+        assert!(
+            matches!(&err, CheckpointError::Rejected { aside: None, .. }),
+            "{err}"
+        );
+        assert!(path.exists(), "the writer's checkpoint was moved aside");
+        assert!(rejected_files(dir.path()).is_empty());
+        // Once the writer is gone, the next rejection moves it aside.
+        drop(writer);
+        let err = at(&path, "boot-a").load::<Vec<u64>>(no_check).unwrap_err();
+        assert!(
+            matches!(&err, CheckpointError::Rejected { aside: Some(_), .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn rejections_in_the_same_second_keep_every_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ergon-checkpoint.json");
+        for n in 0..3u8 {
+            std::fs::write(&path, [b'{', b'0' + n]).unwrap();
+            assert!(at(&path, "boot-a").load::<Vec<u64>>(no_check).is_err());
+        }
+        let mut kept: Vec<Vec<u8>> = rejected_files(dir.path())
+            .iter()
+            .map(|file| std::fs::read(file).unwrap())
+            .collect();
+        kept.sort();
+        assert_eq!(kept, vec![b"{0".to_vec(), b"{1".to_vec(), b"{2".to_vec()]);
     }
 
     #[test]
