@@ -593,6 +593,40 @@ fn a_counter_jump_of_100_times_the_zone_limit_is_rejected_counted_and_the_next_i
     assert_eq!(rejected(&meter, Rejection::AboveMaxPower), 1);
 }
 
+/// A constraint file that reads garbage states no limit: the zone is still
+/// read, its other limit judges it, and a WARN names the file once (not at
+/// every re-listing).
+#[test]
+fn an_unusable_constraint_file_is_warned_once_and_the_other_limit_applies() {
+    let fixture = SysFixture::intel_one_socket();
+    fixture.set_zone_file("intel-rapl:0", "constraint_0_max_power_uw", b"35000000\n");
+    fixture.set_zone_file("intel-rapl:0", "constraint_1_power_limit_uw", b"garbage\n");
+    let (meter, logs) = capture_logs(|| RaplMeter::open(fixture.path(), 1));
+    let mut meter = meter.unwrap();
+    let (joules, later) = capture_logs(|| {
+        sample_map(&mut meter);
+        // 100 J in a second: above the 35 W limit's 70 W headroom.
+        fixture.set_energy("intel-rapl:0", 1_000_000 + 100_000_000);
+        sample_map(&mut meter)
+    });
+    let warned = logs.lines_with(&[
+        "WARN",
+        "intel-rapl:0/constraint_1_power_limit_uw",
+        "garbage",
+    ]);
+    assert_eq!(warned.len(), 1, "{}", logs.text());
+    assert!(
+        later
+            .lines_with(&["constraint_1_power_limit_uw"])
+            .is_empty(),
+        "warned again at a re-listing: {}",
+        later.text()
+    );
+    assert!(zones_up(&meter)["package-0"]);
+    assert!(!joules.contains_key("package-0"), "{joules:?}");
+    assert_eq!(rejected(&meter, Rejection::AboveMaxPower), 1);
+}
+
 #[test]
 fn without_constraints_the_configured_ceiling_rejects_impossible_readings() {
     let fixture = SysFixture::intel_two_socket();

@@ -66,6 +66,9 @@ pub struct ZoneInfo {
     pub max_energy_range_uj: u64,
     /// The largest `constraint_*_max_power_uw` / `constraint_*_power_limit_uw`.
     pub max_power: Option<Watts>,
+    /// Constraint files that could not be read or parsed, each an error
+    /// naming the file and what it held: they state no limit.
+    pub unusable_limits: Vec<String>,
 }
 
 /// A zone listed in sysfs but unusable, and why.
@@ -86,20 +89,35 @@ pub struct ZoneScan {
     pub broken: Vec<BrokenZone>,
 }
 
-/// The largest power limit a zone's constraints state; unreadable or zero
-/// values state nothing.
-fn zone_max_power(dir: &Path) -> Option<Watts> {
-    let entries = std::fs::read_dir(dir).ok()?;
-    entries
+/// The largest power limit a zone's constraints state (zero values state
+/// nothing), and the constraint files that could not be read or parsed,
+/// each an error naming the file and what it held.
+fn zone_max_power(dir: &Path) -> (Option<Watts>, Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (None, Vec::new());
+    };
+    let mut unusable = Vec::new();
+    let mut names: Vec<String> = entries
         .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
         .filter(|name| {
             name.starts_with("constraint_")
                 && (name.ends_with("_max_power_uw") || name.ends_with("_power_limit_uw"))
         })
-        .filter_map(|name| read_u64(&dir.join(name)).ok())
+        .collect();
+    names.sort();
+    let max = names
+        .iter()
+        .filter_map(|name| match read_u64(&dir.join(name)) {
+            Ok(microwatts) => Some(microwatts),
+            Err(err) => {
+                unusable.push(err.to_string());
+                None
+            }
+        })
         .max()
         .filter(|microwatts| *microwatts > 0)
-        .map(|microwatts| Watts(microwatts as f64 / 1e6))
+        .map(|microwatts| Watts(microwatts as f64 / 1e6));
+    (max, unusable)
 }
 
 /// List the RAPL zones under `host_sys/class/powercap`. Fails only when the
@@ -171,7 +189,7 @@ pub fn scan_zones(host_sys: &Path) -> Result<ZoneScan, MeterError> {
                 continue;
             }
         };
-        let max_power = zone_max_power(&dir);
+        let (max_power, unusable_limits) = zone_max_power(&dir);
         let info = ZoneInfo {
             id: id.clone(),
             domain,
@@ -179,6 +197,7 @@ pub fn scan_zones(host_sys: &Path) -> Result<ZoneScan, MeterError> {
             dir,
             max_energy_range_uj,
             max_power,
+            unusable_limits,
         };
         if id.starts_with(MMIO_PREFIX) {
             mmio.push(info)
@@ -255,6 +274,9 @@ pub struct RaplMeter {
     /// file dead).
     log: ZoneLog,
     ceilings: PowerCeilings,
+    /// Unusable constraint files already warned about: each is named once,
+    /// not at every re-listing.
+    warned_limits: std::collections::HashSet<String>,
 }
 
 /// Read a zone's counter into `buffer`; a full buffer means the file holds
@@ -313,7 +335,9 @@ impl RaplMeter {
             read_buffer: [0; 64],
             log: ZoneLog::new("rapl"),
             ceilings: PowerCeilings::default(),
+            warned_limits: Default::default(),
         };
+        meter.warn_unusable_limits(&scan.zones);
         let mut first_error: Option<MeterError> = None;
         for broken in scan.broken {
             meter.log.down(&broken.zone, &broken.reason);
@@ -344,6 +368,25 @@ impl RaplMeter {
         match first_error {
             Some(err) if meter.zones.is_empty() => Err(err),
             _ => Ok(meter),
+        }
+    }
+
+    /// A WARN for each constraint file that could not be used, once: the
+    /// zone is still read, judged by its other limits or by the configured
+    /// ceiling of its domain.
+    fn warn_unusable_limits(&mut self, zones: &[ZoneInfo]) {
+        for info in zones {
+            for reason in &info.unusable_limits {
+                if self.warned_limits.insert(reason.clone()) {
+                    tracing::warn!(
+                        source = "rapl",
+                        "rapl zone {}: {reason}; this power limit is not used: the zone's other \
+                         limits, else the configured ceiling (--max-watts), decide which readings \
+                         are impossible",
+                        info.zone
+                    );
+                }
+            }
         }
     }
 
@@ -390,6 +433,7 @@ impl RaplMeter {
         for broken in &scan.broken {
             self.log.down(&broken.zone, &broken.reason);
         }
+        self.warn_unusable_limits(&scan.zones);
         let infos = scan.zones;
         let mut kept: Vec<OpenZone> = Vec::with_capacity(infos.len());
         let mut old: Vec<Option<OpenZone>> = std::mem::take(&mut self.zones)
