@@ -601,6 +601,14 @@ fn an_unusable_constraint_file_is_warned_once_and_the_other_limit_applies() {
     let fixture = SysFixture::intel_one_socket();
     fixture.set_zone_file("intel-rapl:0", "constraint_0_max_power_uw", b"35000000\n");
     fixture.set_zone_file("intel-rapl:0", "constraint_1_power_limit_uw", b"garbage\n");
+    // One the kernel refuses to read (ENODATA on real hardware; here a
+    // directory, EISDIR) states nothing and is no fault: not warned.
+    std::fs::create_dir(
+        fixture
+            .path()
+            .join("class/powercap/intel-rapl:0/constraint_2_max_power_uw"),
+    )
+    .unwrap();
     let (meter, logs) = capture_logs(|| RaplMeter::open(fixture.path(), 1));
     let mut meter = meter.unwrap();
     let (joules, later) = capture_logs(|| {
@@ -615,6 +623,11 @@ fn an_unusable_constraint_file_is_warned_once_and_the_other_limit_applies() {
         "garbage",
     ]);
     assert_eq!(warned.len(), 1, "{}", logs.text());
+    assert!(
+        logs.lines_with(&["constraint_2_max_power_uw"]).is_empty(),
+        "{}",
+        logs.text()
+    );
     assert!(
         later
             .lines_with(&["constraint_1_power_limit_uw"])

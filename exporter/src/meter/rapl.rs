@@ -43,7 +43,7 @@ use super::health::{MeterHealth, ZoneLog};
 use super::limits::{PowerCeilings, most_units};
 use super::{
     EnergySample, Meter, MeterContext, MeterError, distinct_domains, parse_u64, read_trimmed,
-    read_u64, readings_or_error,
+    readings_or_error,
 };
 use crate::units::{Domain, Joules, Watts};
 
@@ -66,9 +66,9 @@ pub struct ZoneInfo {
     pub max_energy_range_uj: u64,
     /// The largest `constraint_*_max_power_uw` / `constraint_*_power_limit_uw`.
     pub max_power: Option<Watts>,
-    /// Constraint files that could not be read or parsed, each an error
-    /// naming the file and what it held: they state no limit.
-    pub unusable_limits: Vec<String>,
+    /// Constraint files whose content could not be parsed, each with an
+    /// error naming the file and what it held: they state no limit.
+    pub unusable_limits: Vec<(PathBuf, String)>,
 }
 
 /// A zone listed in sysfs but unusable, and why.
@@ -90,9 +90,12 @@ pub struct ZoneScan {
 }
 
 /// The largest power limit a zone's constraints state (zero values state
-/// nothing), and the constraint files that could not be read or parsed,
-/// each an error naming the file and what it held.
-fn zone_max_power(dir: &Path) -> (Option<Watts>, Vec<String>) {
+/// nothing), and the constraint files whose content could not be parsed,
+/// each an error naming the file and what it held. A file the kernel
+/// refuses to read states nothing and is no fault: on ordinary Intel
+/// hardware some constraints (a core zone's, PL2/PL4's maximum) answer
+/// ENODATA or EOPNOTSUPP.
+fn zone_max_power(dir: &Path) -> (Option<Watts>, Vec<(PathBuf, String)>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return (None, Vec::new());
     };
@@ -107,11 +110,15 @@ fn zone_max_power(dir: &Path) -> (Option<Watts>, Vec<String>) {
     names.sort();
     let max = names
         .iter()
-        .filter_map(|name| match read_u64(&dir.join(name)) {
-            Ok(microwatts) => Some(microwatts),
-            Err(err) => {
-                unusable.push(err.to_string());
-                None
+        .filter_map(|name| {
+            let path = dir.join(name);
+            let raw = std::fs::read(&path).ok()?;
+            match parse_u64(&path, &raw) {
+                Ok(microwatts) => Some(microwatts),
+                Err(err) => {
+                    unusable.push((path, err.to_string()));
+                    None
+                }
             }
         })
         .max()
@@ -275,8 +282,8 @@ pub struct RaplMeter {
     log: ZoneLog,
     ceilings: PowerCeilings,
     /// Unusable constraint files already warned about: each is named once,
-    /// not at every re-listing.
-    warned_limits: std::collections::HashSet<String>,
+    /// not at every re-listing (bounded by the zones' constraint files).
+    warned_limits: std::collections::HashSet<PathBuf>,
 }
 
 /// Read a zone's counter into `buffer`; a full buffer means the file holds
@@ -376,8 +383,8 @@ impl RaplMeter {
     /// ceiling of its domain.
     fn warn_unusable_limits(&mut self, zones: &[ZoneInfo]) {
         for info in zones {
-            for reason in &info.unusable_limits {
-                if self.warned_limits.insert(reason.clone()) {
+            for (path, reason) in &info.unusable_limits {
+                if self.warned_limits.insert(path.clone()) {
                     tracing::warn!(
                         source = "rapl",
                         "rapl zone {}: {reason}; this power limit is not used: the zone's other \
