@@ -152,6 +152,10 @@ pub struct Checkpoint {
     told_not_writer: bool,
     /// Set when the checkpoint found at start was rejected.
     rejected: Option<RejectReason>,
+    /// A rejected checkpoint stayed in place because another exporter held
+    /// the lock: it is set aside when this one takes the lock, before its
+    /// first write replaces it.
+    aside_pending: bool,
     /// Whether the latest save wrote the file.
     last_save_wrote: bool,
     /// Saves that failed in a row.
@@ -168,6 +172,7 @@ impl Checkpoint {
             lock: None,
             told_not_writer: false,
             rejected: None,
+            aside_pending: false,
             last_save_wrote: false,
             consecutive_failures: 0,
         }
@@ -290,13 +295,15 @@ impl Checkpoint {
     /// Renames the checkpoint aside and records why. Only the writer moves
     /// it: while another exporter holds the lock (a rolling update's old
     /// pod, which may write a format this one does not read), the file is
-    /// that exporter's and stays where it is. A name already taken by an
-    /// earlier rejection (two in one second) is not overwritten.
+    /// that exporter's and stays where it is until this one takes the lock
+    /// (then it is set aside before this one's first write). A name already
+    /// taken by an earlier rejection (two in one second) is not overwritten.
     fn reject(&mut self, reason: RejectReason, detail: String) -> CheckpointError {
         self.rejected = Some(reason);
         let aside = if matches!(self.take_lock(), Ok(true)) {
             self.set_aside()
         } else {
+            self.aside_pending = true;
             None
         };
         CheckpointError::Rejected {
@@ -409,6 +416,19 @@ impl Checkpoint {
                 }
                 self.lock = Some(file);
                 self.remove_stale_temporaries();
+                if std::mem::take(&mut self.aside_pending) {
+                    match self.set_aside() {
+                        Some(aside) => tracing::warn!(
+                            "the checkpoint {} this exporter could not use is kept as {} before \
+                             this one writes",
+                            self.path.display(),
+                            aside.display()
+                        ),
+                        None => {
+                            tracing::debug!("no checkpoint at {} to set aside", self.path.display())
+                        }
+                    }
+                }
                 Ok(true)
             }
             Err(std::fs::TryLockError::WouldBlock) => {
@@ -754,12 +774,19 @@ mod tests {
         );
         assert!(path.exists(), "the writer's checkpoint was moved aside");
         assert!(rejected_files(dir.path()).is_empty());
-        // Once the writer is gone, the next rejection moves it aside.
+        // Once the writer is gone, the surge pod takes over: the file it
+        // could not use is kept aside before its first write replaces it.
         drop(writer);
-        let err = at(&path, "boot-a").load::<Vec<u64>>(no_check).unwrap_err();
-        assert!(
-            matches!(&err, CheckpointError::Rejected { aside: Some(_), .. }),
-            "{err}"
+        assert!(surge.save(&vec![2u64]).unwrap());
+        let aside = rejected_files(dir.path());
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        assert_eq!(
+            std::fs::read(&aside[0]).unwrap(),
+            b"{ a format of a later version"
+        );
+        assert_eq!(
+            at(&path, "boot-a").load::<Vec<u64>>(no_check).unwrap(),
+            Some(vec![2])
         );
     }
 
