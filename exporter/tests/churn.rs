@@ -606,10 +606,23 @@ fn an_exited_process_keeps_its_series_for_the_retention_window_then_goes() {
     );
     child.stop();
     let exited = Instant::now();
-    // Its final slices are counted within a couple of intervals; from then
-    // on the value holds until the series goes.
-    std::thread::sleep(interval * 3);
-    let last = joules().expect("the exited process's series is kept");
+    // Its final slices are counted within a couple of intervals (more on a
+    // loaded machine): from two scrapes a second apart that agree, the
+    // value holds until the series goes.
+    let mut last = joules().expect("the exited process's series is kept");
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = joules().expect("the exited process's series is kept");
+        if (now - last).abs() < 1e-9 {
+            break;
+        }
+        assert!(
+            exited.elapsed() < retention,
+            "process {pid}'s counter still moved {:?} after it exited",
+            exited.elapsed()
+        );
+        last = now;
+    }
     let gone_at = loop {
         match joules() {
             Some(now) => {

