@@ -247,23 +247,12 @@ fn count_cgroups(root: &std::path::Path) -> u32 {
 /// scale with the CPUs).
 fn cgroup_map_entries(metrics: &Metrics, bound: u64) -> u64 {
     let bytes = map_bytes(metrics, "CGROUPS") as u64;
-    let cpus = possible_cpus();
+    // Per-CPU maps hold a value for each possible CPU, as the probe sizes
+    // them.
+    let cpus = aya::util::nr_cpus().expect("reading the possible CPUs") as u64;
     let empty = hash_map_bytes(cgroup_shape(), bound, 0, cpus, Allocated::OnDemand);
     let one = hash_map_bytes(cgroup_shape(), bound, 1, cpus, Allocated::OnDemand) - empty;
     bytes.saturating_sub(empty) / one
-}
-
-/// The kernel's possible CPUs (`0-N` in `/sys/devices/system/cpu/possible`):
-/// per-CPU maps hold a value for each.
-fn possible_cpus() -> u64 {
-    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
-    text.trim()
-        .split(',')
-        .map(|range| match range.split_once('-') {
-            Some((a, b)) => b.parse::<u64>().unwrap() - a.parse::<u64>().unwrap() + 1,
-            None => 1,
-        })
-        .sum()
 }
 
 fn live_threads() -> usize {
