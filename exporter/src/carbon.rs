@@ -179,16 +179,13 @@ pub const MAX_CARBON_FILE_BYTES: u64 = 4096;
 /// The file's text, at most [`MAX_CARBON_FILE_BYTES`] of it; a larger file
 /// is an error (which the caller's WARN names with the file).
 fn read_bounded(path: &Path) -> Result<String, String> {
-    use std::io::Read as _;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|file| file.take(MAX_CARBON_FILE_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(|e| e.to_string())?;
-    if bytes.len() as u64 > MAX_CARBON_FILE_BYTES {
-        return Err(format!(
-            "larger than {MAX_CARBON_FILE_BYTES} bytes, which no single number of gCO2e/kWh is"
-        ));
-    }
+    let bytes = crate::read_at_most(path, MAX_CARBON_FILE_BYTES)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| {
+            format!(
+                "larger than {MAX_CARBON_FILE_BYTES} bytes, which no single number of gCO2e/kWh is"
+            )
+        })?;
     String::from_utf8(bytes).map_err(|e| format!("not UTF-8 text: {e}"))
 }
 

@@ -471,18 +471,11 @@ pub enum ConfigError {
 /// Turns the YAML file's keys into `--key=value` arguments, skipping keys
 /// whose environment variable is set (environment beats the file).
 fn file_args(path: &Path, env_set: impl Fn(&str) -> bool) -> Result<Vec<String>, ConfigError> {
-    use std::io::Read;
     let read_error = |source| ConfigError::Read {
         path: path.to_owned(),
         source,
     };
-    let mut text = String::new();
-    std::fs::File::open(path)
-        .map_err(read_error)?
-        .take(MAX_CONFIG_FILE_BYTES + 1)
-        .read_to_string(&mut text)
-        .map_err(read_error)?;
-    if text.len() as u64 > MAX_CONFIG_FILE_BYTES {
+    let Some(bytes) = crate::read_at_most(path, MAX_CONFIG_FILE_BYTES).map_err(read_error)? else {
         return Err(ConfigError::Format {
             path: path.to_owned(),
             detail: format!(
@@ -490,7 +483,9 @@ fn file_args(path: &Path, env_set: impl Fn(&str) -> bool) -> Result<Vec<String>,
                  is it the right file?"
             ),
         });
-    }
+    };
+    let text = String::from_utf8(bytes)
+        .map_err(|e| read_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
     settings_from_yaml(&text, env_set).map_err(|detail| ConfigError::Format {
         path: path.to_owned(),
         detail,

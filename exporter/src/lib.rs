@@ -17,3 +17,17 @@ pub mod meter;
 pub mod probe;
 pub mod units;
 pub mod workload;
+
+/// A file an operator names (the configuration, the model coefficients, the
+/// carbon intensity), read whole if it holds at most `max` bytes; `Ok(None)`
+/// if it holds more (a wrong path, a device, a file that grows), so reading
+/// it never costs an unbounded allocation. Each caller says what its file
+/// should hold.
+pub fn read_at_most(path: &std::path::Path, max: u64) -> std::io::Result<Option<Vec<u8>>> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_end(&mut bytes)?;
+    Ok((bytes.len() as u64 <= max).then_some(bytes))
+}

@@ -501,20 +501,14 @@ pub fn load_coefficients(path: &Path) -> Result<ModelCoefficients, MeterError> {
         path: path.to_path_buf(),
         message,
     };
-    use std::io::Read as _;
     let format = file_format(path)?;
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|file| {
-            file.take(MAX_COEFFICIENTS_FILE_BYTES + 1)
-                .read_to_end(&mut bytes)
-        })
-        .map_err(|err| MeterError::io(path, err))?;
-    if bytes.len() as u64 > MAX_COEFFICIENTS_FILE_BYTES {
-        return Err(bad(format!(
-            "larger than {MAX_COEFFICIENTS_FILE_BYTES} bytes: not a coefficients file"
-        )));
-    }
+    let bytes = crate::read_at_most(path, MAX_COEFFICIENTS_FILE_BYTES)
+        .map_err(|err| MeterError::io(path, err))?
+        .ok_or_else(|| {
+            bad(format!(
+                "larger than {MAX_COEFFICIENTS_FILE_BYTES} bytes: not a coefficients file"
+            ))
+        })?;
     let text = String::from_utf8(bytes).map_err(|err| bad(format!("not UTF-8 text: {err}")))?;
     let file: CoefficientsFile = match format {
         FileFormat::Json => serde_json::from_str(&text).map_err(|err| err.to_string()),
