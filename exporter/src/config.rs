@@ -700,7 +700,8 @@ impl Cli {
         self.kubelet_cgroup_roots().map_err(invalid)?;
         self.carbon_source().map_err(invalid)?;
         if let Some(endpoint) = &self.otlp_endpoint {
-            check_otlp_endpoint(endpoint).map_err(invalid)?;
+            // The push's own check of its URL, before anything starts.
+            crate::export::otlp::metrics_url(endpoint).map_err(|e| invalid(e.to_string()))?;
         }
         // Only that the files are there: their content is loaded (and
         // reloaded as it changes) when the server starts.
@@ -1014,36 +1015,6 @@ fn check_kube_api(url: &str) -> Result<(), String> {
             "--kube-api `{url}`: use an http:// or https:// URL with a host, e.g. \
              https://10.0.0.1:6443"
         ));
-    }
-    Ok(())
-}
-
-/// `--otlp-endpoint`: what the push will post to must be a plain-HTTP URL
-/// the HTTP client takes (checked here, before anything starts; the push
-/// itself starts later).
-fn check_otlp_endpoint(endpoint: &str) -> Result<(), String> {
-    let url = crate::export::otlp::metrics_url(endpoint).map_err(|e| e.to_string())?;
-    let bad = |why: String| {
-        format!(
-            "--otlp-endpoint `{endpoint}` is not a URL ({why}): give the collector's OTLP/HTTP \
-             receiver, e.g. http://otel-collector:4318"
-        )
-    };
-    let parsed: hyper::Uri = url
-        .parse()
-        .map_err(|e: hyper::http::uri::InvalidUri| bad(e.to_string()))?;
-    if parsed.host().is_none_or(str::is_empty) {
-        return Err(bad("no host".into()));
-    }
-    // The parser leaves the port to a later, lenient look-up (`43x8` is
-    // taken and then ignored): check it here.
-    let authority = parsed.authority().map_or("", |a| a.as_str());
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
-    if !host_port.ends_with(']')
-        && let Some((_, port)) = host_port.rsplit_once(':')
-        && port.parse::<u16>().is_err()
-    {
-        return Err(bad(format!("port `{port}`")));
     }
     Ok(())
 }

@@ -79,6 +79,11 @@ pub enum OtlpError {
          agent or sidecar and push to it in plain HTTP)"
     )]
     NotHttp(String),
+    #[error(
+        "--otlp-endpoint `{endpoint}` is not a URL ({why}): give the collector's OTLP/HTTP \
+         receiver, e.g. http://otel-collector:4318"
+    )]
+    NotUrl { endpoint: String, why: String },
     #[error("--otlp-endpoint `{endpoint}`: {reason}")]
     Exporter { endpoint: String, reason: String },
 }
@@ -94,11 +99,31 @@ pub fn metrics_url(endpoint: &str) -> Result<String, OtlpError> {
         return Err(OtlpError::NotHttp(endpoint.to_owned()));
     }
     let path = &rest[authority.len()..];
-    Ok(if path.is_empty() || path == "/" {
+    let url = if path.is_empty() || path == "/" {
         format!("http://{authority}{METRICS_PATH}")
     } else {
         endpoint.to_owned()
-    })
+    };
+    let bad = |why: String| OtlpError::NotUrl {
+        endpoint: endpoint.to_owned(),
+        why,
+    };
+    let parsed: hyper::Uri = url
+        .parse()
+        .map_err(|e: hyper::http::uri::InvalidUri| bad(e.to_string()))?;
+    if parsed.host().is_none_or(str::is_empty) {
+        return Err(bad("no host".into()));
+    }
+    // The parser leaves the port to a later, lenient look-up (`43x8` is
+    // taken and then ignored): check it here.
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    if !host_port.ends_with(']')
+        && let Some((_, port)) = host_port.rsplit_once(':')
+        && port.parse::<u16>().is_err()
+    {
+        return Err(bad(format!("port `{port}`")));
+    }
+    Ok(url)
 }
 
 /// How long one export (all its retries) may take: one interval, so a
@@ -339,6 +364,7 @@ mod tests {
             "collector:4318",
             "http://",
             "grpc://x",
+            "http://collector:43x8",
         ] {
             let message = metrics_url(bad).unwrap_err().to_string();
             assert!(message.contains("--otlp-endpoint"), "{message}");
